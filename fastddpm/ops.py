@@ -1,0 +1,207 @@
+"""The one seam: each fused op's entry point, its input checks, and backend dispatch.
+
+backend = "auto" picks "cuda" if that library is built and the tensors are on a
+CUDA device, else "triton" on a CUDA device, else "torch" (the reference). The
+U-Net and the samplers call only these functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+from . import reference
+from .schedule import StepTable
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A known backend that is not built or cannot run here."""
+
+
+_NOT_BUILT = {
+    "triton": "the Triton kernels (fastddpm.kernels) are not built in this version of fastddpm",
+    "cuda": "the CUDA library (csrc/) is not built in this version of fastddpm",
+}
+
+
+def _backend_module(name: str) -> ModuleType:
+    if name == "torch":
+        return reference
+    if name in _NOT_BUILT:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {_NOT_BUILT[name]}; use backend='torch'")
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def backend_status() -> dict[str, str]:
+    """Each concrete backend -> "available" or why it is not."""
+    status = {}
+    for name in BACKENDS[1:]:
+        try:
+            _backend_module(name)
+            status[name] = "available"
+        except BackendUnavailableError as err:
+            status[name] = str(err)
+    return status
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend that `backend` means for tensors on `device`."""
+    if backend != "auto":
+        _backend_module(backend)
+        return backend
+    if device.type == "cuda":
+        for name in ("cuda", "triton"):
+            try:
+                _backend_module(name)
+                return name
+            except BackendUnavailableError:
+                pass
+    return "torch"
+
+
+def _impl(op: str, backend: str, device: torch.device) -> Callable:
+    return getattr(_backend_module(resolve_backend(backend, device)), op)
+
+
+def _check_float(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} has dtype {x.dtype}; expected float32, float16 or bfloat16")
+
+
+def _check_same(what: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in `others` must share `ref`'s device (what="device") or dtype (what="dtype")."""
+    for name, t in others.items():
+        if t is not None and getattr(t, what) != getattr(ref, what):
+            raise ValueError(f"{name} is on {what} {getattr(t, what)} but {ref_name} is on {getattr(ref, what)}")
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float = 1e-6,
+    *,
+    silu: bool = True,
+    add: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y = SiLU(GroupNorm(x + add[:, :, None, None])), statistics in float32.
+
+    x: (N, C, H, W), contiguous or channels_last; weight, bias: (C,); add: (N, C) or None.
+    silu=False gives the plain GroupNorm in front of attention. Returns x's shape,
+    dtype and memory format.
+    """
+    _check_float("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    N, C = x.shape[:2]
+    if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
+        raise ValueError(f"num_groups={num_groups} must be a positive int dividing the {C} channels")
+    for name, p in (("weight", weight), ("bias", bias)):
+        _check_float(name, p)
+        if p.shape != (C,):
+            raise ValueError(f"{name} must have shape ({C},) for {C} channels, got {tuple(p.shape)}")
+    if add is not None:
+        _check_float("add", add)
+        if add.shape != (N, C):
+            raise ValueError(f"add must have shape ({N}, {C}), got {tuple(add.shape)}")
+    _check_same("device", "x", x, weight=weight, bias=bias, add=add)
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError("x must be contiguous or channels_last")
+    return _impl("group_norm_silu", backend, x.device)(
+        x, weight, bias, num_groups, eps, silu=silu, add=add
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v with float32 softmax; scale defaults to D^-1/2.
+
+    q: (B, heads, Lq, D); k, v: (B, heads, Lk, D) -> (B, heads, Lq, D).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, heads, L, D), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim"
+        )
+    _check_same("device", "q", q, k=k, v=v)
+    _check_same("dtype", "q", q, k=k, v=v)
+    return _impl("attention", backend, q.device)(q, k, v, scale)
+
+
+def ddpm_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: int | torch.Tensor,
+    table: StepTable,
+    *,
+    noise: torch.Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    clip_x0: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One reverse step x_t -> x_{t-1} at step index t (a row of `table`).
+
+    x_t, eps: (N, C, H, W); t: an int, or an integer tensor of shape () or (N,) on
+    the table's device (read on device, so the step can be graph-captured; its
+    range is then the caller's duty). z comes from `noise` (N, C, H, W) or, with
+    `seed`, from counter-based Philox at (seed, offset). Steps of a table with
+    no noise (DDIM, eta = 0) need neither.
+    """
+    _check_float("x_t", x_t)
+    _check_float("eps", eps)
+    if x_t.dim() != 4 or eps.shape != x_t.shape:
+        raise ValueError(
+            f"x_t and eps must be 4-D of one shape, got {tuple(x_t.shape)} and {tuple(eps.shape)}"
+        )
+    _check_same("dtype", "x_t", x_t, eps=eps)
+    _check_same("device", "x_t", x_t, eps=eps, noise=noise)
+    if table.coef.device != x_t.device:
+        raise ValueError(f"the step table is on {table.coef.device} but x_t is on {x_t.device}")
+    _check_step_index(t, len(table), x_t.shape[0])
+    if table.stochastic:
+        if (noise is None) == (seed is None):
+            raise ValueError("this step table adds noise: pass exactly one of noise= or seed=")
+        if noise is not None:
+            _check_float("noise", noise)
+            if noise.shape != x_t.shape:
+                raise ValueError(f"noise must have shape {tuple(x_t.shape)}, got {tuple(noise.shape)}")
+        elif not (0 <= seed < 2**64 and 0 <= offset < 2**64):
+            raise ValueError(f"seed and offset must be in [0, 2**64), got seed={seed}, offset={offset}")
+    return _impl("ddpm_step", backend, x_t.device)(
+        x_t, eps, t, table, noise=noise, seed=seed, offset=offset, clip_x0=clip_x0
+    )
+
+
+def _check_step_index(t: int | torch.Tensor, num_steps: int, batch: int) -> None:
+    if isinstance(t, torch.Tensor):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"t must be an integer tensor, got dtype {t.dtype}")
+        if t.shape not in ((), (1,), (batch,)):
+            raise ValueError(f"t must have shape (), (1,) or ({batch},), got {tuple(t.shape)}")
+        if t.device.type == "cpu" and bool(((t < 0) | (t >= num_steps)).any()):
+            raise ValueError(f"t out of range: the table has steps 0..{num_steps - 1}")
+    elif not isinstance(t, int) or isinstance(t, bool):
+        raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
+    elif not 0 <= t < num_steps:
+        raise ValueError(f"t={t} out of range: the table has steps 0..{num_steps - 1}")

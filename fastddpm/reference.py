@@ -1,0 +1,165 @@
+"""Plain-PyTorch reference of each fused op: the ground truth every kernel must equal.
+
+Statistics, softmax and the step arithmetic run in float32 whatever the input
+dtype; results are cast back to the input dtype and memory format. Inputs are
+assumed valid: `fastddpm.ops` checks them once for every backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .schedule import (
+    COEF_X0,
+    COEF_XT,
+    DIRECT_EPS,
+    DIRECT_XT,
+    SIGMA,
+    SQRT_RECIP_ABAR,
+    SQRT_RECIPM1_ABAR,
+    StepTable,
+)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for an NHWC-strided 4-D tensor, else contiguous_format."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float = 1e-6,
+    *,
+    silu: bool = True,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = SiLU(GroupNorm(x + add[:, :, None, None])); x (N, C, H, W), add (N, C) -> (N, C, H, W)."""
+    h = x.float()
+    if add is not None:
+        h = h + add.float()[:, :, None, None]
+    y = F.group_norm(h, num_groups, weight.float(), bias.float(), eps)
+    if silu:
+        y = F.silu(y)
+    return y.to(dtype=x.dtype).contiguous(memory_format=memory_format_of(x))
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v; q (B, h, Lq, D), k and v (B, h, Lk, D) -> (B, h, Lq, D)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+
+
+def _column(coef: torch.Tensor, index: int) -> torch.Tensor:
+    """One coefficient for broadcasting against (N, C, H, W): () or, per sample, (N, 1, 1, 1)."""
+    c = coef[..., index]
+    return c if c.dim() == 0 else c.view(-1, 1, 1, 1)
+
+
+def predict_x0(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: int | torch.Tensor,
+    table: StepTable,
+    clip_x0: bool = True,
+) -> torch.Tensor:
+    """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps, clamped to [-1, 1] if clip_x0; float32."""
+    coef = table.coef[t]
+    x0 = _column(coef, SQRT_RECIP_ABAR) * x_t.float() - _column(coef, SQRT_RECIPM1_ABAR) * eps.float()
+    return x0.clamp(-1.0, 1.0) if clip_x0 else x0
+
+
+def ddpm_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: int | torch.Tensor,
+    table: StepTable,
+    *,
+    noise: torch.Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    clip_x0: bool = True,
+) -> torch.Tensor:
+    """x_{t-1} = mean + sigma_t z for step index t; x_t, eps, noise (N, C, H, W) -> (N, C, H, W).
+
+    clip_x0: mean = coef_x0 * clamp(x0, -1, 1) + coef_xt * x_t; otherwise the direct
+    eps form mean = direct_xt * x_t - direct_eps * eps. z is `noise`, or
+    `philox_normal(seed, offset)` when a seed is given.
+    """
+    coef = table.coef[t]
+    if clip_x0:
+        x0 = predict_x0(x_t, eps, t, table, clip_x0=True)
+        mean = _column(coef, COEF_X0) * x0 + _column(coef, COEF_XT) * x_t.float()
+    else:
+        mean = _column(coef, DIRECT_XT) * x_t.float() - _column(coef, DIRECT_EPS) * eps.float()
+    if table.stochastic:
+        z = noise.float() if noise is not None else philox_normal(seed, offset, x_t.shape, x_t.device)
+        mean = mean + _column(coef, SIGMA) * z
+    return mean.to(x_t.dtype).contiguous(memory_format=memory_format_of(x_t))
+
+
+# --- Counter-based Gaussian noise -------------------------------------------------------------
+# Philox4x32-10 (Salmon et al. 2011, the generator of curand and of Triton's tl.randn).
+# Element j of the output (row-major over the logical shape) takes lane j % 4 of
+# philox(counter = (j // 4 low, j // 4 high, offset low, offset high), key = (seed low, seed high)).
+# Lanes (0, 1) and (2, 3) are Box-Muller pairs of u = float32(x) * 2^-32 + 2^-33:
+#   z_even = sqrt(-2 ln u_even) cos(2 pi u_odd),  z_odd = sqrt(-2 ln u_even) sin(2 pi u_odd).
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of m * x, for uint32 values held in int64 (no overflow)."""
+    xh, xl = x >> 16, x & 0xFFFF
+    mh, ml = m >> 16, m & 0xFFFF
+    low = xl * ml
+    mid = xh * ml + xl * mh + (low >> 16)
+    return xh * mh + (mid >> 16), ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
+
+
+def philox4x32(
+    counter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], key: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 with 10 rounds; uint32 words held in int64 tensors."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_normal(
+    seed: int, offset: int, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Standard normal float32 noise of `shape`, a pure function of (seed, offset, element index)."""
+    numel = math.prod(shape)
+    groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    counter = (
+        groups & _MASK32,
+        groups >> 32,
+        torch.full_like(groups, offset & _MASK32),
+        torch.full_like(groups, (offset >> 32) & _MASK32),
+    )
+    x0, x1, x2, x3 = philox4x32(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
+    words = torch.stack([x0, x1, x2, x3], dim=-1).view(-1, 2, 2)  # (group, pair, lane)
+    u = (words.to(torch.float32) * 2.0**-32 + 2.0**-33).double()
+    radius = torch.sqrt(-2.0 * torch.log(u[..., 0]))
+    theta = 2.0 * math.pi * u[..., 1]
+    z = torch.stack([radius * torch.cos(theta), radius * torch.sin(theta)], dim=-1)
+    return z.reshape(-1)[:numel].to(torch.float32).view(shape)

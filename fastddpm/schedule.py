@@ -1,0 +1,257 @@
+"""Beta schedules and every coefficient table of DDPM, computed in float64.
+
+Notation follows Ho et al. (2020) and the original code (diffusion_utils_2.py):
+alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s, with 0-based indices
+t = 0..T-1 (paper step t+1). All tables are float64 numpy arrays; `StepTable`
+casts the ones the reverse step needs to a device tensor exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BETA_SCHEDULES = ("linear", "cosine", "quad", "const", "jsd", "sigmoid")
+VARIANCES = ("fixedlarge", "fixedsmall")
+STEP_KINDS = ("ddpm", "ddim")
+
+# Columns of StepTable.coef, one row per step index i (see `ddpm_step`).
+SQRT_RECIP_ABAR = 0  # sqrt(1/abar): x0 = a * x_t - b * eps
+SQRT_RECIPM1_ABAR = 1  # sqrt(1/abar - 1)
+COEF_X0 = 2  # mean = coef_x0 * x0 + coef_xt * x_t       (clipped-x0 form)
+COEF_XT = 3
+DIRECT_XT = 4  # mean = direct_xt * x_t - direct_eps * eps  (direct eps form)
+DIRECT_EPS = 5
+SIGMA = 6  # x_{t-1} = mean + sigma * z; 0 at the last step
+NUM_COEFS = 7
+
+
+def beta_schedule(
+    name: str,
+    num_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+) -> np.ndarray:
+    """Betas (T,) float64 for a named schedule.
+
+    linear, quad, const and jsd are the original code's; cosine is Nichol &
+    Dhariwal (2021) with s = 0.008 and betas capped at 0.999; sigmoid spans
+    sigmoid(-6..6) between beta_start and beta_end.
+    """
+    if not isinstance(num_timesteps, int) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+    T = num_timesteps
+    if name == "linear":
+        betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    elif name == "quad":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    elif name == "const":
+        betas = np.full(T, beta_end, dtype=np.float64)
+    elif name == "jsd":
+        betas = 1.0 / np.linspace(T, 1, T, dtype=np.float64)
+    elif name == "sigmoid":
+        s = 1.0 / (1.0 + np.exp(-np.linspace(-6, 6, T, dtype=np.float64)))
+        betas = s * (beta_end - beta_start) + beta_start
+    elif name == "cosine":
+
+        def abar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = np.array(
+            [min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)],
+            dtype=np.float64,
+        )
+    else:
+        raise ValueError(f"unknown beta schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+    return betas
+
+
+def space_timesteps(num_timesteps: int, spacing: int | str) -> list[int]:
+    """The timesteps kept when respacing T steps to fewer (Improved DDPM rule).
+
+    `spacing` is an int S (S evenly strided steps, first and last kept), a
+    string "S1,S2,..." (that many steps in each of equal sections of [0, T)),
+    or "ddimS" (the DDIM rule: every T//S-th step from 0).
+    Returns sorted original timesteps.
+    """
+    T = num_timesteps
+    if isinstance(spacing, str) and spacing.startswith("ddim"):
+        S = int(spacing[4:])
+        for stride in range(1, T):
+            if len(range(0, T, stride)) == S:
+                return list(range(0, T, stride))
+        raise ValueError(f"cannot make exactly {S} DDIM steps out of {T}")
+    counts = [spacing] if isinstance(spacing, int) else [int(c) for c in spacing.split(",")]
+    size_per, extra = divmod(T, len(counts))
+    start, kept = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if not 1 <= count <= size:
+            raise ValueError(f"cannot take {count} steps from a section of {size} (T = {T})")
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        position = 0.0  # accumulated, not multiplied, exactly as Improved DDPM rounds
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
+        start += size
+    return kept
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """All per-step tables of a (possibly respaced) DDPM, float64, shape (S,).
+
+    `timesteps[i]` is the original t the network receives at step index i;
+    for the full schedule it is i itself.
+    """
+
+    betas: np.ndarray
+    timesteps: np.ndarray
+
+    @classmethod
+    def from_name(
+        cls,
+        name: str = "linear",
+        num_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+    ) -> Schedule:
+        betas = beta_schedule(name, num_timesteps, beta_start, beta_end)
+        return cls(betas=betas, timesteps=np.arange(num_timesteps))
+
+    @classmethod
+    def from_betas(cls, betas: np.ndarray | list[float]) -> Schedule:
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not np.all((betas > 0) & (betas <= 1)):
+            raise ValueError("betas must be a 1-D array with every value in (0, 1]")
+        return cls(betas=betas, timesteps=np.arange(len(betas)))
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != len(self.timesteps):
+            raise ValueError("betas and timesteps must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.betas)
+
+    def respace(self, spacing: int | str) -> Schedule:
+        """Keep fewer steps: beta'_i = 1 - abar_{tau_i} / abar_{tau_{i-1}}."""
+        keep = space_timesteps(len(self), spacing)
+        abar = self.abar[keep]
+        abar_prev = np.append(1.0, abar[:-1])
+        return Schedule(betas=1.0 - abar / abar_prev, timesteps=self.timesteps[keep])
+
+    @property
+    def alphas(self) -> np.ndarray:
+        return 1.0 - self.betas
+
+    @property
+    def abar(self) -> np.ndarray:
+        return np.cumprod(self.alphas)
+
+    @property
+    def abar_prev(self) -> np.ndarray:
+        return np.append(1.0, self.abar[:-1])
+
+    @property
+    def sqrt_recip_abar(self) -> np.ndarray:
+        return np.sqrt(1.0 / self.abar)
+
+    @property
+    def sqrt_recipm1_abar(self) -> np.ndarray:
+        return np.sqrt(1.0 / self.abar - 1.0)
+
+    @property
+    def beta_tilde(self) -> np.ndarray:
+        """Posterior variance of q(x_{t-1} | x_t, x0)."""
+        return self.betas * (1.0 - self.abar_prev) / (1.0 - self.abar)
+
+    @property
+    def posterior_mean_coef1(self) -> np.ndarray:
+        """Coefficient of x0 in the posterior mean."""
+        return self.betas * np.sqrt(self.abar_prev) / (1.0 - self.abar)
+
+    @property
+    def posterior_mean_coef2(self) -> np.ndarray:
+        """Coefficient of x_t in the posterior mean."""
+        return (1.0 - self.abar_prev) * np.sqrt(self.alphas) / (1.0 - self.abar)
+
+    def log_variance(self, variance: str) -> np.ndarray:
+        """fixedlarge: log([beta_tilde[1], beta[1:]]); fixedsmall: log(max(beta_tilde, 1e-20))."""
+        if variance == "fixedlarge":
+            return np.log(np.append(self.beta_tilde[1], self.betas[1:]))
+        if variance == "fixedsmall":
+            return np.log(np.maximum(self.beta_tilde, 1e-20))
+        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+
+    def step_coefficients(
+        self, kind: str = "ddpm", variance: str = "fixedlarge", eta: float = 0.0
+    ) -> np.ndarray:
+        """The (S, NUM_COEFS) float64 table that `ddpm_step` reads; see the column names above.
+
+        ddpm: the posterior mean with sigma = exp(log_variance / 2).
+        ddim: x_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z with
+        sigma = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev) and eps
+        re-derived from x0, which gives the same two linear forms.
+        Sigma is 0 at step index 0: no noise is added to the final sample.
+        """
+        abar, abar_prev = self.abar, self.abar_prev
+        coef = np.zeros((len(self), NUM_COEFS), dtype=np.float64)
+        coef[:, SQRT_RECIP_ABAR] = self.sqrt_recip_abar
+        coef[:, SQRT_RECIPM1_ABAR] = self.sqrt_recipm1_abar
+        if kind == "ddpm":
+            sigma = np.exp(0.5 * self.log_variance(variance))
+            coef[:, COEF_X0] = self.posterior_mean_coef1
+            coef[:, COEF_XT] = self.posterior_mean_coef2
+            coef[:, DIRECT_XT] = 1.0 / np.sqrt(self.alphas)
+            coef[:, DIRECT_EPS] = self.betas / (np.sqrt(self.alphas) * np.sqrt(1.0 - abar))
+        elif kind == "ddim":
+            if eta < 0:
+                raise ValueError(f"DDIM eta must be >= 0, got {eta}")
+            sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
+            dir_xt = np.sqrt(np.maximum(1 - abar_prev - sigma**2, 0.0))
+            coef[:, COEF_X0] = np.sqrt(abar_prev) - dir_xt * np.sqrt(abar) / np.sqrt(1 - abar)
+            coef[:, COEF_XT] = dir_xt / np.sqrt(1 - abar)
+            coef[:, DIRECT_XT] = np.sqrt(abar_prev / abar)
+            coef[:, DIRECT_EPS] = np.sqrt(abar_prev) * self.sqrt_recipm1_abar - dir_xt
+        else:
+            raise ValueError(f"unknown step kind {kind!r}; choose one of {', '.join(STEP_KINDS)}")
+        coef[:, SIGMA] = sigma
+        coef[0, SIGMA] = 0.0
+        return coef
+
+    def step_table(
+        self,
+        kind: str = "ddpm",
+        variance: str = "fixedlarge",
+        eta: float = 0.0,
+        device: torch.device | str = "cpu",
+    ) -> StepTable:
+        coef = self.step_coefficients(kind, variance, eta)
+        return StepTable(
+            coef=torch.tensor(coef, dtype=torch.float32, device=device),
+            timesteps=torch.tensor(self.timesteps, dtype=torch.long, device=device),
+            stochastic=bool(np.any(coef[:, SIGMA] > 0)),
+        )
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """The reverse-step coefficients as device tensors, cast once from float64.
+
+    coef: (S, NUM_COEFS) float32, row i for step index i.
+    timesteps: (S,) int64, the original t the network receives at step index i.
+    stochastic: whether any step adds noise (False for DDIM with eta = 0).
+    """
+
+    coef: torch.Tensor
+    timesteps: torch.Tensor
+    stochastic: bool
+
+    def __len__(self) -> int:
+        return self.coef.shape[0]
+
+    def to(self, device: torch.device | str) -> StepTable:
+        return StepTable(self.coef.to(device), self.timesteps.to(device), self.stochastic)
