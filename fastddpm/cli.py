@@ -1,0 +1,124 @@
+"""The `fastddpm` command: sample, info, convert."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from . import __version__, checkpoints, images, ops
+from .sampler import METHODS, Sampler
+
+NO_DEFAULT_MODEL = (
+    "no default model is bundled with fastddpm yet, and fastddpm never samples from random weights;"
+    " pass --model PATH: a diffusers folder (e.g. a download of google/ddpm-cifar10-32),"
+    " a fastddpm .safetensors, or a pytorch_diffusion checkpoint with --preset"
+)
+
+
+def _steps(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def _load(args: argparse.Namespace, path: str) -> Sampler:
+    return checkpoints.load(
+        path, preset_name=args.preset, allow_pickle=args.allow_pickle, backend=getattr(args, "backend", "auto")
+    )
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    if args.model is None:
+        raise ValueError(NO_DEFAULT_MODEL)
+    if args.out is None and args.npz is None:
+        raise ValueError("nothing to write: give --out FILE.png and/or --npz FILE.npz")
+    sampler = _load(args, args.model)
+    sampler.unet.to(args.device)
+    generator = torch.Generator().manual_seed(args.seed)
+    x = sampler.sample(
+        args.n, steps=args.steps, method=args.sampler, eta=args.eta, batch_size=args.batch_size,
+        generator=generator, progress=not args.no_progress,
+    )
+    if args.out:
+        images.save_grid(args.out, x)
+        print(f"wrote {args.out}")
+    if args.npz:
+        images.save_npz(args.npz, images.to_rgb(images.to_uint8(x)))
+        print(f"wrote {args.npz} ({args.n} images under arr_0)")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    print(f"fastddpm {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}")
+    if torch.cuda.is_available():
+        print(f"device: cuda ({torch.cuda.get_device_name()})")
+    else:
+        print("device: cpu (no CUDA device visible)")
+    for name, status in ops.backend_status().items():
+        print(f"backend {name}: {status}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    sampler = _load(args, args.src)
+    if args.to == "native":
+        checkpoints.save_native(sampler, args.dst)
+    else:
+        checkpoints.save_diffusers(sampler, args.dst)
+    print(f"wrote {args.dst} ({args.to})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastddpm", description="Fast, faithful DDPM sampling.")
+    parser.add_argument("--version", action="version", version=f"fastddpm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", choices=["cifar10", "lsun256", "celebahq256"],
+                       help="the network of a pytorch_diffusion checkpoint (those files carry no config)")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="allow a pickled .ckpt/.pt/.pth/.bin, read with torch.load(weights_only=True)")
+
+    s = sub.add_parser("sample", help="draw samples and write a PNG grid and/or an .npz")
+    s.add_argument("--model", help="diffusers folder, fastddpm .safetensors, or pytorch_diffusion file")
+    model_options(s)
+    s.add_argument("-n", type=int, default=16, help="number of images (default 16)")
+    s.add_argument("--batch-size", type=int, default=None, help="images per batch (default: all n)")
+    s.add_argument("--steps", type=_steps, default=None,
+                   help="number of steps, or a spacing like 'ddim50' (default: all T)")
+    s.add_argument("--sampler", choices=METHODS, default="ddpm")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="PNG grid to write")
+    s.add_argument("--npz", help=".npz to write (N x H x W x 3 uint8 under arr_0)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--backend", choices=ops.BACKENDS, default="auto")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sample)
+
+    i = sub.add_parser("info", help="version, device, and which backends are built and usable")
+    i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("convert", help="convert a checkpoint to the native or the diffusers format")
+    c.add_argument("src")
+    c.add_argument("dst", type=Path)
+    c.add_argument("--to", choices=["native", "diffusers"], required=True)
+    model_options(c)
+    c.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, ops.BackendUnavailableError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"fastddpm: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

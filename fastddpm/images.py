@@ -1,0 +1,64 @@
+"""Sample tensors in [-1, 1] -> uint8 images, PNG grids, and the .npz that FID tools read."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .io import atomic_write
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounded as diffusers' pipelines round."""
+    if x.dim() != 4:
+        raise ValueError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
+    x = ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 1 or 3) uint8 -> (N, H, W, 3): grey images repeated over three channels."""
+    if images.shape[-1] == 1:
+        return np.repeat(images, 3, axis=-1)
+    if images.shape[-1] != 3:
+        raise ValueError(f"images must have 1 or 3 channels, got {images.shape[-1]}")
+    return images
+
+
+def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows*(H+pad)+pad, nrow*(W+pad)+pad, 3) image, row-major."""
+    n, h, w, c = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    out = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        out[y : y + h, x : x + w] = image
+    return out
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write one (H, W, 3) uint8 image as PNG, atomically."""
+    atomic_write(path, lambda p: Image.fromarray(image).save(p, format="PNG"))
+
+
+def save_grid(path: str | os.PathLike, x: torch.Tensor, nrow: int | None = None) -> None:
+    """Samples (N, C, H, W) in [-1, 1] -> a PNG grid."""
+    save_png(path, grid(to_rgb(to_uint8(x)), nrow))
+
+
+def save_npz(path: str | os.PathLike, images: np.ndarray) -> None:
+    """(N, H, W, 3) uint8 -> .npz with key arr_0, the layout FID tools read; atomic."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected (N, H, W, 3) uint8 images, got {images.dtype} {images.shape}")
+
+    def write(p: str) -> None:
+        with open(p, "wb") as f:
+            np.savez(f, arr_0=images)
+
+    atomic_write(path, write)

@@ -1,0 +1,166 @@
+"""Samplers for eps-prediction DDPMs: ancestral (Algorithm 2), respaced, and DDIM.
+
+One loop serves all three: each builds a `StepTable` (fastddpm.schedule) and runs
+
+    x_T ~ N(0, I);  for i = S-1 .. 0:  eps = unet(x, timesteps[i]);  x = ddpm_step(x, eps, i)
+
+With a CPU torch.Generator the random draws (x_T, then one z per step i > 0) come
+in the order diffusers' DDPMPipeline draws them, so the same seed gives the same
+images as that pipeline on the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from . import ops
+from .reference import predict_x0
+from .schedule import VARIANCES, Schedule, StepTable
+from .unet import UNet
+
+METHODS = ("ddpm", "ddim")
+
+# callback(step_index, t, x_t, x0_pred): x_t and x0_pred are float32 (N, C, H, W).
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and how to sample it: beta schedule, variance, clipping."""
+
+    beta_schedule: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    variance: str = "fixedlarge"
+    clip_x0: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variance not in VARIANCES:
+            raise ValueError(f"unknown variance {self.variance!r}; choose one of {', '.join(VARIANCES)}")
+        self.schedule()  # rejects an unknown schedule name now, not at sampling time
+
+    def schedule(self) -> Schedule:
+        return Schedule.from_name(self.beta_schedule, self.num_timesteps, self.beta_start, self.beta_end)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiffusionConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown diffusion config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def randn(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """float32 N(0, I) drawn on the generator's device (as diffusers does), then moved to `device`."""
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source, dtype=torch.float32).to(device)
+
+
+class Sampler:
+    """A U-Net and its diffusion, ready to sample: `Sampler(unet, diffusion).sample(16)`."""
+
+    def __init__(self, unet: UNet, diffusion: DiffusionConfig | None = None) -> None:
+        self.unet = unet
+        self.diffusion = diffusion or DiffusionConfig()
+
+    def step_table(
+        self,
+        steps: int | str | None = None,
+        method: str = "ddpm",
+        eta: float = 0.0,
+        variance: str | None = None,
+    ) -> StepTable:
+        """The table for `steps` (None: all T; int or spacing string: respaced) on the U-Net's device."""
+        if method not in METHODS:
+            raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+        schedule = self.diffusion.schedule()
+        if steps is not None and steps != len(schedule):
+            schedule = schedule.respace(steps)
+        device = next(self.unet.parameters()).device
+        return schedule.step_table(method, variance or self.diffusion.variance, eta, device=device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        steps: int | str | None = None,
+        method: str = "ddpm",
+        eta: float = 0.0,
+        variance: str | None = None,
+        clip_x0: bool | None = None,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        x_T: torch.Tensor | None = None,
+        progress: bool = True,
+        callback: StepCallback | None = None,
+        callback_every: int = 100,
+    ) -> torch.Tensor:
+        """n samples in [-1, 1]: float32 (n, C, H, W) on the U-Net's device.
+
+        steps: None for all T steps; an int S < T or an Improved-DDPM spacing string
+        ("10,20", "ddim50") to respace. method: "ddpm" (ancestral) or "ddim" (with eta).
+        variance, clip_x0: override the diffusion config's. x_T: the starting noise
+        (n, C, H, W), else drawn from `generator`. callback(i, t, x_t, x0_pred) runs
+        every `callback_every` steps and at the last one.
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        batch_size = batch_size or n
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if callback_every < 1:
+            raise ValueError(f"callback_every must be positive, got {callback_every}")
+        table = self.step_table(steps, method, eta, variance)
+        clip_x0 = self.diffusion.clip_x0 if clip_x0 is None else clip_x0
+        cfg = self.unet.config
+        device = table.coef.device
+        shape = (n, cfg.in_channels, cfg.resolution, cfg.resolution)
+        if x_T is not None and tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+
+        out = []
+        with tqdm(total=len(table) * -(-n // batch_size), disable=not progress, unit="step") as bar:
+            for start in range(0, n, batch_size):
+                size = min(batch_size, n - start)
+                x = (
+                    x_T[start : start + size].to(device, torch.float32)
+                    if x_T is not None
+                    else randn((size, *shape[1:]), generator, device)
+                )
+                out.append(self._reverse(x, table, clip_x0, generator, bar, callback, callback_every))
+        return torch.cat(out)
+
+    def _reverse(
+        self,
+        x: torch.Tensor,
+        table: StepTable,
+        clip_x0: bool,
+        generator: torch.Generator | None,
+        bar: tqdm,
+        callback: StepCallback | None,
+        callback_every: int,
+    ) -> torch.Tensor:
+        """Run every step of `table` from x = x_T (N, C, H, W) float32; returns x_0."""
+        dtype = next(self.unet.parameters()).dtype
+        for i in reversed(range(len(table))):
+            t = table.timesteps[i]
+            eps = self.unet(x.to(dtype), t.expand(x.shape[0])).float()
+            noise = None
+            if table.stochastic:
+                noise = randn(x.shape, generator, x.device) if i > 0 else torch.zeros_like(x)
+            if callback is not None and (i % callback_every == 0):
+                callback(i, int(t), x, predict_x0(x, eps, i, table, clip_x0))
+            x = ops.ddpm_step(x, eps, i, table, noise=noise, clip_x0=clip_x0, backend=self.unet.backend)
+            bar.update(1)
+        return x
