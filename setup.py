@@ -10,9 +10,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-VERSION = re.search(
-    r'__version__ = "([^"]+)"', (ROOT / "fastddpm" / "__init__.py").read_text()
-).group(1)
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastddpm" / "__init__.py").read_text()).group(1)
 
 setup(
     name="fastddpm",

@@ -40,12 +40,17 @@ _LEGACY_ATTN_PARTS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_att
 
 def native_to_diffusers_key(key: str, levels: int) -> str:
     """A native parameter name -> its UNet2DModel name, for a U-Net with `levels` resolutions."""
-    fixed = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
-             "norm_out": "conv_norm_out", "mid.block_1": "mid_block.resnets.0",
-             "mid.attn_1": "mid_block.attentions.0", "mid.block_2": "mid_block.resnets.1"}
+    fixed = {
+        "temb.dense.0": "time_embedding.linear_1",
+        "temb.dense.1": "time_embedding.linear_2",
+        "norm_out": "conv_norm_out",
+        "mid.block_1": "mid_block.resnets.0",
+        "mid.attn_1": "mid_block.attentions.0",
+        "mid.block_2": "mid_block.resnets.1",
+    }
     for old, new in fixed.items():
         if key.startswith(old + "."):
-            key = new + key[len(old):]
+            key = new + key[len(old) :]
             break
     m = re.match(r"(down|up)\.(\d+)\.(block|attn|downsample|upsample)\.(.*)", key)
     if m:
@@ -108,16 +113,34 @@ def _raise_on_key_mismatch(source: str, missing: list[str], unexpected: list[str
 # --- diffusers configs -------------------------------------------------------------------------
 
 _DIFFUSERS_DEFAULTS = {  # UNet2DModel's defaults for the settings the paper's network fixes
-    "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1, "flip_sin_to_cos": True,
-    "freq_shift": 0, "mid_block_scale_factor": 1, "time_embedding_type": "positional",
-    "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
-    "num_class_embeds": None, "downsample_type": "conv", "upsample_type": "conv",
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
 }
 _PAPER_SETTINGS = {
-    "act_fn": "silu", "center_input_sample": False, "downsample_padding": 0, "flip_sin_to_cos": False,
-    "freq_shift": 1, "mid_block_scale_factor": 1, "time_embedding_type": "positional",
-    "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
-    "num_class_embeds": None, "downsample_type": "conv", "upsample_type": "conv",
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "mid_block_scale_factor": 1,
+    "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
 }
 
 
@@ -189,15 +212,23 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     }
 
 
-_DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine",
-                        "sigmoid": "sigmoid"}
+_DIFFUSERS_SCHEDULES = {
+    "linear": "linear",
+    "scaled_linear": "quad",
+    "squaredcos_cap_v2": "cosine",
+    "sigmoid": "sigmoid",
+}
 _DIFFUSERS_VARIANCES = {"fixed_large": "fixedlarge", "fixed_small": "fixedsmall"}
 
 
 def diffusion_config_from_diffusers(cfg: dict) -> DiffusionConfig:
     """A DDPMScheduler scheduler_config.json -> DiffusionConfig."""
-    checks = {"prediction_type": ("epsilon", "epsilon"), "thresholding": (False, False),
-              "clip_sample_range": (1.0, 1.0), "trained_betas": (None, None)}
+    checks = {
+        "prediction_type": ("epsilon", "epsilon"),
+        "thresholding": (False, False),
+        "clip_sample_range": (1.0, 1.0),
+        "trained_betas": (None, None),
+    }
     for key, (default, want) in checks.items():
         if cfg.get(key, default) != want:
             raise ValueError(f"unsupported scheduler setting {key}={cfg[key]!r}: fastddpm needs {want!r}")
@@ -295,8 +326,10 @@ def save_diffusers(sampler: Sampler, folder: str | os.PathLike) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in native_to_diffusers(sampler.unet).items()}
     atomic_write(folder / "diffusion_pytorch_model.safetensors", lambda p: save_file(state, p))
-    for name, cfg in (("config.json", unet_config_to_diffusers(sampler.unet.config)),
-                      ("scheduler_config.json", diffusion_config_to_diffusers(sampler.diffusion))):
+    for name, cfg in (
+        ("config.json", unet_config_to_diffusers(sampler.unet.config)),
+        ("scheduler_config.json", diffusion_config_to_diffusers(sampler.diffusion)),
+    ):
         atomic_write(folder / name, lambda p, cfg=cfg: Path(p).write_text(json.dumps(cfg, indent=2)))
 
 
@@ -316,8 +349,9 @@ def load_pytorch_diffusion(
     unet = UNet(config, backend=backend)
     state = _load_weights(Path(path), allow_pickle)
     expected = unet.state_dict()
-    _raise_on_key_mismatch("pytorch_diffusion", sorted(set(expected) - set(state)),
-                           sorted(set(state) - set(expected)))
+    _raise_on_key_mismatch(
+        "pytorch_diffusion", sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    )
     unet.load_state_dict(state)
     variance = "fixedlarge" if preset_name == "cifar10" else "fixedsmall"
     return Sampler(unet.eval(), DiffusionConfig(variance=variance))

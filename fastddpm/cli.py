@@ -25,7 +25,10 @@ def _steps(value: str) -> int | str:
 
 def _load(args: argparse.Namespace, path: str) -> Sampler:
     return checkpoints.load(
-        path, preset_name=args.preset, allow_pickle=args.allow_pickle, backend=getattr(args, "backend", "auto")
+        path,
+        preset_name=args.preset,
+        allow_pickle=args.allow_pickle,
+        backend=getattr(args, "backend", "auto"),
     )
 
 
@@ -38,8 +41,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sampler.unet.to(args.device)
     generator = torch.Generator().manual_seed(args.seed)
     x = sampler.sample(
-        args.n, steps=args.steps, method=args.sampler, eta=args.eta, batch_size=args.batch_size,
-        generator=generator, progress=not args.no_progress,
+        args.n,
+        steps=args.steps,
+        method=args.sampler,
+        eta=args.eta,
+        batch_size=args.batch_size,
+        generator=generator,
+        progress=not args.no_progress,
     )
     if args.out:
         images.save_grid(args.out, x)
@@ -75,18 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", choices=["cifar10", "lsun256", "celebahq256"],
-                       help="the network of a pytorch_diffusion checkpoint (those files carry no config)")
-        p.add_argument("--allow-pickle", action="store_true",
-                       help="allow a pickled .ckpt/.pt/.pth/.bin, read with torch.load(weights_only=True)")
+        p.add_argument(
+            "--preset",
+            choices=["cifar10", "lsun256", "celebahq256"],
+            help="the network of a pytorch_diffusion checkpoint (those files carry no config)",
+        )
+        p.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="allow a pickled .ckpt/.pt/.pth/.bin, read with torch.load(weights_only=True)",
+        )
 
     s = sub.add_parser("sample", help="draw samples and write a PNG grid and/or an .npz")
     s.add_argument("--model", help="diffusers folder, fastddpm .safetensors, or pytorch_diffusion file")
     model_options(s)
     s.add_argument("-n", type=int, default=16, help="number of images (default 16)")
     s.add_argument("--batch-size", type=int, default=None, help="images per batch (default: all n)")
-    s.add_argument("--steps", type=_steps, default=None,
-                   help="number of steps, or a spacing like 'ddim50' (default: all T)")
+    s.add_argument(
+        "--steps",
+        type=_steps,
+        default=None,
+        help="number of steps, or a spacing like 'ddim50' (default: all T)",
+    )
     s.add_argument("--sampler", choices=METHODS, default="ddpm")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--seed", type=int, default=0)

@@ -33,7 +33,9 @@ def _backend_module(name: str) -> ModuleType:
     if name == "torch":
         return reference
     if name in _NOT_BUILT:
-        raise BackendUnavailableError(f"backend {name!r} is not available: {_NOT_BUILT[name]}; use backend='torch'")
+        raise BackendUnavailableError(
+            f"backend {name!r} is not available: {_NOT_BUILT[name]}; use backend='torch'"
+        )
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -79,7 +81,9 @@ def _check_same(what: str, ref_name: str, ref: torch.Tensor, **others: torch.Ten
     """Every tensor in `others` must share `ref`'s device (what="device") or dtype (what="dtype")."""
     for name, t in others.items():
         if t is not None and getattr(t, what) != getattr(ref, what):
-            raise ValueError(f"{name} is on {what} {getattr(t, what)} but {ref_name} is on {getattr(ref, what)}")
+            raise ValueError(
+                f"{name} is on {what} {getattr(t, what)} but {ref_name} is on {getattr(ref, what)}"
+            )
 
 
 def group_norm_silu(
@@ -116,9 +120,7 @@ def group_norm_silu(
     _check_same("device", "x", x, weight=weight, bias=bias, add=add)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         raise ValueError("x must be contiguous or channels_last")
-    return _impl("group_norm_silu", backend, x.device)(
-        x, weight, bias, num_groups, eps, silu=silu, add=add
-    )
+    return _impl("group_norm_silu", backend, x.device)(x, weight, bias, num_groups, eps, silu=silu, add=add)
 
 
 def attention(
@@ -140,9 +142,7 @@ def attention(
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim"
-        )
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim")
     _check_same("device", "q", q, k=k, v=v)
     _check_same("dtype", "q", q, k=k, v=v)
     return _impl("attention", backend, q.device)(q, k, v, scale)

@@ -51,9 +51,7 @@ def group_norm_silu(
     return y.to(dtype=x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
-) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v; q (B, h, Lq, D), k and v (B, h, Lk, D) -> (B, h, Lq, D)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5

@@ -58,9 +58,7 @@ class DiffusionConfig:
         return cls(**d)
 
 
-def randn(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
-) -> torch.Tensor:
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """float32 N(0, I) drawn on the generator's device (as diffusers does), then moved to `device`."""
     source = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=source, dtype=torch.float32).to(device)

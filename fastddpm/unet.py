@@ -69,8 +69,13 @@ PRESETS: dict[str, UNetConfig] = {
     "lsun256": UNetConfig(ch_mult=(1, 1, 2, 2, 4, 4), resolution=256, dropout=0.0),
     "celebahq256": UNetConfig(ch_mult=(1, 1, 2, 2, 4, 4), resolution=256, dropout=0.0),
     "tiny": UNetConfig(
-        ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
-        dropout=0.0, num_groups=8,
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        resolution=16,
+        dropout=0.0,
+        num_groups=8,
     ),
 }
 
@@ -105,7 +110,14 @@ class Norm(nn.Module):
         self, x: torch.Tensor, *, silu: bool, add: torch.Tensor | None = None, backend: str = "auto"
     ) -> torch.Tensor:
         return ops.group_norm_silu(
-            x, self.weight, self.bias, self.num_groups, self.eps, silu=silu, add=add, backend=backend
+            x,
+            self.weight,
+            self.bias,
+            self.num_groups,
+            self.eps,
+            silu=silu,
+            add=add,
+            backend=backend,
         )
 
 
@@ -220,7 +232,9 @@ class UNet(nn.Module):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in + skip_channels.pop(), ch * cfg.ch_mult[i], temb_ch, cfg))
+                level.block.append(
+                    ResnetBlock(block_in + skip_channels.pop(), ch * cfg.ch_mult[i], temb_ch, cfg)
+                )
                 block_in = ch * cfg.ch_mult[i]
                 if res in cfg.attn_resolutions:
                     level.attn.append(AttnBlock(block_in, cfg))
