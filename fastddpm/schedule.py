@@ -198,6 +198,11 @@ class Schedule:
         Sigma is 0 at step index 0: no noise is added to the final sample.
         """
         abar, abar_prev = self.abar, self.abar_prev
+        if abar[-1] == 0.0:
+            raise ValueError(
+                "this schedule ends with beta_T = 1 (abar_T = 0, as jsd does): x0 cannot be predicted"
+                " from eps at t = T, so the reverse step is undefined"
+            )
         coef = np.zeros((len(self), NUM_COEFS), dtype=np.float64)
         coef[:, SQRT_RECIP_ABAR] = self.sqrt_recip_abar
         coef[:, SQRT_RECIPM1_ABAR] = self.sqrt_recipm1_abar

@@ -1,0 +1,75 @@
+"""Shared fixtures: reference data, and real diffusers checkpoints written to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Triton kernels run through the interpreter on machines without a GPU; this must be
+# set before any kernel is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REFERENCE = Path(__file__).parent / "data" / "ddpm-cifar10-32"
+
+# A small UNet2DModel of the DDPM family (same block types and settings as the CIFAR10 model).
+TINY_DIFFUSERS_UNET = {
+    "act_fn": "silu",
+    "block_out_channels": [32, 64],
+    "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "in_channels": 3,
+    "layers_per_block": 1,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 8,
+    "out_channels": 3,
+    "sample_size": 16,
+    "time_embedding_type": "positional",
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}
+
+
+def reference_json(name: str):
+    return json.loads((REFERENCE / name).read_text())
+
+
+def write_diffusers_folder(folder: Path, unet_config: dict, scheduler_config: dict, seed: int = 0):
+    """Build a diffusers UNet2DModel with random weights (norms perturbed too), save it with
+    save_pretrained beside a DDPMScheduler config, and return the model."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    model = diffusers.UNet2DModel.from_config(unet_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    diffusers.DDPMScheduler.from_config(scheduler_config).save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def cifar10_diffusers(tmp_path_factory):
+    """(folder, diffusers model): google/ddpm-cifar10-32's exact configs, random weights."""
+    folder = tmp_path_factory.mktemp("ddpm-cifar10-32")
+    model = write_diffusers_folder(
+        folder, reference_json("unet_config.json"), reference_json("scheduler_config.json")
+    )
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers(tmp_path_factory):
+    """(folder, diffusers model): a tiny DDPM with T = 20 steps, for whole-pipeline runs."""
+    folder = tmp_path_factory.mktemp("tiny-ddpm")
+    scheduler = dict(reference_json("scheduler_config.json"), num_train_timesteps=20, beta_end=0.2)
+    model = write_diffusers_folder(folder, TINY_DIFFUSERS_UNET, scheduler, seed=1)
+    return folder, model
