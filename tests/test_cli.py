@@ -1,0 +1,103 @@
+"""The `fastddpm` command, run as a real subprocess."""
+
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import fastddpm
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastddpm", *args], capture_output=True, text=True)
+
+
+def test_info_lists_the_backends():
+    out = run("info")
+    assert out.returncode == 0
+    assert f"fastddpm {fastddpm.__version__}" in out.stdout
+    assert "backend torch: available" in out.stdout
+    assert "backend triton: backend 'triton' is not available" in out.stdout
+
+
+def test_sample_without_a_model_says_none_is_bundled():
+    out = run("sample", "--out", "x.png")
+    assert out.returncode == 1
+    assert "no default model is bundled" in out.stderr and "never samples from random weights" in out.stderr
+
+
+def test_sample_writes_png_and_npz(tiny_diffusers, tmp_path):
+    folder, _ = tiny_diffusers
+    png, npz = tmp_path / "grid.png", tmp_path / "samples.npz"
+    out = run(
+        "sample",
+        "--model",
+        str(folder),
+        "-n",
+        "5",
+        "--batch-size",
+        "2",
+        "--steps",
+        "5",
+        "--out",
+        str(png),
+        "--npz",
+        str(npz),
+        "--no-progress",
+        "--seed",
+        "3",
+    )
+    assert out.returncode == 0, out.stderr
+    with np.load(npz) as f:
+        arr = f["arr_0"]
+    assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
+    assert np.asarray(Image.open(png)).shape == (2 * 18 + 2, 3 * 18 + 2, 3)  # 5 images: 3 per row
+    # The same seed through the API gives the same images.
+    x = fastddpm.load(folder).sample(
+        5, steps=5, batch_size=2, progress=False, generator=torch.Generator().manual_seed(3)
+    )
+    np.testing.assert_array_equal(arr, fastddpm.images.to_uint8(x))
+
+
+def test_ddim_sampler_option(tiny_diffusers, tmp_path):
+    folder, _ = tiny_diffusers
+    out = run(
+        "sample",
+        "--model",
+        str(folder),
+        "-n",
+        "2",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "ddim5",
+        "--npz",
+        str(tmp_path / "s.npz"),
+        "--no-progress",
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_convert_between_formats(tiny_diffusers, tmp_path):
+    folder, model = tiny_diffusers
+    native = tmp_path / "tiny.safetensors"
+    assert run("convert", str(folder), str(native), "--to", "native").returncode == 0
+    back = tmp_path / "back"
+    assert run("convert", str(native), str(back), "--to", "diffusers").returncode == 0
+    import diffusers
+
+    again = diffusers.UNet2DModel.from_pretrained(back).eval()
+    theirs, ours = model.state_dict(), again.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([7])
+    with torch.no_grad():
+        assert (again(x, t).sample - model(x, t).sample).abs().max().item() <= 1e-5
+    assert fastddpm.load(native).diffusion == fastddpm.load(back).diffusion
+
+
+def test_errors_are_one_line_not_a_traceback(tmp_path):
+    out = run("sample", "--model", str(tmp_path / "missing"), "--out", "x.png")
+    assert out.returncode == 1
+    assert out.stderr.startswith("fastddpm: error: no such checkpoint") and "Traceback" not in out.stderr

@@ -1,0 +1,82 @@
+"""Sampler behaviour: seeding, batching, steps, callbacks, output range."""
+
+import pytest
+import torch
+
+import fastddpm
+from fastddpm.unet import PRESETS, UNet
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    torch.manual_seed(0)
+    return fastddpm.Sampler(UNet(PRESETS["tiny"]).eval(), fastddpm.DiffusionConfig(num_timesteps=30))
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_seeded_runs_repeat_and_differ(sampler):
+    a = sampler.sample(2, generator=seeded(1), progress=False)
+    assert a.shape == (2, 3, 16, 16) and a.dtype == torch.float32
+    torch.testing.assert_close(sampler.sample(2, generator=seeded(1), progress=False), a, rtol=0, atol=0)
+    assert not torch.equal(sampler.sample(2, generator=seeded(2), progress=False), a)
+
+
+def test_clipped_samples_lie_in_minus_one_one(sampler):
+    x = sampler.sample(4, generator=seeded(0), progress=False)
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_batches_concatenate(sampler):
+    x_T = torch.randn(5, 3, 16, 16)
+    whole = sampler.sample(5, x_T=x_T, method="ddim", steps=5, progress=False)
+    batched = sampler.sample(5, x_T=x_T, method="ddim", steps=5, batch_size=2, progress=False)
+    torch.testing.assert_close(batched, whole, rtol=0, atol=1e-6)
+
+
+def test_respaced_runs_call_the_network_with_original_t(sampler):
+    seen = []
+    hook = sampler.unet.register_forward_hook(lambda m, args, out: seen.append(int(args[1][0])))
+    try:
+        sampler.sample(1, steps=4, progress=False, generator=seeded(0))
+    finally:
+        hook.remove()
+    assert seen == [29, 19, 10, 0]
+
+
+def test_ddim_eta0_is_deterministic_given_x_T(sampler):
+    x_T = torch.randn(2, 3, 16, 16)
+    a = sampler.sample(2, x_T=x_T, method="ddim", steps=10, generator=seeded(1), progress=False)
+    b = sampler.sample(2, x_T=x_T, method="ddim", steps=10, generator=seeded(2), progress=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_callback_sees_predicted_x0_every_k_steps(sampler):
+    calls = []
+    out = sampler.sample(
+        2,
+        generator=seeded(3),
+        progress=False,
+        callback_every=10,
+        callback=lambda i, t, x, x0: calls.append((i, t, x0.clone())),
+    )
+    assert [(i, t) for i, t, _ in calls] == [(20, 20), (10, 10), (0, 0)]
+    assert all(x0.min() >= -1 and x0.max() <= 1 for _, _, x0 in calls)
+    # At the last step the prediction is the sample: coef_x0 = 1 and coef_xt = 0 there.
+    torch.testing.assert_close(calls[-1][2], out, rtol=0, atol=1e-6)
+
+
+def test_progress_bar_can_be_turned_off(sampler, capsys):
+    sampler.sample(1, steps=3, progress=False, generator=seeded(0))
+    assert capsys.readouterr().err == ""
+    sampler.sample(1, steps=3, progress=True, generator=seeded(0))
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_bad_sample_arguments(sampler):
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        sampler.sample(0)
+    with pytest.raises(ValueError, match=r"x_T must have shape \(2, 3, 16, 16\)"):
+        sampler.sample(2, x_T=torch.randn(2, 3, 8, 8))
