@@ -7,12 +7,13 @@ U-Net and the samplers call only these functions.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
-from . import reference
 from .schedule import StepTable
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -23,51 +24,56 @@ class BackendUnavailableError(RuntimeError):
     """A known backend that is not built or cannot run here."""
 
 
-_NOT_BUILT = {
-    "triton": "the Triton kernels (fastddpm.kernels) are not built in this version of fastddpm",
-    "cuda": "the CUDA library (csrc/) is not built in this version of fastddpm",
-}
+# Each concrete backend is a module with the three ops (same signatures as the
+# reference's, inputs already checked here) and, except the reference,
+# `unavailable_reason() -> str | None`: None when it can run, else why not.
+BACKEND_MODULES = {"torch": "fastddpm.reference", "triton": "fastddpm.kernels", "cuda": "fastddpm.cuda"}
 
 
-def _backend_module(name: str) -> ModuleType:
-    if name == "torch":
-        return reference
-    if name in _NOT_BUILT:
-        raise BackendUnavailableError(
-            f"backend {name!r} is not available: {_NOT_BUILT[name]}; use backend='torch'"
-        )
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+@functools.cache
+def _backend_module(name: str) -> ModuleType | str:
+    """The backend's module, or the reason it cannot be used."""
+    try:
+        module = importlib.import_module(BACKEND_MODULES[name])
+    except ImportError as err:
+        return f"cannot import {BACKEND_MODULES[name]}: {err}"
+    reason = getattr(module, "unavailable_reason", lambda: None)()
+    return module if reason is None else reason
+
+
+def get_backend(name: str) -> ModuleType:
+    """The module implementing concrete backend `name`; raises if unknown or unavailable."""
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    module = _backend_module(name)
+    if isinstance(module, str):
+        raise BackendUnavailableError(f"backend {name!r} is not available: {module}; use backend='torch'")
+    return module
 
 
 def backend_status() -> dict[str, str]:
     """Each concrete backend -> "available" or why it is not."""
     status = {}
-    for name in BACKENDS[1:]:
-        try:
-            _backend_module(name)
-            status[name] = "available"
-        except BackendUnavailableError as err:
-            status[name] = str(err)
+    for name in BACKEND_MODULES:
+        module = _backend_module(name)
+        status[name] = module if isinstance(module, str) else "available"
     return status
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend that `backend` means for tensors on `device`."""
-    if backend != "auto":
-        _backend_module(backend)
-        return backend
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The concrete backend that `name` means for tensors on `device`."""
+    if name != "auto":
+        get_backend(name)
+        return name
     if device.type == "cuda":
-        for name in ("cuda", "triton"):
-            try:
-                _backend_module(name)
-                return name
-            except BackendUnavailableError:
-                pass
+        for candidate in ("cuda", "triton"):
+            if not isinstance(_backend_module(candidate), str):
+                return candidate
     return "torch"
 
 
-def _impl(op: str, backend: str, device: torch.device) -> Callable:
-    return getattr(_backend_module(resolve_backend(backend, device)), op)
+def _impl(op: str, name: str, device: torch.device) -> Callable:
+    return getattr(get_backend(resolve_backend(name, device)), op)
 
 
 def _check_float(name: str, x: torch.Tensor) -> None:
