@@ -1,4 +1,4 @@
-"""The `fastddpm` command: sample, info, convert."""
+"""The `fastddpm` command: sample, train, info, convert."""
 
 from __future__ import annotations
 
@@ -55,6 +55,32 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.npz:
         images.save_npz(args.npz, images.to_rgb(images.to_uint8(x)))
         print(f"wrote {args.npz} ({args.n} images under arr_0)")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from . import train
+    from .sampler import DiffusionConfig
+    from .unet import UNet, preset
+
+    if args.resume:
+        trainer = train.Trainer.resume(args.out, args.device, args.backend, steps=args.steps)
+    else:
+        if train.has_checkpoint(args.out):
+            raise ValueError(
+                f"{args.out} already holds a training checkpoint: pass --resume to continue it,"
+                " or choose another --out"
+            )
+        defaults = train.TrainConfig()
+        config = train.TrainConfig(
+            **{
+                name: getattr(args, name) if getattr(args, name) is not None else getattr(defaults, name)
+                for name in defaults.__dataclass_fields__
+            }
+        )
+        unet = UNet(preset(args.preset), backend=args.backend)
+        trainer = train.Trainer(unet, DiffusionConfig(), config, args.out, args.device)
+    trainer.run(progress=not args.no_progress)
+    print(f"trained to step {trainer.step}; EMA model in {trainer.out_dir / train.MODEL}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -114,6 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=ops.BACKENDS, default="auto")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
+
+    tr = sub.add_parser("train", help="train a U-Net by Algorithm 1 (L_simple), with EMA and checkpoints")
+    tr.add_argument("--out", type=Path, required=True, help="folder for checkpoint, EMA model and log")
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue --out's checkpoint; every setting then comes from it, except --steps",
+    )
+    tr.add_argument("--preset", default="digits", help="network preset (default digits)")
+    tr.add_argument("--data", help="'digits' (default), an .npz of uint8 images, or an image folder")
+    tr.add_argument("--steps", type=int, help="total optimizer steps (default 10000)")
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    tr.add_argument("--warmup", type=int, help="learning-rate warm-up steps (default 5000)")
+    tr.add_argument("--grad-clip", type=float, help="max gradient norm (default 1.0)")
+    tr.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999)")
+    tr.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--save-every", type=int, help="checkpoint every N steps (default 1000)")
+    tr.add_argument("--log-every", type=int, help="log every N steps (default 100)")
+    tr.add_argument(
+        "--no-amp", dest="amp", action="store_false", default=None, help="no bf16 autocast on CUDA"
+    )
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--backend", choices=ops.BACKENDS, default="auto")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="version, device, and which backends are built and usable")
     i.set_defaults(func=cmd_info)

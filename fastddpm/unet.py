@@ -68,6 +68,18 @@ PRESETS: dict[str, UNetConfig] = {
     "cifar10": UNetConfig(),
     "lsun256": UNetConfig(ch_mult=(1, 1, 2, 2, 4, 4), resolution=256, dropout=0.0),
     "celebahq256": UNetConfig(ch_mult=(1, 1, 2, 2, 4, 4), resolution=256, dropout=0.0),
+    # The bundled default model: scikit-learn's 8x8 digits, 1.1M parameters.
+    "digits": UNetConfig(
+        in_channels=1,
+        out_channels=1,
+        ch=32,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        resolution=8,
+        dropout=0.1,
+        num_groups=8,
+    ),
     "tiny": UNetConfig(
         ch=32,
         ch_mult=(1, 2),
