@@ -64,6 +64,15 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     return torch.randn(shape, generator=generator, device=source, dtype=torch.float32).to(device)
 
 
+def placement(unet: UNet) -> tuple[torch.device, torch.dtype]:
+    """The device and input dtype of a denoiser: its first parameter's, or, for one that is not a
+    torch module (fastddpm.ort.OnnxDenoiser), its `device` and `dtype` attributes."""
+    if isinstance(unet, torch.nn.Module):
+        p = next(unet.parameters())
+        return p.device, p.dtype
+    return torch.device(unet.device), unet.dtype
+
+
 class Sampler:
     """A U-Net and its diffusion, ready to sample: `Sampler(unet, diffusion).sample(16)`."""
 
@@ -84,7 +93,7 @@ class Sampler:
         schedule = self.diffusion.schedule()
         if steps is not None and steps != len(schedule):
             schedule = schedule.respace(steps)
-        device = next(self.unet.parameters()).device
+        device = placement(self.unet)[0]
         return schedule.step_table(method, variance or self.diffusion.variance, eta, device=device)
 
     @torch.no_grad()
@@ -150,7 +159,7 @@ class Sampler:
         callback_every: int,
     ) -> torch.Tensor:
         """Run every step of `table` from x = x_T (N, C, H, W) float32; returns x_0."""
-        dtype = next(self.unet.parameters()).dtype
+        dtype = placement(self.unet)[1]
         for i in reversed(range(len(table))):
             t = table.timesteps[i]
             eps = self.unet(x.to(dtype), t.expand(x.shape[0])).float()
