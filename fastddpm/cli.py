@@ -60,7 +60,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from . import train
     from .sampler import DiffusionConfig
-    from .unet import UNet, preset
+    from .unet import preset
 
     if args.resume:
         trainer = train.Trainer.resume(args.out, args.device, args.backend, steps=args.steps)
@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 for name in defaults.__dataclass_fields__
             }
         )
-        unet = UNet(preset(args.preset), backend=args.backend)
+        unet = train.new_unet(preset(args.preset), config.seed, args.backend)
         trainer = train.Trainer(unet, DiffusionConfig(), config, args.out, args.device)
     trainer.run(progress=not args.no_progress)
     print(f"trained to step {trainer.step}; EMA model in {trainer.out_dir / train.MODEL}")

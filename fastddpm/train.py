@@ -61,6 +61,13 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
+def new_unet(config: UNetConfig, seed: int, backend: str = "auto") -> UNet:
+    """A freshly initialised network whose weights depend only on `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet(config, backend=backend)
+
+
 def ema_decay_at(step: int, decay: float) -> float:
     """The EMA decay used after `step` updates: min(decay, (1 + step) / (10 + step)), so that
     early weights, which are far from the final ones, are forgotten fast."""
