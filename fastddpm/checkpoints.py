@@ -28,6 +28,8 @@ from .sampler import DiffusionConfig, Sampler
 from .unet import UNet, UNetConfig, preset
 
 PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The bundled default: a small U-Net trained on scikit-learn's 8x8 digits (fastddpm/models/digits).
+DEFAULT_MODEL = Path(__file__).parent / "models" / "digits" / "model.safetensors"
 NATIVE_FORMAT = "fastddpm-1"
 _ATTN_PROJ = re.compile(r"\.attn(?:_1|\.\d+)\.(q|k|v|proj_out)\.weight$")
 

@@ -12,12 +12,6 @@ import torch
 from . import __version__, checkpoints, images, ops
 from .sampler import METHODS, Sampler
 
-NO_DEFAULT_MODEL = (
-    "no default model is bundled with fastddpm yet, and fastddpm never samples from random weights;"
-    " pass --model PATH: a diffusers folder (e.g. a download of google/ddpm-cifar10-32),"
-    " a fastddpm .safetensors, or a pytorch_diffusion checkpoint with --preset"
-)
-
 
 def _steps(value: str) -> int | str:
     return int(value) if value.isdigit() else value
@@ -33,11 +27,9 @@ def _load(args: argparse.Namespace, path: str) -> Sampler:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    if args.model is None:
-        raise ValueError(NO_DEFAULT_MODEL)
     if args.out is None and args.npz is None:
-        raise ValueError("nothing to write: give --out FILE.png and/or --npz FILE.npz")
-    sampler = _load(args, args.model)
+        args.out = "samples.png"
+    sampler = _load(args, args.model or checkpoints.DEFAULT_MODEL)
     sampler.unet.to(args.device)
     generator = torch.Generator().manual_seed(args.seed)
     x = sampler.sample(
@@ -50,7 +42,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
     )
     if args.out:
-        images.save_grid(args.out, x)
+        images.save_grid(args.out, x, scale=args.png_scale)
         print(f"wrote {args.out}")
     if args.npz:
         images.save_npz(args.npz, images.to_rgb(images.to_uint8(x)))
@@ -121,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     s = sub.add_parser("sample", help="draw samples and write a PNG grid and/or an .npz")
-    s.add_argument("--model", help="diffusers folder, fastddpm .safetensors, or pytorch_diffusion file")
+    s.add_argument(
+        "--model",
+        help="diffusers folder, fastddpm .safetensors, or pytorch_diffusion file"
+        " (default: the bundled 8x8 digits model)",
+    )
     model_options(s)
     s.add_argument("-n", type=int, default=16, help="number of images (default 16)")
     s.add_argument("--batch-size", type=int, default=None, help="images per batch (default: all n)")
@@ -134,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=METHODS, default="ddpm")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="PNG grid to write")
+    s.add_argument("--out", help="PNG grid to write (default samples.png when no --npz is given)")
+    s.add_argument("--png-scale", type=int, default=1, help="enlarge the grid's pixels K times (default 1)")
     s.add_argument("--npz", help=".npz to write (N x H x W x 3 uint8 under arr_0)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", choices=ops.BACKENDS, default="auto")

@@ -47,9 +47,12 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     atomic_write(path, lambda p: Image.fromarray(image).save(p, format="PNG"))
 
 
-def save_grid(path: str | os.PathLike, x: torch.Tensor, nrow: int | None = None) -> None:
-    """Samples (N, C, H, W) in [-1, 1] -> a PNG grid."""
-    save_png(path, grid(to_rgb(to_uint8(x)), nrow))
+def save_grid(path: str | os.PathLike, x: torch.Tensor, nrow: int | None = None, scale: int = 1) -> None:
+    """Samples (N, C, H, W) in [-1, 1] -> a PNG grid, each pixel enlarged to scale x scale."""
+    if scale < 1:
+        raise ValueError(f"scale must be a positive int, got {scale}")
+    image = grid(to_rgb(to_uint8(x)), nrow)
+    save_png(path, image.repeat(scale, axis=0).repeat(scale, axis=1))
 
 
 def save_npz(path: str | os.PathLike, images: np.ndarray) -> None:

@@ -22,10 +22,28 @@ def test_info_lists_the_backends():
     assert "backend triton: the Triton kernels (fastddpm.kernels) are not built" in out.stdout
 
 
-def test_sample_without_a_model_says_none_is_bundled():
-    out = run("sample", "--out", "x.png")
-    assert out.returncode == 1
-    assert "no default model is bundled" in out.stderr and "never samples from random weights" in out.stderr
+def test_sample_without_a_model_uses_the_bundled_digits(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastddpm",
+            "sample",
+            "-n",
+            "4",
+            "--steps",
+            "10",
+            "--no-progress",
+            "--png-scale",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    grid = np.asarray(Image.open(tmp_path / "samples.png"))
+    assert grid.shape == (4 * (2 * 10 + 2), 4 * (2 * 10 + 2), 3)  # 2 x 2 digits of 8 px, 2 px padding
 
 
 def test_sample_writes_png_and_npz(tiny_diffusers, tmp_path):

@@ -38,6 +38,14 @@ def test_png_grid_layout(tmp_path):
     assert grid[2, 2, 0] == 0 and grid[8, 2 + 6, 0] == 255  # first image, then the fifth at row 1, col 1
 
 
+def test_png_grid_scale_enlarges_pixels(tmp_path):
+    x = torch.rand(3, 3, 4, 4) * 2 - 1
+    images.save_grid(tmp_path / "one.png", x)
+    images.save_grid(tmp_path / "three.png", x, scale=3)
+    one, three = np.asarray(Image.open(tmp_path / "one.png")), np.asarray(Image.open(tmp_path / "three.png"))
+    np.testing.assert_array_equal(three, one.repeat(3, axis=0).repeat(3, axis=1))
+
+
 def test_failed_write_leaves_the_old_file(tmp_path):
     path = tmp_path / "s.npz"
     path.write_bytes(b"old")
