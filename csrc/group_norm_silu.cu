@@ -1,0 +1,102 @@
+// C ABI launcher of GroupNorm + SiLU (fastddpm/group_norm_silu.cuh).
+#include <cuda_runtime.h>
+
+#include <exception>
+
+#include "abi.h"
+#include "fastddpm/fastddpm.h"
+#include "fastddpm/group_norm_silu.cuh"
+
+namespace {
+
+// Shared checks of the sizes; FASTDDPM_SUCCESS when they describe a valid problem.
+int check_sizes(int64_t N, int64_t C, int64_t H, int64_t W, int64_t num_groups) {
+  FASTDDPM_CHECK_NONNEGATIVE(N);
+  FASTDDPM_CHECK_NONNEGATIVE(C);
+  FASTDDPM_CHECK_NONNEGATIVE(H);
+  FASTDDPM_CHECK_NONNEGATIVE(W);
+  FASTDDPM_CHECK(num_groups >= 1 && C % num_groups == 0, FASTDDPM_ERROR_INVALID_VALUE,
+                 "num_groups = %lld must be positive and divide C = %lld", static_cast<long long>(num_groups),
+                 static_cast<long long>(C));
+  FASTDDPM_CHECK(C / num_groups <= fastddpm::kGnMaxGroupChannels, FASTDDPM_ERROR_NOT_SUPPORTED,
+                 "%lld channels per group; the kernel takes at most %lld", static_cast<long long>(C / num_groups),
+                 static_cast<long long>(fastddpm::kGnMaxGroupChannels));
+  int64_t numel = 0;
+  FASTDDPM_CHECK(!__builtin_mul_overflow(N * C, H * W, &numel) && N * C >= 0 && H * W >= 0,
+                 FASTDDPM_ERROR_INVALID_VALUE, "N * C * H * W overflows int64");
+  const fastddpm::GroupNormPlan plan = fastddpm::plan_group_norm(N, C, H * W, num_groups);
+  FASTDDPM_CHECK(N * num_groups * plan.splits <= 0x7fffffff, FASTDDPM_ERROR_NOT_SUPPORTED,
+                 "N * num_groups = %lld groups need more blocks than a grid holds",
+                 static_cast<long long>(N * num_groups));
+  return FASTDDPM_SUCCESS;
+}
+
+}  // namespace
+
+extern "C" int fastddpm_group_norm_silu_workspace_size(int64_t N, int64_t C, int64_t H, int64_t W,
+                                                       int64_t num_groups, size_t* bytes) {
+  FASTDDPM_API_BEGIN
+  FASTDDPM_CHECK_NOT_NULL(bytes);
+  const int status = check_sizes(N, C, H, W, num_groups);
+  if (status != FASTDDPM_SUCCESS) return status;
+  *bytes = fastddpm::plan_group_norm(N, C, H * W, num_groups).workspace_bytes;
+  return FASTDDPM_SUCCESS;
+  FASTDDPM_API_END
+}
+
+extern "C" int fastddpm_group_norm_silu(const void* x, const void* add, const void* weight, const void* bias,
+                                        void* y, void* workspace, size_t workspace_bytes, int64_t N, int64_t C,
+                                        int64_t H, int64_t W, int64_t num_groups, float eps, int silu,
+                                        int channels_last, int dtype, int add_dtype, int param_dtype,
+                                        void* stream) {
+  FASTDDPM_API_BEGIN
+  const int status = check_sizes(N, C, H, W, num_groups);
+  if (status != FASTDDPM_SUCCESS) return status;
+  FASTDDPM_CHECK_DTYPE(dtype);
+  FASTDDPM_CHECK_DTYPE(param_dtype);
+  if (add != nullptr) FASTDDPM_CHECK_DTYPE(add_dtype);
+  if (N * C * H * W == 0) return FASTDDPM_SUCCESS;
+  FASTDDPM_CHECK_NOT_NULL(x);
+  FASTDDPM_CHECK_NOT_NULL(weight);
+  FASTDDPM_CHECK_NOT_NULL(bias);
+  FASTDDPM_CHECK_NOT_NULL(y);
+  const fastddpm::GroupNormPlan plan = fastddpm::plan_group_norm(N, C, H * W, num_groups);
+  if (plan.workspace_bytes > 0) {
+    FASTDDPM_CHECK(workspace != nullptr && workspace_bytes >= plan.workspace_bytes, FASTDDPM_ERROR_INVALID_VALUE,
+                   "these sizes need a workspace of %zu bytes (fastddpm_group_norm_silu_workspace_size); got %zu",
+                   plan.workspace_bytes, workspace != nullptr ? workspace_bytes : static_cast<size_t>(0));
+    FASTDDPM_CHECK(fastddpm::is_aligned(workspace, 8), FASTDDPM_ERROR_INVALID_VALUE,
+                   "workspace must be 8-byte aligned");
+  }
+
+  fastddpm::GroupNormParams p{};
+  p.x = x;
+  p.add = add;
+  p.weight = weight;
+  p.bias = bias;
+  p.y = y;
+  p.partials = static_cast<float2*>(workspace);
+  p.N = N;
+  p.C = C;
+  p.HW = H * W;
+  p.G = num_groups;
+  p.eps = eps;
+  p.silu = silu != 0;
+  p.add_dtype = add_dtype;
+  p.param_dtype = param_dtype;
+  const bool cl = channels_last != 0;
+  const auto s = static_cast<cudaStream_t>(stream);
+  cudaError_t err;
+  switch (dtype) {
+    case FASTDDPM_FLOAT16:
+      err = fastddpm::launch_group_norm_silu<__half>(p, cl, s);
+      break;
+    case FASTDDPM_BFLOAT16:
+      err = fastddpm::launch_group_norm_silu<__nv_bfloat16>(p, cl, s);
+      break;
+    default:
+      err = fastddpm::launch_group_norm_silu<float>(p, cl, s);
+  }
+  return fastddpm::abi::cuda_status(err, "group_norm_silu launch");
+  FASTDDPM_API_END
+}

@@ -1,0 +1,101 @@
+/* The C ABI of the fastddpm CUDA library (libfastddpm_cuda.so).
+ *
+ * Every entry point returns a status code (FASTDDPM_SUCCESS = 0) and never throws; after a
+ * failure, fastddpm_last_error() names the problem in one line. Inputs are checked before
+ * anything touches a device: a null pointer, a bad size or an unsupported dtype returns
+ * FASTDDPM_ERROR_INVALID_VALUE or FASTDDPM_ERROR_NOT_SUPPORTED without a CUDA call.
+ *
+ * Tensors are raw device pointers with sizes (and, where a kernel takes them, strides) in
+ * elements. Kernels are launched on `stream` (a cudaStream_t; NULL is the legacy default
+ * stream) on the calling thread's current device, asynchronously: a launch is
+ * capturable in a CUDA graph, and nothing here allocates or synchronizes.
+ */
+#ifndef FASTDDPM_FASTDDPM_H_
+#define FASTDDPM_FASTDDPM_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FASTDDPM_ABI_VERSION 1
+
+/* The library is compiled with hidden visibility; only these entry points are exported. */
+#if defined(__GNUC__)
+#define FASTDDPM_API __attribute__((visibility("default")))
+#else
+#define FASTDDPM_API
+#endif
+
+/* Status codes. */
+#define FASTDDPM_SUCCESS 0
+#define FASTDDPM_ERROR_INVALID_VALUE 1 /* null pointer, negative or inconsistent size */
+#define FASTDDPM_ERROR_NOT_SUPPORTED 2 /* a dtype, layout or size the kernels do not take */
+#define FASTDDPM_ERROR_CUDA 3          /* the CUDA runtime reported an error */
+#define FASTDDPM_ERROR_INTERNAL 4      /* anything else (a bug: please report it) */
+
+/* Element types. */
+#define FASTDDPM_FLOAT32 0
+#define FASTDDPM_FLOAT16 1
+#define FASTDDPM_BFLOAT16 2
+
+/* Noise sources of fastddpm_ddpm_step. */
+#define FASTDDPM_NOISE_NONE 0   /* no noise term (tables whose sigmas are all 0) */
+#define FASTDDPM_NOISE_TENSOR 1 /* z is read from `noise` */
+#define FASTDDPM_NOISE_PHILOX 2 /* z = Philox4x32-10 normals at (seed, offset), see philox.cuh */
+
+FASTDDPM_API int fastddpm_abi_version(void);
+/* "fastddpm-cuda <version>; CUDA <x.y>; targets sm_80 sm_90 compute_90" */
+FASTDDPM_API const char* fastddpm_build_info(void);
+/* The compiled targets alone, space separated: "sm_80 sm_86 sm_89 sm_90 compute_90". */
+FASTDDPM_API const char* fastddpm_build_targets(void);
+FASTDDPM_API const char* fastddpm_status_name(int status);
+/* The message of the last failing call on this thread ("" after a successful call). */
+FASTDDPM_API const char* fastddpm_last_error(void);
+
+/* FASTDDPM_SUCCESS if the kernels have code for the current CUDA device; touches the device. */
+FASTDDPM_API int fastddpm_check_device(void);
+
+/* y = act(GroupNorm(x + add[:, :, None, None])) over (N, C, H, W), statistics in float32.
+ * x and y: dtype, contiguous (NCHW) or, with channels_last = 1, NHWC-strided.
+ * add: (N, C) contiguous of add_dtype, or NULL. weight, bias: (C,) of param_dtype.
+ * silu: 1 applies SiLU. Large groups split across blocks use `workspace`, at least
+ * fastddpm_group_norm_silu_workspace_size() bytes of device memory (may be NULL when 0). */
+FASTDDPM_API int fastddpm_group_norm_silu_workspace_size(int64_t N, int64_t C, int64_t H, int64_t W,
+                                                         int64_t num_groups, size_t* bytes);
+FASTDDPM_API int fastddpm_group_norm_silu(const void* x, const void* add, const void* weight, const void* bias,
+                                          void* y, void* workspace, size_t workspace_bytes, int64_t N, int64_t C,
+                                          int64_t H, int64_t W, int64_t num_groups, float eps, int silu,
+                                          int channels_last, int dtype, int add_dtype, int param_dtype,
+                                          void* stream);
+
+/* o = softmax(q k^T * scale) v. q: (B, heads, Lq, D); k, v: (B, heads, Lk, D); o: (B, heads, Lq, D)
+ * contiguous. q_strides, k_strides, v_strides: 3 element strides each (batch, head, position);
+ * the last dimension is contiguous. D <= 512. fp16/bf16 use tensor cores (sm_80+), fp32 CUDA
+ * cores; softmax and accumulation are float32. */
+FASTDDPM_API int fastddpm_attention(const void* q, const void* k, const void* v, void* o, int64_t B,
+                                    int64_t heads, int64_t Lq, int64_t Lk, int64_t D, const int64_t* q_strides,
+                                    const int64_t* k_strides, const int64_t* v_strides, float scale, int dtype,
+                                    void* stream);
+
+/* One reverse step x_{t-1} = mean + sigma z at step index t, elementwise over (N, C, H, W).
+ * x, eps, out: dtype, all contiguous or all channels_last. coef: the (num_steps, 7) float32
+ * step table (columns as in fastddpm/schedule.py). t: int64 device array of t_numel = 1 or N
+ * step indices, or NULL to use t_host. A device t outside [0, num_steps) gives NaN output.
+ * noise_mode: FASTDDPM_NOISE_*; a noise tensor has the layout of x and noise_dtype. */
+FASTDDPM_API int fastddpm_ddpm_step(const void* x, const void* eps, const void* noise, void* out,
+                                    const float* coef, int64_t num_steps, const int64_t* t, int64_t t_numel,
+                                    int64_t t_host, int noise_mode, int noise_dtype, uint64_t seed,
+                                    uint64_t offset, int clip_x0, int64_t N, int64_t C, int64_t H, int64_t W,
+                                    int channels_last, int dtype, void* stream);
+
+/* The in-kernel noise computed on the host: out[j] = z_j for j < n (see philox.cuh). */
+FASTDDPM_API int fastddpm_philox_normal_host(uint64_t seed, uint64_t offset, int64_t n, float* out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FASTDDPM_FASTDDPM_H_ */
