@@ -1,4 +1,4 @@
-"""The `fastddpm` command: sample, train, info, convert."""
+"""The `fastddpm` command: sample, train, info, convert, export."""
 
 from __future__ import annotations
 
@@ -95,6 +95,109 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst} ({args.to})")
 
 
+# --- export: ONNX and TensorRT (fastddpm.export, fastddpm.trt) ------------------------------------
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from . import export
+    from .unet import UNet, preset
+
+    if args.model is None and args.preset is not None:
+        torch.manual_seed(0)
+        model = UNet(preset(args.preset))
+        print(
+            f"exporting the {args.preset} preset with random weights (seed 0): pass --model for trained ones"
+        )
+    else:
+        model = _load(args, args.model or checkpoints.DEFAULT_MODEL)
+    info = export.to_onnx(
+        model,
+        args.out,
+        kind=args.kind,
+        batch=args.batch,
+        opset=args.opset,
+        dtype=args.dtype,
+        steps=args.steps,
+        method=args.sampler,
+        eta=args.eta,
+        verify=not args.no_verify,
+    )
+    ops_used = export.exported_ops(args.out)
+    batch = "dynamic batch" if info.batch is None else f"batch {info.batch}"
+    print(
+        f"wrote {args.out}: {info.kind} {' '.join(info.inputs)} -> {info.outputs[0]}, {info.dtype}, {batch}"
+    )
+    print(
+        f"  opset {info.opset}; GroupNorm as {ops_used['InstanceNormalization']} InstanceNormalization,"
+        f" attention as {ops_used['MatMul']} MatMul + {ops_used['Softmax']} Softmax"
+    )
+    if info.max_abs_error is not None:
+        print(f"  verified with onnxruntime against PyTorch: max abs error {info.max_abs_error:.3g}")
+
+
+def cmd_export_trt(args: argparse.Namespace) -> None:
+    from . import trt
+
+    header = trt.build_engine(
+        args.onnx,
+        args.out,
+        min_batch=args.min_batch,
+        opt_batch=args.opt_batch,
+        max_batch=args.max_batch,
+        timing_cache=args.timing_cache,
+        workspace_gib=args.workspace_gib,
+    )
+    dtype = header.info().dtype
+    print(
+        f"wrote {args.out}: TensorRT {header.tensorrt} engine for {header.gpu}, {dtype} (strongly typed),"
+        f" batch {header.min_batch}..{header.max_batch} (optimized for {header.opt_batch})"
+    )
+    if dtype == "float32":
+        print("  for an fp16 engine, export the ONNX with --dtype float16")
+
+
+def _add_export_parser(sub) -> None:
+    from .unet import PRESETS
+
+    e = sub.add_parser("export", help="export to ONNX, or build a TensorRT engine from an ONNX export")
+    kinds = e.add_subparsers(dest="format", required=True)
+
+    o = kinds.add_parser(
+        "onnx", help="export the denoiser (x, t) -> eps, or a full step (x_t, t, z) -> x_prev"
+    )
+    o.add_argument("--model", help="checkpoint to export (default: the bundled digits model)")
+    o.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="without --model: that network with random weights; with it: a pytorch_diffusion file's network",
+    )
+    o.add_argument("--allow-pickle", action="store_true", help="allow a pickled checkpoint (weights_only)")
+    o.add_argument("--out", required=True, help="the .onnx file to write")
+    o.add_argument("--kind", choices=["denoiser", "step"], default="denoiser")
+    o.add_argument("--batch", type=int, default=None, help="a static batch size (default: dynamic)")
+    o.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
+    o.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="the network's dtype")
+    o.add_argument(
+        "--steps", type=_steps, default=None, help="--kind step: steps, or a spacing like 'ddim50'"
+    )
+    o.add_argument("--sampler", choices=METHODS, default="ddpm", help="--kind step: ddpm or ddim")
+    o.add_argument("--eta", type=float, default=0.0, help="--kind step: DDIM eta (default 0)")
+    o.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check against PyTorch")
+    o.set_defaults(func=cmd_export_onnx)
+
+    r = kinds.add_parser(
+        "trt", help="build a TensorRT engine from a denoiser ONNX export (needs tensorrt, a GPU)"
+    )
+    r.add_argument("onnx", help="a fastddpm denoiser .onnx")
+    r.add_argument("--out", required=True, help="the engine file to write")
+    r.add_argument("--min-batch", type=int, default=1)
+    r.add_argument("--opt-batch", type=int, default=None, help="the batch to tune for (default: max)")
+    r.add_argument("--max-batch", type=int, default=None, help="default 64")
+    r.add_argument("--timing-cache", help="a timing cache file, read if present and written after the build")
+    r.add_argument("--workspace-gib", type=float, default=None, help="limit TensorRT's workspace memory")
+    r.set_defaults(func=cmd_export_trt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastddpm", description="Fast, faithful DDPM sampling.")
     parser.add_argument("--version", action="version", version=f"fastddpm {__version__}")
@@ -174,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", choices=["native", "diffusers"], required=True)
     model_options(c)
     c.set_defaults(func=cmd_convert)
+    _add_export_parser(sub)
     return parser
 
 
