@@ -41,7 +41,7 @@ def _device(device: torch.device | str) -> torch.device:
 def session(path: str | os.PathLike, device: torch.device, options=None):
     """An onnxruntime InferenceSession on `device`: the CPU provider, or CUDA (onnxruntime-gpu)."""
     ort = require(
-        "onnxruntime", "the onnxruntime sampler", "pip install onnxruntime (onnxruntime-gpu for CUDA)"
+        "onnxruntime", "running ONNX exports", "pip install onnxruntime", " (onnxruntime-gpu for CUDA)"
     )
     if device.type == "cuda":
         available = ort.get_available_providers()

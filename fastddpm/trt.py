@@ -42,9 +42,9 @@ from .schedule import StepTable
 
 ENGINE_MAGIC = b"FDDPMTRT"
 ENGINE_FORMAT = "fastddpm-trt-1"
-INSTALL = (
-    "pip install tensorrt (NVIDIA's wheels; they fetch TensorRT's libraries from NVIDIA's package"
-    " index at install time), on a machine with a CUDA GPU"
+INSTALL_NOTE = (
+    " (NVIDIA's wheels, which fetch TensorRT's libraries from NVIDIA's package index at install time;"
+    " TensorRT also needs a CUDA GPU)"
 )
 
 
@@ -59,7 +59,7 @@ class EngineMismatchError(ValueError):
 def require_tensorrt():
     """The tensorrt module (version 10 or newer), or TensorRTUnavailableError saying how to get it."""
     try:
-        trt = require("tensorrt", "the TensorRT path", INSTALL)
+        trt = require("tensorrt", "the TensorRT path", "pip install tensorrt", INSTALL_NOTE)
     except MissingPackageError as err:
         raise TensorRTUnavailableError(str(err)) from err
     if int(trt.__version__.split(".")[0]) < 10:
