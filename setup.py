@@ -34,22 +34,22 @@ DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 def find_nvcc() -> str | None:
     """FASTDDPM_NVCC, nvcc on PATH, $CUDA_HOME/bin, $CUDA_PATH/bin, then /usr/local/cuda/bin."""
     candidates = [os.environ.get("FASTDDPM_NVCC"), shutil.which("nvcc")]
-    candidates += [os.path.join(os.environ[v], "bin", "nvcc") for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ]
+    candidates += [
+        os.path.join(os.environ[v], "bin", "nvcc") for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ
+    ]
     candidates.append("/usr/local/cuda/bin/nvcc")
     return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
 def find_ninja() -> str | None:
-    """ninja on PATH (pip's build environment puts the `ninja` requirement there), else the module's."""
-    found = shutil.which("ninja")
-    if found is None:
-        try:
-            import ninja
+    """The `ninja` package's binary (the build requirement), else ninja on PATH. One ninja keeps
+    builds incremental: ninja versions differ in how they record command lines."""
+    try:
+        import ninja
 
-            found = os.path.join(ninja.BIN_DIR, "ninja")
-        except ImportError:
-            return None
-    return found
+        return os.path.join(ninja.BIN_DIR, "ninja")
+    except ImportError:
+        return shutil.which("ninja")
 
 
 def parse_cuda_arch_list(text: str) -> tuple[list[int], bool]:
@@ -149,7 +149,9 @@ def build_cuda_library() -> None:
     CUDA_LIBRARY.parent.mkdir(parents=True, exist_ok=True)
     write_ninja_file(nvcc, gencode, targets)
     jobs = os.environ.get("FASTDDPM_BUILD_JOBS", str(os.cpu_count() or 1))
-    print(f"fastddpm: building {CUDA_LIBRARY.relative_to(ROOT)} for {' '.join(targets)} with {nvcc}", flush=True)
+    print(
+        f"fastddpm: building {CUDA_LIBRARY.relative_to(ROOT)} for {' '.join(targets)} with {nvcc}", flush=True
+    )
     start = time.perf_counter()
     result = subprocess.run([ninja, "-C", str(CUDA_BUILD_DIR), "-j", jobs])
     if result.returncode != 0:
@@ -181,7 +183,7 @@ setup(
     package_data={"fastddpm": ["_lib/*.so"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "ruff", "ninja"],
     },
     entry_points={"console_scripts": ["fastddpm=fastddpm.cli:main"]},
     cmdclass={"build_py": BuildPyWithCuda},

@@ -84,6 +84,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         print("device: cpu (no CUDA device visible)")
     for name, status in ops.backend_status().items():
         print(f"backend {name}: {status}")
+    from .cuda import library_info
+
+    lib = library_info()  # which GPUs the library is built for; the backend line says if it runs here
+    print("cuda library:", f"{lib['info']} ({lib['path']})" if lib["error"] is None else lib["error"])
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
