@@ -180,10 +180,11 @@ setup(
     python_requires=">=3.10",
     packages=["fastddpm", "fastddpm.kernels"],
     package_dir={"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"},
-    package_data={"fastddpm": ["_lib/*.so"]},
+    package_data={"fastddpm": ["_lib/*.so", "models/digits/*"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "ruff", "ninja"],
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "ruff", "ninja", "scikit-learn"],
+        "train": ["scikit-learn"],  # the built-in digits data
     },
     entry_points={"console_scripts": ["fastddpm=fastddpm.cli:main"]},
     cmdclass={"build_py": BuildPyWithCuda},
