@@ -183,7 +183,16 @@ setup(
     package_data={"fastddpm": ["_lib/*.so", "models/digits/*"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "ruff", "ninja", "scikit-learn"],
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "diffusers>=0.30",
+            "ruff",
+            "ninja",
+            "scikit-learn",
+            # torch==2.13.0's own pin (its CUDA wheels require it); CI runs the kernels in its interpreter
+            'triton==3.7.1; platform_system == "Linux"',
+        ],
         "train": ["scikit-learn"],  # the built-in digits data
     },
     entry_points={"console_scripts": ["fastddpm=fastddpm.cli:main"]},

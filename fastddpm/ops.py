@@ -7,7 +7,6 @@ U-Net and the samplers call only these functions.
 
 from __future__ import annotations
 
-import functools
 import importlib
 from collections.abc import Callable
 from types import ModuleType
@@ -30,15 +29,28 @@ class BackendUnavailableError(RuntimeError):
 BACKEND_MODULES = {"torch": "fastddpm.reference", "triton": "fastddpm.kernels", "cuda": "fastddpm.cuda"}
 
 
-@functools.cache
+_LOADED: dict[str, ModuleType | str] = {}  # backend name -> its module, or why it cannot be used
+
+
+@torch.compiler.assume_constant_result
+def _load_backend(name: str) -> bool:
+    """Import backend `name` once into _LOADED. torch.compile runs this at trace time instead of
+    tracing the import, so `torch.compile(fullgraph=True)` of a model that calls ops keeps one graph."""
+    if name not in _LOADED:
+        try:
+            module = importlib.import_module(BACKEND_MODULES[name])
+        except ImportError as err:
+            _LOADED[name] = f"cannot import {BACKEND_MODULES[name]}: {err}"
+        else:
+            reason = getattr(module, "unavailable_reason", lambda: None)()
+            _LOADED[name] = module if reason is None else reason
+    return True
+
+
 def _backend_module(name: str) -> ModuleType | str:
     """The backend's module, or the reason it cannot be used."""
-    try:
-        module = importlib.import_module(BACKEND_MODULES[name])
-    except ImportError as err:
-        return f"cannot import {BACKEND_MODULES[name]}: {err}"
-    reason = getattr(module, "unavailable_reason", lambda: None)()
-    return module if reason is None else reason
+    _load_backend(name)
+    return _LOADED[name]
 
 
 def get_backend(name: str) -> ModuleType:

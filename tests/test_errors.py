@@ -123,12 +123,8 @@ def test_unknown_and_unbuilt_backends():
     x = torch.randn(1, 8, 4, 4)
     with pytest.raises(ValueError, match="unknown backend 'jax'"):
         ops.group_norm_silu(x, torch.ones(8), torch.zeros(8), 4, backend="jax")
-    # cuda is built wherever nvcc is (CI too): tests/test_cuda_library.py checks why it cannot run
-    for name in ("triton",):
-        with pytest.raises(
-            ops.BackendUnavailableError, match=f"backend '{name}' is not available.*not built"
-        ):
-            ops.group_norm_silu(x, torch.ones(8), torch.zeros(8), 4, backend=name)
+    # cuda is built wherever nvcc is (CI too): tests/test_cuda_library.py checks why it cannot run;
+    # triton runs here through its interpreter: tests/test_triton_backend.py checks why it cannot
     assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
 
 

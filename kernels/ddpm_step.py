@@ -1,0 +1,308 @@
+"""The fused DDPM / DDIM reverse step in Triton: x_{t-1} = mean(x_t, eps) + sigma_t z.
+
+x_t, eps (N, C, H, W), fp32/fp16/bf16, contiguous or channels_last. One row of the step table
+(S, 7) (columns: fastddpm.schedule) is read on the device at t, which is a scalar argument, a
+shared device tensor t[0] or a per-sample one t[n]; so a step can be captured in a CUDA graph.
+
+    clipped-x0:  x0 = clamp(sqrt(1/abar) x_t - sqrt(1/abar - 1) eps, -1, 1)
+                 mean = coef_x0 x0 + coef_xt x_t
+    direct eps:  mean = direct_xt x_t - direct_eps eps
+
+z is read from `noise`, or made in the kernel from (seed, offset) with Philox4x32-10 exactly as
+`fastddpm.reference.philox_normal` lays it out: element j of the logical (N, C, H, W) order takes
+lane j % 4 of philox(counter = (j // 4, offset), key = seed); lanes (0, 1) and (2, 3) are
+Box-Muller pairs. On a contiguous tensor whose per-sample size is a multiple of 4, a tile is
+[BLOCK // 4, 4]: one Philox call serves four elements. Otherwise (channels_last, ragged sizes)
+each element computes its own call and takes its lane.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastddpm.schedule import NUM_COEFS, StepTable
+
+from ._common import check_device, memory_format_of, next_pow2, num_sms
+
+MASK32 = 0xFFFFFFFF
+
+# Layouts of the step kernel's tiles.
+GROUPED, FLAT, CHANNELS_LAST = 0, 1, 2
+# Where t comes from.
+T_SCALAR, T_SHARED, T_PER_SAMPLE = 0, 1, 2
+# Where z comes from.
+NO_NOISE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
+
+
+@triton.jit
+def _uniform(x):
+    """u = float32(x) * 2^-32 + 2^-33 in (0, 1], x a uint32 Philox word (the reference's map)."""
+    return x.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+
+
+@triton.jit
+def _philox_normal4(group, seed, off_lo, off_hi):
+    """The four normals of Philox counter group (int64 block) at (seed, offset): z0, z1, z2, z3."""
+    c0 = (group & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (group >> 32).to(tl.uint32)
+    zero = tl.zeros(group.shape, dtype=tl.uint32)
+    c2 = zero + off_lo.to(tl.uint32)
+    c3 = zero + off_hi.to(tl.uint32)
+    x0, x1, x2, x3 = tl.philox(seed, c0, c1, c2, c3)
+    r01 = tl.sqrt(-2.0 * tl.log(_uniform(x0)))
+    t01 = 6.283185307179586 * _uniform(x1)
+    r23 = tl.sqrt(-2.0 * tl.log(_uniform(x2)))
+    t23 = 6.283185307179586 * _uniform(x3)
+    return r01 * tl.cos(t01), r01 * tl.sin(t01), r23 * tl.cos(t23), r23 * tl.sin(t23)
+
+
+@triton.jit
+def _lanes(lane, z0, z1, z2, z3):
+    """[G, 4] tile whose column l is z_l (lane = arange(0, 4))."""
+    lane = lane[None, :]
+    z = tl.where(lane == 0, z0[:, None], z1[:, None])
+    z = tl.where(lane == 2, z2[:, None], z)
+    return tl.where(lane == 3, z3[:, None], z)
+
+
+@triton.jit
+def _philox_normal_at(j, seed, off_lo, off_hi):
+    """The normal of logical element j (int64 block): lane j % 4 of counter group j // 4."""
+    lane = j & 3
+    z0, z1, z2, z3 = _philox_normal4(j >> 2, seed, off_lo, off_hi)
+    return tl.where(lane == 0, z0, tl.where(lane == 1, z1, tl.where(lane == 2, z2, z3)))
+
+
+@triton.jit
+def _step_tile(
+    x_ptr,
+    eps_ptr,
+    noise_ptr,
+    out_ptr,
+    offs,
+    mask,
+    z,
+    a,
+    b,
+    c_x0,
+    c_xt,
+    d_xt,
+    d_eps,
+    sigma,
+    CLIP: tl.constexpr,
+    NOISE: tl.constexpr,
+):
+    """out = mean + sigma z on one tile; z is used when NOISE == 2 (Philox), read when NOISE == 1."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(a * x - b * e, -1.0), 1.0)
+        out = c_x0 * x0 + c_xt * x
+    else:
+        out = d_xt * x - d_eps * e
+    if NOISE == 1:
+        out += sigma * tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if NOISE == 2:
+        out += sigma * z
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["t_scalar", "seed", "off_lo", "off_hi"])
+def _ddpm_step_kernel(
+    x_ptr,
+    eps_ptr,
+    noise_ptr,
+    out_ptr,
+    coef_ptr,
+    t_ptr,
+    t_scalar,
+    num_steps,
+    C,
+    HW,
+    seed,
+    off_lo,
+    off_hi,
+    n_c_tiles,
+    LAYOUT: tl.constexpr,
+    T_MODE: tl.constexpr,
+    NOISE: tl.constexpr,
+    CLIP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    NUM_COEF: tl.constexpr,
+):
+    """One tile of sample n = program_id(1). Grid: (tiles per sample, N).
+
+    LAYOUT 0 (grouped): contiguous, C*H*W % 4 == 0, tile [BLOCK // 4, 4] of 4-element Philox groups.
+    LAYOUT 1 (flat): contiguous, tile of BLOCK elements. LAYOUT 2: channels_last, tile
+    [BLOCK_HW, BLOCK_C] of (position, channel), tile index = hw tile * n_c_tiles + c tile.
+    """
+    pid = tl.program_id(0)
+    n = tl.program_id(1)
+    CHW = C * HW
+    if T_MODE == 0:
+        t = t_scalar
+    elif T_MODE == 1:
+        t = tl.load(t_ptr).to(tl.int32)
+    else:
+        t = tl.load(t_ptr + n).to(tl.int32)
+    t = tl.minimum(tl.maximum(t, 0), num_steps - 1)  # a bad device-side t never reads outside the table
+    row = coef_ptr + t.to(tl.int64) * NUM_COEF
+    a = tl.load(row + 0)
+    b = tl.load(row + 1)
+    c_x0 = tl.load(row + 2)
+    c_xt = tl.load(row + 3)
+    d_xt = tl.load(row + 4)
+    d_eps = tl.load(row + 5)
+    sigma = tl.load(row + 6)
+    sample = n.to(tl.int64) * CHW  # first element of sample n, in memory and in logical order
+
+    if LAYOUT == 0:
+        g = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # 4-element group within the sample
+        lane = tl.arange(0, 4)
+        i = g[:, None] * 4 + lane[None, :]
+        mask = i < CHW
+        z = tl.zeros([BLOCK // 4, 4], dtype=tl.float32)
+        if NOISE == 2:
+            z0, z1, z2, z3 = _philox_normal4(sample // 4 + g, seed, off_lo, off_hi)
+            z = _lanes(lane, z0, z1, z2, z3)
+        offs = sample + i
+    elif LAYOUT == 1:
+        i = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = i < CHW
+        offs = sample + i
+        z = tl.zeros([BLOCK], dtype=tl.float32)
+        if NOISE == 2:
+            z = _philox_normal_at(offs, seed, off_lo, off_hi)
+    else:
+        hw = (pid // n_c_tiles) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        c = (pid % n_c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (hw < HW)[:, None] & (c < C)[None, :]
+        offs = sample + hw[:, None] * C + c[None, :]
+        z = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+        if NOISE == 2:
+            z = _philox_normal_at(sample + c[None, :] * HW + hw[:, None], seed, off_lo, off_hi)
+    _step_tile(
+        x_ptr, eps_ptr, noise_ptr, out_ptr, offs, mask, z,
+        a, b, c_x0, c_xt, d_xt, d_eps, sigma, CLIP, NOISE,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["seed", "off_lo", "off_hi"])
+def _philox_normal_kernel(out_ptr, numel, seed, off_lo, off_hi, BLOCK: tl.constexpr):
+    """out[j] = the normal of element j, for j < numel (flat, grouped tiles). Grid: (cdiv(numel, BLOCK),)."""
+    g = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    z0, z1, z2, z3 = _philox_normal4(g, seed, off_lo, off_hi)
+    lane = tl.arange(0, 4)
+    z = _lanes(lane, z0, z1, z2, z3)
+    j = g[:, None] * 4 + lane[None, :]
+    tl.store(out_ptr + j, z, mask=j < numel)
+
+
+def _block(total: int, device: torch.device) -> int:
+    """Elements per program: enough programs for ~4 per SM, 256..2048."""
+    return max(256, min(2048, next_pow2(triton.cdiv(total, 4 * num_sms(device)))))
+
+
+def _warps(block: int) -> int:
+    """8 elements per thread: Philox state for more would spill registers."""
+    return max(4, block // 256)
+
+
+def ddpm_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: int | torch.Tensor,
+    table: StepTable,
+    *,
+    noise: torch.Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    clip_x0: bool = True,
+    layout: int | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Launch; returns x_{t-1} in x_t's dtype and memory format. Inputs checked by fastddpm.ops.
+
+    eps and noise are brought to x_t's memory format (a copy only if they differ). `layout`
+    (FLAT forces per-element Philox on a contiguous tensor) and `block` override the heuristic.
+    """
+    fmt = memory_format_of(x_t)
+    x_t = x_t.contiguous(memory_format=fmt)
+    eps = eps.contiguous(memory_format=fmt)
+    out = torch.empty_like(x_t, memory_format=fmt)
+    if x_t.numel() == 0:
+        return out
+    N, C, H, W = x_t.shape
+    HW = H * W
+    coef = table.coef
+    if coef.dtype != torch.float32 or not coef.is_contiguous():
+        coef = coef.float().contiguous()
+
+    if isinstance(t, torch.Tensor):
+        t_mode = T_PER_SAMPLE if t.numel() == N and N > 1 else T_SHARED
+        t_arg = t.reshape(-1)
+        if t_arg.device != x_t.device:
+            t_arg = t_arg.to(x_t.device)
+        if t_arg.dtype not in (torch.int32, torch.int64):
+            t_arg = t_arg.long()
+        t_scalar = 0
+    else:
+        t_mode, t_arg, t_scalar = T_SCALAR, coef, int(t)
+
+    noise_mode = NO_NOISE
+    if table.stochastic:
+        if noise is not None:
+            noise_mode, noise = NOISE_TENSOR, noise.contiguous(memory_format=fmt)
+        else:
+            noise_mode = NOISE_PHILOX
+    seed = 0 if seed is None else int(seed)
+
+    if layout is None:
+        if fmt == torch.channels_last:
+            layout = CHANNELS_LAST
+        else:
+            layout = GROUPED if (C * HW) % 4 == 0 else FLAT
+    block = block or _block(x_t.numel(), x_t.device)
+    if layout == CHANNELS_LAST:
+        block_c = min(next_pow2(C), 64)
+        block_hw = max(block // block_c, 1)
+        n_c_tiles = triton.cdiv(C, block_c)
+        tiles = triton.cdiv(HW, block_hw) * n_c_tiles
+    else:
+        block_c = block_hw = 1
+        n_c_tiles = 1
+        tiles = triton.cdiv(C * HW, block)
+    _ddpm_step_kernel[(tiles, N)](
+        x_t, eps, noise if noise_mode == NOISE_TENSOR else x_t, out, coef, t_arg, t_scalar, coef.shape[0],
+        C, HW, seed, offset & MASK32, offset >> 32, n_c_tiles,
+        LAYOUT=layout, T_MODE=t_mode, NOISE=noise_mode, CLIP=clip_x0,
+        BLOCK=block, BLOCK_HW=block_hw, BLOCK_C=block_c, NUM_COEF=NUM_COEFS, num_warps=_warps(block),
+    )  # fmt: skip
+    return out
+
+
+def philox_normal(
+    seed: int, offset: int, shape: torch.Size | tuple[int, ...], device: torch.device | str
+) -> torch.Tensor:
+    """The in-kernel noise alone, float32 `shape`: equals fastddpm.reference.philox_normal."""
+    device = torch.device(device)
+    check_device("philox_normal", out=torch.empty(0, device=device))
+    out = torch.empty(shape, device=device, dtype=torch.float32)
+    numel = out.numel()
+    if numel:
+        block = _block(numel, device)
+        _philox_normal_kernel[(triton.cdiv(numel, block),)](
+            out, numel, int(seed), offset & MASK32, offset >> 32, BLOCK=block, num_warps=_warps(block)
+        )
+    return out
+
+
+def check_ddpm_step(
+    x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None, table: StepTable
+) -> None:
+    """What only this kernel imposes (fastddpm.ops checks the rest)."""
+    check_device("ddpm_step", x_t=x_t, eps=eps, noise=noise, table=table.coef)

@@ -1,0 +1,136 @@
+"""Triton group_norm_silu equals the reference: dtypes, layouts, add and SiLU, every launch path.
+
+Runs through Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1), or
+compiled on a GPU when TRITON_INTERPRET=0. Shapes are small with odd sizes; the split and
+looping paths are forced through the launcher's `split` and `tile` keywords.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from fastddpm.kernels._common import INTERPRET  # noqa: E402
+from fastddpm.kernels.group_norm_silu import group_norm_silu as launch  # noqa: E402
+from fastddpm.kernels.group_norm_silu import plan  # noqa: E402
+
+from fastddpm import ops, reference  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(), reason="needs a CUDA device or TRITON_INTERPRET=1"
+)
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # DESIGN.md, "Equal means"
+DTYPES = list(TOLERANCE)
+
+
+def inputs(shape, dtype, channels_last=False, seed=0):
+    """x (mean 1, std 2), weight, bias, add: float32 on the CPU, x also in `dtype` and layout on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    N, C = shape[:2]
+    x = torch.randn(shape, generator=g) * 2 + 1
+    w, b, add = torch.randn(C, generator=g), torch.randn(C, generator=g), torch.randn(N, C, generator=g)
+    xd = x.to(DEVICE, dtype)
+    if channels_last:
+        xd = xd.contiguous(memory_format=torch.channels_last)
+    return xd, w, b, add
+
+
+def check(out, xd, w, b, add, groups, silu, with_add):
+    """out equals the fp32 reference of the same (rounded) input, in dtype and layout."""
+    dtype = xd.dtype
+    ref = reference.group_norm_silu(
+        xd.cpu().float(), w.to(dtype).float(), b.to(dtype).float(), groups, 1e-6, silu=silu,
+        add=add.to(dtype).float() if with_add else None,
+    )  # fmt: skip
+    assert out.dtype == dtype and out.shape == xd.shape and out.device == xd.device
+    assert out.is_contiguous(memory_format=reference.memory_format_of(xd))
+    err = ((out.cpu().double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    assert err <= TOLERANCE[dtype], err
+    return err
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("with_add", [True, False], ids=["add", "noadd"])
+@pytest.mark.parametrize("silu", [True, False], ids=["silu", "nosilu"])
+def test_equals_reference(dtype, channels_last, with_add, silu):
+    """Batch 1, 6 channels per group (not a power of two), 5x7 positions, through fastddpm.ops."""
+    xd, w, b, add = inputs((1, 24, 5, 7), dtype, channels_last)
+    out = ops.group_norm_silu(
+        xd, w.to(DEVICE, dtype), b.to(DEVICE, dtype), 4, silu=silu,
+        add=add.to(DEVICE, dtype) if with_add else None, backend="triton",
+    )  # fmt: skip
+    check(out, xd, w, b, add, 4, silu, with_add)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape, groups, split, tile",
+    [
+        ((2, 24, 5, 7), 4, 1, 32),  # one program per group loops over 8x4 tiles; groups straddle them
+        ((1, 24, 5, 7), 4, 3, 32),  # split: 3 programs per group, stats then apply
+        ((1, 12, 9, 9), 3, 4, 64),  # split, 4 x 64 tiles of 4 channels x 16 positions
+        ((3, 32, 3, 3), 8, None, None),  # batch 3, 3x3: the heuristic's one tile
+    ],
+    ids=["looped", "split3", "split4", "onetile"],
+)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_launch_paths(dtype, shape, groups, split, tile, channels_last):
+    xd, w, b, add = inputs(shape, dtype, channels_last, seed=1)
+    p = plan(shape[0], shape[1], shape[2] * shape[3], groups, xd.device, split=split, tile=tile)
+    assert (p.split > 1) == (split is not None and split > 1)
+    assert p.one_tile == (tile is None)
+    out = launch(
+        xd, w.to(DEVICE, dtype), b.to(DEVICE, dtype), groups, 1e-6, silu=True,
+        add=add.to(DEVICE, dtype), split=split, tile=tile,
+    )  # fmt: skip
+    check(out, xd, w, b, add, groups, True, True)
+
+
+def test_heuristic_splits_large_groups_at_batch_1():
+    """The 256x256 model at batch 1 (32 groups of 4 x 65536) splits; batch 8 (256 groups) does not;
+    CIFAR10's groups fit one tile, read once."""
+    cpu = torch.device("cpu")
+    assert plan(1, 128, 256 * 256, 32, cpu).split > 1
+    assert plan(8, 128, 256 * 256, 32, cpu).split == 1
+    assert not plan(8, 128, 256 * 256, 32, cpu).one_tile
+    for C, HW in ((128, 1024), (256, 256), (384, 1024), (512, 16)):
+        assert plan(1, C, HW, 32, cpu).one_tile
+
+
+@pytest.mark.parametrize("split, tile", [(4, 64), (1, 64), (None, None)], ids=["split", "looped", "onetile"])
+def test_statistics_are_stable_for_a_large_mean(split, tile):
+    """Mean 1e3, std 0.1: the float64 result on the same input is the truth (the reference op's
+    own error here is 4.4e-4)."""
+    torch.manual_seed(2)
+    x = 1e3 + torch.randn(1, 32, 8, 8) * 0.1
+    ones, zeros = torch.ones(32, device=DEVICE), torch.zeros(32, device=DEVICE)
+    out = launch(x.to(DEVICE), ones, zeros, 4, silu=False, split=split, tile=tile)
+    ref = F.group_norm(x.double(), 4, eps=1e-6)
+    assert (out.cpu().double() - ref).abs().max().item() < 1e-3
+
+
+def test_add_with_strides():
+    """add may be any (N, C) view, e.g. a column slice."""
+    xd, w, b, _ = inputs((2, 16, 3, 3), torch.float32)
+    wide = torch.randn(2, 40)
+    add = wide[:, 8:24]
+    out = ops.group_norm_silu(xd, w.to(DEVICE), b.to(DEVICE), 4, add=add.to(DEVICE), backend="triton")
+    check(out, xd, w, b, add.contiguous(), 4, True, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels at full DDPM sizes need a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1, 128, 32, 32), (64, 256, 16, 16), (1, 384, 32, 32), (1, 128, 256, 256), (8, 128, 128, 128)]
+)
+def test_ddpm_shapes_on_gpu(dtype, shape):
+    for channels_last in (False, True):
+        xd, w, b, add = inputs(shape, dtype, channels_last)
+        out = ops.group_norm_silu(
+            xd, w.to(DEVICE, dtype), b.to(DEVICE, dtype), 32, add=add.to(DEVICE, dtype), backend="triton"
+        )
+        check(out, xd, w, b, add, 32, True, True)
