@@ -32,7 +32,7 @@ _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.
 def _device(device: torch.device | str) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"onnxruntime runs on cpu or cuda here, not {device}")
     return device
@@ -53,6 +53,12 @@ def session(path: str | os.PathLike, device: torch.device, options=None):
         providers = [("CUDAExecutionProvider", {"device_id": device.index}), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
+    if options is None:
+        # The sampler alternates onnxruntime (network) and torch (step): idle onnxruntime threads
+        # must sleep, not spin, or they take the cores torch's threads need.
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 

@@ -204,6 +204,7 @@ def build_engine(
     timing_cache: a file read before building (if present) and written after, so rebuilds
     skip tactic timing.
     """
+    trt = require_tensorrt()
     info = read_export(onnx_path, kind="denoiser")
     if info.batch is not None:
         asked = [b for b in (opt_batch, max_batch) if b is not None] + ([min_batch] if min_batch != 1 else [])
@@ -221,7 +222,6 @@ def build_engine(
                 "the batch profile must satisfy 1 <= min <= opt <= max,"
                 f" got {min_batch}, {opt_batch}, {max_batch}"
             )
-    trt = require_tensorrt()
     device = _require_gpu(device)
     logger = _logger(trt)
     with torch.cuda.device(device):
