@@ -190,10 +190,14 @@ setup(
             "ruff",
             "ninja",
             "scikit-learn",
+            "onnx>=1.17",
+            "onnxscript>=0.5",  # torch.onnx.export's (dynamo) exporter
+            "onnxruntime>=1.20",
             # torch==2.13.0's own pin (its CUDA wheels require it); CI runs the kernels in its interpreter
             'triton==3.7.1; platform_system == "Linux"',
         ],
         "train": ["scikit-learn"],  # the built-in digits data
+        "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],  # export, and sampling on onnxruntime
     },
     entry_points={"console_scripts": ["fastddpm=fastddpm.cli:main"]},
     cmdclass={"build_py": BuildPyWithCuda},
