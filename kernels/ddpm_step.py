@@ -286,15 +286,21 @@ def ddpm_step(
 
 
 def philox_normal(
-    seed: int, offset: int, shape: torch.Size | tuple[int, ...], device: torch.device | str
+    seed: int,
+    offset: int,
+    shape: torch.Size | tuple[int, ...],
+    device: torch.device | str,
+    *,
+    block: int | None = None,
 ) -> torch.Tensor:
-    """The in-kernel noise alone, float32 `shape`: equals fastddpm.reference.philox_normal."""
+    """The in-kernel noise alone, float32 `shape`: equals fastddpm.reference.philox_normal.
+    `block` (elements per program, a power of two >= 4) overrides the heuristic."""
     device = torch.device(device)
     check_device("philox_normal", out=torch.empty(0, device=device))
     out = torch.empty(shape, device=device, dtype=torch.float32)
     numel = out.numel()
     if numel:
-        block = _block(numel, device)
+        block = block or _block(numel, device)
         _philox_normal_kernel[(triton.cdiv(numel, block),)](
             out, numel, int(seed), offset & MASK32, offset >> 32, BLOCK=block, num_warps=_warps(block)
         )

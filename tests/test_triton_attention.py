@@ -1,0 +1,112 @@
+"""Triton attention equals the reference: dtypes, strides, ragged L and D, D = 512, split keys.
+
+Runs through Triton's interpreter on the CPU (tests/conftest.py), or compiled on a GPU when
+TRITON_INTERPRET=0. Small blocks are forced through the launcher's `blocks` and `kv_splits`
+keywords so that every path (q k^T in D chunks, output column chunks, ragged tails, the split-KV
+combine) runs at interpreter-sized shapes.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastddpm.kernels._common import INTERPRET  # noqa: E402
+from fastddpm.kernels.attention import attention as launch  # noqa: E402
+from fastddpm.kernels.attention import plan  # noqa: E402
+
+from fastddpm import ops, reference  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(), reason="needs a CUDA device or TRITON_INTERPRET=1"
+)
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # DESIGN.md, "Equal means"
+DTYPES = list(TOLERANCE)
+
+
+def qkv(B, H, Lq, Lk, D, dtype, layout="contiguous", seed=0):
+    """q, k, v on DEVICE in `dtype`. layout "l_contiguous" is the U-Net's view of a 1x1 conv output
+    (N, heads, L, D) with L the unit-stride dimension."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for L in (Lq, Lk, Lk):
+        t = torch.randn(B, H, L, D, generator=g).to(DEVICE, dtype)
+        if layout == "l_contiguous":
+            t = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        out.append(t)
+    return out
+
+
+def check(out, q, k, v, scale=None):
+    ref = reference.attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), scale)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.device == q.device
+    err = ((out.cpu().double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    assert err <= TOLERANCE[q.dtype], err
+    return err
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "l_contiguous"])
+def test_equals_reference(dtype, layout):
+    """Through fastddpm.ops with the production plan: Lq = 23, Lk = 19, D = 40 (all ragged)."""
+    q, k, v = qkv(2, 2, 23, 19, 40, dtype, layout)
+    check(ops.attention(q, k, v, backend="triton"), q, k, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape, blocks, kv_splits",
+    [
+        ((1, 1, 37, 45, 40), (16, 16, 16, 16), 3),  # 3 q k^T chunks, 3 column chunks, 3 key splits
+        ((2, 1, 20, 33, 24), (16, 16, 32, 16), 1),  # q in registers, 2 column chunks, ragged keys
+        ((1, 2, 17, 50, 8), (16, 16, 16, 16), 2),  # diffusers' head dim 8, padded to 16
+    ],
+    ids=["chunks-split3", "columns", "d8-split2"],
+)
+def test_launch_paths(dtype, shape, blocks, kv_splits):
+    B, H, Lq, Lk, D = shape
+    q, k, v = qkv(B, H, Lq, Lk, D, dtype, "l_contiguous", seed=1)
+    p = plan(B * H, Lq, Lk, D, dtype, q.device, kv_splits=kv_splits, blocks=blocks)
+    assert p.kv_splits == kv_splits
+    check(launch(q, k, v, kv_splits=kv_splits, blocks=blocks), q, k, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_head_dim_512(dtype):
+    """The 256x256 models' D = 512 (beyond FlashAttention and SDPA's flash path), production plan."""
+    q, k, v = qkv(1, 1, 20, 20, 512, dtype)
+    p = plan(1, 20, 20, 512, dtype, q.device)
+    assert p.num_dk(512) > 1 and p.num_dv(512) > 1
+    check(ops.attention(q, k, v, backend="triton"), q, k, v)
+
+
+def test_scale_and_unequal_lengths():
+    q, k, v = qkv(1, 3, 5, 30, 16, torch.float32, seed=2)
+    check(ops.attention(q, k, v, scale=0.3, backend="triton"), q, k, v, scale=0.3)
+
+
+def test_large_scores_do_not_overflow():
+    """Scores of several hundred: the online softmax subtracts the running max."""
+    q, k, v = qkv(1, 1, 16, 40, 32, torch.float32, seed=3)
+    check(launch(q * 8, k * 8, v, kv_splits=2, blocks=(16, 16, 16, 32)), q * 8, k * 8, v)
+
+
+def test_plan_fills_the_gpu_at_small_batch():
+    """CIFAR10 batch 1 (one head, L = 256): the keys are split so that programs reach the SMs;
+    batch 64 already has enough programs."""
+    cpu = torch.device("cpu")
+    small = plan(1, 256, 256, 256, torch.bfloat16, cpu)
+    assert small.kv_splits > 1
+    assert plan(64, 256, 256, 256, torch.bfloat16, cpu).kv_splits == 1
+    assert plan(1, 256, 256, 512, torch.bfloat16, cpu).kv_splits > 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels at full DDPM sizes need a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 256, 256), (64, 1, 256, 256), (1, 1, 256, 512), (8, 1, 256, 512)])
+def test_ddpm_shapes_on_gpu(dtype, shape):
+    B, H, L, D = shape
+    q, k, v = qkv(B, H, L, L, D, dtype, "l_contiguous")
+    check(ops.attention(q, k, v, backend="triton"), q, k, v)
