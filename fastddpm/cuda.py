@@ -64,9 +64,18 @@ def library_path() -> Path:
     return Path(os.environ.get("FASTDDPM_CUDA_LIBRARY", LIBRARY_PATH))
 
 
+def open_library(path: Path | str) -> ctypes.CDLL:
+    """Load a build of the C ABI (csrc/include/fastddpm/fastddpm.h) and declare its signatures."""
+    lib = ctypes.CDLL(str(path))
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
 @functools.cache
 def load_library() -> ctypes.CDLL | str:
-    """The loaded library with its signatures declared, or why it cannot be loaded."""
+    """The loaded library, or why it cannot be loaded."""
     path = library_path()
     if not path.is_file():
         return (
@@ -74,10 +83,7 @@ def load_library() -> ctypes.CDLL | str:
             " where nvcc is on PATH or under $CUDA_HOME"
         )
     try:
-        lib = ctypes.CDLL(str(path))
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
+        lib = open_library(path)
     except (OSError, AttributeError) as err:
         return f"cannot load the CUDA library {path}: {err}"
     if lib.fastddpm_abi_version() != ABI_VERSION:
@@ -188,6 +194,54 @@ def _check_group_norm_silu(x: torch.Tensor, weight, bias, num_groups: int, add) 
         )
 
 
+def launch_group_norm_silu(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+    add: torch.Tensor | None,
+    stream: int | None,
+) -> torch.Tensor:
+    """Marshal the tensors for fastddpm_group_norm_silu and launch it on `stream` (a cudaStream_t)."""
+    fmt = memory_format_of(x)
+    if weight.dtype != bias.dtype:  # one parameter dtype; float32 holds either exactly
+        weight, bias = weight.float(), bias.float()
+    weight, bias = weight.contiguous(), bias.contiguous()
+    add = None if add is None else add.contiguous()
+    y = torch.empty_like(x, memory_format=fmt)
+    N, C, H, W = x.shape
+    size = ctypes.c_size_t(0)
+    status = lib.fastddpm_group_norm_silu_workspace_size(N, C, H, W, num_groups, ctypes.byref(size))
+    _check_status(lib, status, "group_norm_silu")
+    workspace = torch.empty(size.value, dtype=torch.uint8, device=x.device) if size.value else None
+    status = lib.fastddpm_group_norm_silu(
+        _ptr(x),
+        _ptr(add),
+        _ptr(weight),
+        _ptr(bias),
+        _ptr(y),
+        _ptr(workspace),
+        size.value,
+        N,
+        C,
+        H,
+        W,
+        num_groups,
+        eps,
+        int(silu),
+        int(fmt == torch.channels_last),
+        DTYPE_CODES[x.dtype],
+        DTYPE_CODES[add.dtype] if add is not None else 0,
+        DTYPE_CODES[weight.dtype],
+        stream,
+    )
+    _check_status(lib, status, "group_norm_silu")
+    return y
+
+
 @torch.library.custom_op("fastddpm_cuda::group_norm_silu", mutates_args=())
 def _group_norm_silu_op(
     x: torch.Tensor,
@@ -198,45 +252,10 @@ def _group_norm_silu_op(
     silu: bool,
     add: torch.Tensor | None,
 ) -> torch.Tensor:
-    lib = _library()
-    fmt = memory_format_of(x)
-    if weight.dtype != bias.dtype:  # one parameter dtype; float32 holds either exactly
-        weight, bias = weight.float(), bias.float()
-    weight, bias = weight.contiguous(), bias.contiguous()
-    add = None if add is None else add.contiguous()
-    y = torch.empty_like(x, memory_format=fmt)
-    N, C, H, W = x.shape
     with torch.cuda.device(x.device):
-        size = ctypes.c_size_t(0)
-        _check_status(
-            lib,
-            lib.fastddpm_group_norm_silu_workspace_size(N, C, H, W, num_groups, ctypes.byref(size)),
-            "group_norm_silu",
+        return launch_group_norm_silu(
+            _library(), x, weight, bias, num_groups, eps, silu, add, _stream(x.device)
         )
-        workspace = torch.empty(size.value, dtype=torch.uint8, device=x.device) if size.value else None
-        status = lib.fastddpm_group_norm_silu(
-            _ptr(x),
-            _ptr(add),
-            _ptr(weight),
-            _ptr(bias),
-            _ptr(y),
-            _ptr(workspace),
-            size.value,
-            N,
-            C,
-            H,
-            W,
-            num_groups,
-            eps,
-            int(silu),
-            int(fmt == torch.channels_last),
-            DTYPE_CODES[x.dtype],
-            DTYPE_CODES[add.dtype] if add is not None else 0,
-            DTYPE_CODES[weight.dtype],
-            _stream(x.device),
-        )
-    _check_status(lib, status, "group_norm_silu")
-    return y
 
 
 @_group_norm_silu_op.register_fake
@@ -283,9 +302,10 @@ def _row_major_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-@torch.library.custom_op("fastddpm_cuda::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    lib = _library()
+def launch_attention(
+    lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, stream: int | None
+) -> torch.Tensor:
+    """Marshal the tensors for fastddpm_attention and launch it on `stream` (a cudaStream_t)."""
     q, k, v = _row_major_last(q), _row_major_last(k), _row_major_last(v)
     B, heads, Lq, D = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -293,26 +313,31 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     def strides(t: torch.Tensor):
         return (_i64 * 3)(*t.stride()[:3])
 
-    with torch.cuda.device(q.device):
-        status = lib.fastddpm_attention(
-            _ptr(q),
-            _ptr(k),
-            _ptr(v),
-            _ptr(out),
-            B,
-            heads,
-            Lq,
-            k.shape[2],
-            D,
-            strides(q),
-            strides(k),
-            strides(v),
-            scale,
-            DTYPE_CODES[q.dtype],
-            _stream(q.device),
-        )
+    status = lib.fastddpm_attention(
+        _ptr(q),
+        _ptr(k),
+        _ptr(v),
+        _ptr(out),
+        B,
+        heads,
+        Lq,
+        k.shape[2],
+        D,
+        strides(q),
+        strides(k),
+        strides(v),
+        scale,
+        DTYPE_CODES[q.dtype],
+        stream,
+    )
     _check_status(lib, status, "attention")
     return out
+
+
+@torch.library.custom_op("fastddpm_cuda::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    with torch.cuda.device(q.device):
+        return launch_attention(_library(), q, k, v, scale, _stream(q.device))
 
 
 @_attention_op.register_fake
@@ -350,6 +375,57 @@ def _check_ddpm_step(
         )
 
 
+def launch_ddpm_step(
+    lib: ctypes.CDLL,
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t_tensor: torch.Tensor | None,
+    t_int: int,
+    coef: torch.Tensor,
+    stochastic: bool,
+    noise: torch.Tensor | None,
+    seed_words: list[int],
+    clip_x0: bool,
+    stream: int | None,
+) -> torch.Tensor:
+    """Marshal the tensors for fastddpm_ddpm_step and launch it on `stream` (a cudaStream_t)."""
+    fmt = memory_format_of(x_t)  # x_t, eps, noise and the output share one layout
+    x_t, eps = x_t.contiguous(memory_format=fmt), eps.contiguous(memory_format=fmt)
+    noise = None if noise is None else noise.contiguous(memory_format=fmt)
+    coef = coef.contiguous()
+    if t_tensor is not None:
+        t_tensor = t_tensor.to(device=x_t.device, dtype=torch.int64).reshape(-1)
+    seed, offset = _unpack_seed(seed_words)
+    mode = NOISE_NONE if not stochastic else NOISE_TENSOR if noise is not None else NOISE_PHILOX
+    out = torch.empty_like(x_t, memory_format=fmt)
+    N, C, H, W = x_t.shape
+    status = lib.fastddpm_ddpm_step(
+        _ptr(x_t),
+        _ptr(eps),
+        _ptr(noise),
+        _ptr(out),
+        _ptr(coef),
+        coef.shape[0],
+        _ptr(t_tensor),
+        0 if t_tensor is None else t_tensor.numel(),
+        t_int,
+        mode,
+        DTYPE_CODES[noise.dtype] if noise is not None else 0,
+        seed or 0,
+        offset,
+        int(clip_x0),
+        N,
+        C,
+        H,
+        W,
+        int(fmt == torch.channels_last),
+        DTYPE_CODES[x_t.dtype],
+        stream,
+    )
+    _check_status(lib, status, "ddpm_step")
+    return out
+
+
 @torch.library.custom_op("fastddpm_cuda::ddpm_step", mutates_args=())
 def _ddpm_step_op(
     x_t: torch.Tensor,
@@ -362,43 +438,20 @@ def _ddpm_step_op(
     seed_words: list[int],
     clip_x0: bool,
 ) -> torch.Tensor:
-    lib = _library()
-    fmt = memory_format_of(x_t)  # x_t, eps, noise and the output share one layout
-    x_t, eps = x_t.contiguous(memory_format=fmt), eps.contiguous(memory_format=fmt)
-    noise = None if noise is None else noise.contiguous(memory_format=fmt)
-    coef = coef.contiguous()
-    if t_tensor is not None:
-        t_tensor = t_tensor.to(device=x_t.device, dtype=torch.int64).reshape(-1)
-    seed, offset = _unpack_seed(seed_words)
-    mode = NOISE_NONE if not stochastic else NOISE_TENSOR if noise is not None else NOISE_PHILOX
-    out = torch.empty_like(x_t, memory_format=fmt)
-    N, C, H, W = x_t.shape
     with torch.cuda.device(x_t.device):
-        status = lib.fastddpm_ddpm_step(
-            _ptr(x_t),
-            _ptr(eps),
-            _ptr(noise),
-            _ptr(out),
-            _ptr(coef),
-            coef.shape[0],
-            _ptr(t_tensor),
-            0 if t_tensor is None else t_tensor.numel(),
+        return launch_ddpm_step(
+            _library(),
+            x_t,
+            eps,
+            t_tensor,
             t_int,
-            mode,
-            DTYPE_CODES[noise.dtype] if noise is not None else 0,
-            seed or 0,
-            offset,
-            int(clip_x0),
-            N,
-            C,
-            H,
-            W,
-            int(fmt == torch.channels_last),
-            DTYPE_CODES[x_t.dtype],
+            coef,
+            stochastic,
+            noise,
+            seed_words,
+            clip_x0,
             _stream(x_t.device),
         )
-    _check_status(lib, status, "ddpm_step")
-    return out
 
 
 @_ddpm_step_op.register_fake
@@ -504,14 +557,30 @@ def ddpm_step(
 ) -> torch.Tensor:
     """One reverse step at step index t: csrc/include/fastddpm/ddpm_step.cuh."""
     _check_ddpm_step(x_t, eps, noise, table)
+    return torch.ops.fastddpm_cuda.ddpm_step(
+        *ddpm_step_args(x_t, eps, t, table, noise, seed, offset, clip_x0)
+    )
+
+
+def ddpm_step_args(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: int | torch.Tensor,
+    table: StepTable,
+    noise: torch.Tensor | None,
+    seed: int | None,
+    offset: int,
+    clip_x0: bool,
+) -> tuple:
+    """The custom op's (and launch_ddpm_step's) arguments: t split into a tensor or an int, the
+    noise source settled (none for a table without noise; a given noise tensor wins over a
+    seed), and the seed and offset as 32-bit words."""
     if not table.stochastic:
         noise, seed = None, None
     elif noise is not None:
         seed = None
     t_tensor, t_int = (t, 0) if isinstance(t, torch.Tensor) else (None, int(t))
-    return torch.ops.fastddpm_cuda.ddpm_step(
-        x_t, eps, t_tensor, t_int, table.coef, table.stochastic, noise, _pack_seed(seed, offset), clip_x0
-    )
+    return x_t, eps, t_tensor, t_int, table.coef, table.stochastic, noise, _pack_seed(seed, offset), clip_x0
 
 
 def philox_normal_host(seed: int, offset: int, n: int) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch
 
 from fastddpm import cuda, ops, reference
 
+from . import cuda_cases
+
 ROOT = Path(__file__).parent.parent
 BUILD_DIR = ROOT / "build" / "cuda"
 FAKE = 0x1000  # a non-null device address: the checks under test fail before anything reads it
@@ -331,3 +333,132 @@ def test_fake_implementations_trace_without_a_gpu(lib):
         xt = torch.empty(2, 3, 32, 32, device="cuda")
         out = torch.ops.fastddpm_cuda.ddpm_step(xt, xt, None, 5, coef, True, None, [1, 0, 0, 0], True)
         assert out.shape == xt.shape and out.device.type == "cuda"
+
+
+# --- the kernels themselves, on the host emulator (csrc/tools/emulator) --------------------------
+# The same csrc/*.cu, compiled by g++ against headers that run each CUDA thread as a fiber, with
+# warp collectives, ldmatrix and mma.sync per the PTX ISA's fragment layouts, and cp.async
+# landing only at wait_group (or at issue). This checks the kernels' indexing, tiling, masking,
+# reductions and synchronization on every machine; speed and the hardware itself need a GPU
+# (tests/test_cuda_ops.py runs these cases there).
+
+
+@pytest.fixture(scope="module")
+def emulated() -> cuda_cases.EmulatedRunner:
+    return cuda_cases.EmulatedRunner(cuda.open_library(cuda_cases.build_emulator()))
+
+
+# How the emulator interleaves warps: in lockstep, or one warp running ahead of the others (or
+# behind them) between barriers, which turns a missing __syncthreads into a wrong result.
+SCHEDULES = ["lockstep", "forward", "reverse"]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape, groups", cuda_cases.GROUP_NORM_SHAPES)
+def test_emulated_group_norm_silu(emulated, shape, groups, dtype, channels_last, schedule, monkeypatch):
+    monkeypatch.setenv("FASTDDPM_EMU_SCHEDULE", schedule)
+    cuda_cases.check_group_norm_silu(emulated, shape, groups, dtype, channels_last)
+
+
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"silu": False, "with_add": False},
+        {"silu": False, "with_add": True},
+        {"misaligned": True},
+        {"param_dtype": torch.float32},  # low-precision activations, float32 parameters
+    ],
+    ids=["nosilu-noadd", "nosilu-add", "misaligned", "fp32-params"],
+)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_emulated_group_norm_silu_variants(emulated, variant, dtype, channels_last):
+    cuda_cases.check_group_norm_silu(emulated, (2, 64, 4, 4), 16, dtype, channels_last, **variant)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_emulated_group_norm_statistics_are_stable_for_a_large_mean(emulated, split):
+    cuda_cases.check_group_norm_stable(emulated, split)
+
+
+@pytest.mark.parametrize(
+    "cp_async, schedule",
+    [("lazy", "lockstep"), ("eager", "forward"), ("eager", "reverse"), ("lazy", "reverse")],
+)
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+@pytest.mark.parametrize("shape", cuda_cases.ATTENTION_SHAPES)
+def test_emulated_attention(emulated, shape, dtype, cp_async, schedule, monkeypatch):
+    """cp.async copies land as late (at wait_group) or as early (at issue) as the hardware may
+    let them, and warps run in lockstep or skewed: a missing wait or barrier shows up as stale
+    or overwritten tiles."""
+    monkeypatch.setenv("FASTDDPM_EMU_CP_ASYNC", cp_async)
+    monkeypatch.setenv("FASTDDPM_EMU_SCHEDULE", schedule)
+    cuda_cases.check_attention(emulated, shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+@pytest.mark.parametrize("layout", cuda_cases.ATTENTION_LAYOUTS)
+def test_emulated_attention_layouts_and_scale(emulated, layout, dtype):
+    cuda_cases.check_attention(emulated, (2, 2, 24, 30, 64), dtype, layout, scale=0.3)
+
+
+def test_emulated_attention_without_keys_is_zero(emulated):
+    q = torch.randn(1, 2, 5, 16, dtype=torch.float16)
+    k = torch.randn(1, 2, 0, 16, dtype=torch.float16)
+    torch.testing.assert_close(emulated.attention(q, k, k, None), reference.attention(q, k, k))
+
+
+@pytest.mark.parametrize("noise", cuda_cases.NOISE_KINDS)
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", cuda_cases.STEP_SHAPES)
+def test_emulated_ddpm_step(emulated, shape, channels_last, dtype, noise):
+    cuda_cases.check_ddpm_step(emulated, shape, dtype, channels_last, noise=noise)
+
+
+@pytest.mark.parametrize("t_kind", cuda_cases.T_KINDS)
+@pytest.mark.parametrize("clip_x0", [True, False], ids=["clip", "direct"])
+@pytest.mark.parametrize("table_kind", ["ddpm", "ddim"])
+def test_emulated_ddpm_step_forms(emulated, t_kind, clip_x0, table_kind):
+    cuda_cases.check_ddpm_step(
+        emulated, (4, 3, 8, 8), torch.float32, False, clip_x0=clip_x0, t_kind=t_kind, table_kind=table_kind
+    )
+
+
+def test_emulated_ddpm_step_float32_equals_the_reference_bit_for_bit(emulated):
+    """With z given, the kernel does the reference's float32 operations in the same order."""
+    out, ref = cuda_cases.check_ddpm_step(emulated, (4, 3, 8, 8), torch.float32, False)
+    assert torch.equal(out, ref)
+
+
+def test_emulated_ddpm_step_without_noise(emulated):
+    """DDIM with eta = 0 adds no noise: neither a noise tensor nor a seed is read."""
+    table = cuda_cases.step_table("cpu", "ddim", eta=0.0)
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    out = emulated.ddpm_step(x, eps, 40, table, None, None, 0, True)
+    torch.testing.assert_close(out, reference.ddpm_step(x, eps, 40, table), rtol=0, atol=0)
+
+
+def test_emulated_ddpm_step_out_of_range_t_gives_nan(emulated):
+    """A device-side t past the table cannot raise; it poisons its sample instead of reading out of bounds."""
+    table = cuda_cases.step_table("cpu")
+    x = torch.randn(2, 3, 4, 4)
+    out = emulated.ddpm_step(x, x, torch.tensor([5, 100]), table, None, 1, 0, True)
+    assert not out[0].isnan().any() and out[1].isnan().all()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 3, 5, 7)], ids=["vec", "odd"])
+def test_emulated_in_kernel_noise(emulated, shape):
+    cuda_cases.check_in_kernel_noise(emulated, shape, seed=2024, offset=3)
+
+
+def test_emulated_in_kernel_noise_ignores_the_memory_layout(emulated):
+    table = cuda_cases.noise_table("cpu")
+    zeros = torch.zeros(2, 5, 3, 4)
+    z = emulated.ddpm_step(zeros, zeros, 0, table, None, 9, 1, False)
+    zeros_cl = zeros.contiguous(memory_format=torch.channels_last)
+    z_cl = emulated.ddpm_step(zeros_cl, zeros_cl, 0, table, None, 9, 1, False)
+    assert z_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(z_cl, z, rtol=0, atol=0)

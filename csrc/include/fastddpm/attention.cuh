@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(TcConfig<DMAX>::kThreads) attention_tc_kernel(
   constexpr int kWd = Cfg::kWd, kDt = Cfg::kDt, kBm = Cfg::kBm, kBn = Cfg::kBn, kThreads = Cfg::kThreads;
   constexpr int kStride = Cfg::kStride, kXStride = Cfg::kXStride;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FASTDDPM_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* s_q = reinterpret_cast<T*>(smem_raw);
   T* s_k = s_q + kBm * kStride;
   T* s_v = s_k + kBn * kStride;
@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(SimtConfig<DMAX>::kThreads) attention_simt_ker
   constexpr int kBm = Cfg::kBm, kBn = Cfg::kBn, kStride = Cfg::kStride, kPStride = Cfg::kPStride;
   constexpr int kCols = DMAX / 32;  // float4 column chunks per thread
 
-  extern __shared__ float4 smem4[];
+  FASTDDPM_DYNAMIC_SHARED(float4, smem4);
   float* s_q = reinterpret_cast<float*>(smem4);
   float* s_k = s_q + kBm * kStride;
   float* s_v = s_k + kBn * kStride;
@@ -407,8 +407,7 @@ cudaError_t launch_attention_kernel(Kernel kernel, const AttentionParams& p, int
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>(ceil_div(p.Lq, rows_per_block)));
-  kernel<<<grid, threads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, dim3(threads), smem, stream, p);
 }
 
 template <typename T, int DMAX>

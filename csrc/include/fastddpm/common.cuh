@@ -96,6 +96,28 @@ __device__ __forceinline__ float block_reduce_sum(float v, float* scratch) {
   return warp_reduce_sum(lane < num_warps ? scratch[lane] : 0.0f);
 }
 
+// ---- launching ----------------------------------------------------------------------------
+// Every kernel is launched through launch_kernel and declares its dynamic shared memory with
+// FASTDDPM_DYNAMIC_SHARED: the two seams through which csrc/tools/emulator runs the kernels on
+// the CPU (FASTDDPM_HOST_EMULATION) for the tests of machines without a GPU.
+
+#ifdef FASTDDPM_HOST_EMULATION
+#define FASTDDPM_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::emu::dynamic_shared_memory())
+#else
+#define FASTDDPM_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
+template <typename... Params, typename... Args>
+inline cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                                 cudaStream_t stream, Args... args) {
+#ifdef FASTDDPM_HOST_EMULATION
+  return ::emu::launch(kernel, grid, block, smem_bytes, args...);
+#else
+  kernel<<<grid, block, smem_bytes, stream>>>(args...);
+  return cudaGetLastError();
+#endif
+}
+
 // ---- host helpers -------------------------------------------------------------------------
 
 inline bool is_aligned(const void* p, int64_t bytes) {

@@ -158,11 +158,9 @@ cudaError_t launch_ddpm_step(const DdpmStepParams& p, int num_sms, cudaStream_t 
   const int64_t max_blocks = static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * 16;
   const unsigned grid = static_cast<unsigned>(blocks < max_blocks ? blocks : max_blocks);
   if (vec_ok) {
-    ddpm_step_vec_kernel<T, TNoise, NOISE, kVec><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    ddpm_step_scalar_kernel<T, TNoise, NOISE><<<grid, kThreads, 0, stream>>>(p);
+    return launch_kernel(ddpm_step_vec_kernel<T, TNoise, NOISE, kVec>, dim3(grid), dim3(kThreads), 0, stream, p);
   }
-  return cudaGetLastError();
+  return launch_kernel(ddpm_step_scalar_kernel<T, TNoise, NOISE>, dim3(grid), dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace fastddpm

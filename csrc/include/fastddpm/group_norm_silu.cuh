@@ -136,7 +136,7 @@ __device__ __forceinline__ float gn_output(float h, float mean, float rstd, floa
 template <typename T, bool CHANNELS_LAST, int VEC, int MODE>
 __global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_kernel(GroupNormParams p) {
   constexpr int kItems = kGnPerThread / VEC;  // vectors per thread
-  extern __shared__ float staged[];           // add, weight, bias of the group's channels
+  FASTDDPM_DYNAMIC_SHARED(float, staged);     // add, weight, bias of the group's channels
   __shared__ float scratch[32];
   float* s_add = staged;
   float* s_weight = staged + p.Cg;
@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_kernel(GroupNor
 template <typename T, int MODE>
 __global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_scalar_kernel(GroupNormParams p,
                                                                                bool channels_last) {
-  extern __shared__ float staged[];
+  FASTDDPM_DYNAMIC_SHARED(float, staged);
   __shared__ float scratch[32];
   float* s_add = staged;
   float* s_weight = staged + p.Cg;
@@ -276,8 +276,8 @@ cudaError_t launch_group_norm_silu_vec(const GroupNormParams& p, int threads, cu
   const unsigned blocks = static_cast<unsigned>(p.N * p.G * p.splits);
   const size_t smem = 3 * static_cast<size_t>(p.Cg) * sizeof(float);
   return launch_group_norm_modes(p, [&](auto mode) {
-    group_norm_silu_kernel<T, CHANNELS_LAST, VEC, decltype(mode)::value><<<blocks, threads, smem, stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(group_norm_silu_kernel<T, CHANNELS_LAST, VEC, decltype(mode)::value>, dim3(blocks),
+                         dim3(threads), smem, stream, p);
   });
 }
 
@@ -287,8 +287,8 @@ cudaError_t launch_group_norm_silu_scalar(const GroupNormParams& p, bool channel
   const unsigned blocks = static_cast<unsigned>(p.N * p.G * p.splits);
   const size_t smem = 3 * static_cast<size_t>(p.Cg) * sizeof(float);
   return launch_group_norm_modes(p, [&](auto mode) {
-    group_norm_silu_scalar_kernel<T, decltype(mode)::value><<<blocks, threads, smem, stream>>>(p, channels_last);
-    return cudaGetLastError();
+    return launch_kernel(group_norm_silu_scalar_kernel<T, decltype(mode)::value>, dim3(blocks), dim3(threads),
+                         smem, stream, p, channels_last);
   });
 }
 
