@@ -154,6 +154,8 @@ class OnnxStepSampler:
         """One graph call: x_t float32 (N, C, H, W), step index t, noise z (zeros if None) -> x_{t-1}."""
         n = x_t.shape[0]
         t = torch.as_tensor(t, device=self.device).long().expand(n)
+        if bool(((t < 0) | (t >= self.num_steps)).any()):
+            raise ValueError(f"t out of range: this step graph has steps 0..{self.num_steps - 1}")
         z = torch.zeros_like(x_t) if z is None else z
         inputs = {"x_t": x_t.float(), "t": t, "z": z.float()}
         return _run_batched(self.session, self.export, inputs, self.config.out_channels)

@@ -104,5 +104,7 @@ def test_bad_arguments(step_sampler, onnx_sampler):
         step_sampler.sample(2, x_T=torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match="n must be a positive int"):
         step_sampler.sample(0)
+    with pytest.raises(ValueError, match=r"t out of range: this step graph has steps 0\.\.9"):
+        step_sampler.step(torch.randn(1, 3, 16, 16), 10)
     with pytest.raises(ValueError, match="t must be an integer scalar or"):
         onnx_sampler.unet(torch.randn(2, 3, 16, 16), torch.tensor([0.5, 1.0]))
