@@ -46,6 +46,12 @@ def test_png_grid_scale_enlarges_pixels(tmp_path):
     np.testing.assert_array_equal(three, one.repeat(3, axis=0).repeat(3, axis=1))
 
 
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    atomic_write(tmp_path / "a.bin", lambda p: open(p, "wb").write(b"x"))
+    (tmp_path / "b.bin").write_bytes(b"x")
+    assert (tmp_path / "a.bin").stat().st_mode == (tmp_path / "b.bin").stat().st_mode
+
+
 def test_failed_write_leaves_the_old_file(tmp_path):
     path = tmp_path / "s.npz"
     path.write_bytes(b"old")
