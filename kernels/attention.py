@@ -141,7 +141,8 @@ def _attn_fwd_kernel(
     if SPLIT_KV:
         row_index = (s * tl.num_programs(1) + bh).to(tl.int64) * Lq + rows
         tl.store(part_ptr + row_index[:, None] * D + cols[None, :], out, mask=mask)
-        tl.store(lse_ptr + row_index, m_i + tl.log2(l_i), mask=row_ok & (dv == 0))
+        if dv == 0:  # one column chunk writes the row's log-sum-exp
+            tl.store(lse_ptr + row_index, m_i + tl.log2(l_i), mask=row_ok)
     else:
         o_rows = bh.to(tl.int64) * Lq + rows
         tl.store(o_ptr + o_rows[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
