@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import reference
+from .custom_ops import ddpm_step_args, register, unpack_seed
 from .reference import memory_format_of
 from .schedule import StepTable
 
@@ -242,46 +242,11 @@ def launch_group_norm_silu(
     return y
 
 
-@torch.library.custom_op("fastddpm_cuda::group_norm_silu", mutates_args=())
-def _group_norm_silu_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    num_groups: int,
-    eps: float,
-    silu: bool,
-    add: torch.Tensor | None,
-) -> torch.Tensor:
+def _group_norm_silu_forward(x, weight, bias, num_groups, eps, silu, add):
     with torch.cuda.device(x.device):
         return launch_group_norm_silu(
             _library(), x, weight, bias, num_groups, eps, silu, add, _stream(x.device)
         )
-
-
-@_group_norm_silu_op.register_fake
-def _(x, weight, bias, num_groups, eps, silu, add):
-    return torch.empty_like(x, memory_format=memory_format_of(x))
-
-
-def _group_norm_silu_setup(ctx, inputs, output):
-    x, weight, bias, num_groups, eps, silu, add = inputs
-    ctx.save_for_backward(x, weight, bias, add)
-    ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
-
-
-def _group_norm_silu_backward(ctx, grad):
-    x, weight, bias, add = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    gx, gw, gb, gadd = _reference_grads(
-        lambda x, w, b, a: reference.group_norm_silu(x, w, b, ctx.num_groups, ctx.eps, silu=ctx.silu, add=a),
-        (x, weight, bias, add),
-        (needs[0], needs[1], needs[2], needs[6]),
-        grad,
-    )
-    return gx, gw, gb, None, None, None, gadd
-
-
-_group_norm_silu_op.register_autograd(_group_norm_silu_backward, setup_context=_group_norm_silu_setup)
 
 
 # --- attention ---------------------------------------------------------------------------------
@@ -334,32 +299,9 @@ def launch_attention(
     return out
 
 
-@torch.library.custom_op("fastddpm_cuda::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _attention_forward(q, k, v, scale):
     with torch.cuda.device(q.device):
         return launch_attention(_library(), q, k, v, scale, _stream(q.device))
-
-
-@_attention_op.register_fake
-def _(q, k, v, scale):
-    return q.new_empty(q.shape)
-
-
-def _attention_setup(ctx, inputs, output):
-    q, k, v, scale = inputs
-    ctx.save_for_backward(q, k, v)
-    ctx.scale = scale
-
-
-def _attention_backward(ctx, grad):
-    q, k, v = ctx.saved_tensors
-    grads = _reference_grads(
-        lambda q, k, v: reference.attention(q, k, v, ctx.scale), (q, k, v), ctx.needs_input_grad[:3], grad
-    )
-    return (*grads, None)
-
-
-_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 # --- ddpm_step ---------------------------------------------------------------------------------
@@ -395,7 +337,7 @@ def launch_ddpm_step(
     coef = coef.contiguous()
     if t_tensor is not None:
         t_tensor = t_tensor.to(device=x_t.device, dtype=torch.int64).reshape(-1)
-    seed, offset = _unpack_seed(seed_words)
+    seed, offset = unpack_seed(seed_words)
     mode = NOISE_NONE if not stochastic else NOISE_TENSOR if noise is not None else NOISE_PHILOX
     out = torch.empty_like(x_t, memory_format=fmt)
     N, C, H, W = x_t.shape
@@ -426,18 +368,7 @@ def launch_ddpm_step(
     return out
 
 
-@torch.library.custom_op("fastddpm_cuda::ddpm_step", mutates_args=())
-def _ddpm_step_op(
-    x_t: torch.Tensor,
-    eps: torch.Tensor,
-    t_tensor: torch.Tensor | None,
-    t_int: int,
-    coef: torch.Tensor,
-    stochastic: bool,
-    noise: torch.Tensor | None,
-    seed_words: list[int],
-    clip_x0: bool,
-) -> torch.Tensor:
+def _ddpm_step_forward(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0):
     with torch.cuda.device(x_t.device):
         return launch_ddpm_step(
             _library(),
@@ -454,69 +385,7 @@ def _ddpm_step_op(
         )
 
 
-@_ddpm_step_op.register_fake
-def _(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0):
-    return torch.empty_like(x_t, memory_format=memory_format_of(x_t))
-
-
-def _ddpm_step_setup(ctx, inputs, output):
-    x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0 = inputs
-    ctx.save_for_backward(x_t, eps, t_tensor, coef, noise)
-    ctx.t_int, ctx.stochastic, ctx.seed_words, ctx.clip_x0 = t_int, stochastic, seed_words, clip_x0
-
-
-def _ddpm_step_backward(ctx, grad):
-    x_t, eps, t_tensor, coef, noise = ctx.saved_tensors
-    seed, offset = _unpack_seed(ctx.seed_words)
-    t = ctx.t_int if t_tensor is None else t_tensor
-    table = StepTable(coef=coef, timesteps=coef.new_empty(0, dtype=torch.long), stochastic=ctx.stochastic)
-    needs = ctx.needs_input_grad
-    gx, geps, gnoise = _reference_grads(
-        lambda x, e, z: reference.ddpm_step(
-            x, e, t, table, noise=z, seed=seed, offset=offset, clip_x0=ctx.clip_x0
-        ),
-        (x_t, eps, noise),
-        (needs[0], needs[1], needs[6]),
-        grad,
-    )
-    return gx, geps, None, None, None, None, gnoise, None, None
-
-
-_ddpm_step_op.register_autograd(_ddpm_step_backward, setup_context=_ddpm_step_setup)
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def _reference_grads(fn, inputs, needs, grad):
-    """Gradients of fn(*inputs) (the reference op) against `grad`, for the inputs that need one."""
-    with torch.enable_grad():
-        leaves = [
-            None if t is None else t.detach().requires_grad_(bool(need))
-            for t, need in zip(inputs, needs, strict=True)
-        ]
-        wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
-        if not wanted:
-            return tuple(None for _ in inputs)
-        got = iter(torch.autograd.grad(fn(*leaves), wanted, grad))
-    return tuple(next(got) if leaf is not None and leaf.requires_grad else None for leaf in leaves)
-
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _pack_seed(seed: int | None, offset: int) -> list[int]:
-    """[] without a seed, else the 32-bit words (seed lo, seed hi, offset lo, offset hi): custom-op
-    ints are int64, and seeds and offsets span [0, 2**64)."""
-    if seed is None:
-        return []
-    return [seed & _MASK32, seed >> 32, offset & _MASK32, offset >> 32]
-
-
-def _unpack_seed(words: list[int]) -> tuple[int | None, int]:
-    if not words:
-        return None, 0
-    return words[0] | (words[1] << 32), words[2] | (words[3] << 32)
+register("fastddpm_cuda", _group_norm_silu_forward, _attention_forward, _ddpm_step_forward)
 
 
 # --- the backend's ops (signatures of fastddpm.reference; inputs already checked by fastddpm.ops) ---
@@ -560,27 +429,6 @@ def ddpm_step(
     return torch.ops.fastddpm_cuda.ddpm_step(
         *ddpm_step_args(x_t, eps, t, table, noise, seed, offset, clip_x0)
     )
-
-
-def ddpm_step_args(
-    x_t: torch.Tensor,
-    eps: torch.Tensor,
-    t: int | torch.Tensor,
-    table: StepTable,
-    noise: torch.Tensor | None,
-    seed: int | None,
-    offset: int,
-    clip_x0: bool,
-) -> tuple:
-    """The custom op's (and launch_ddpm_step's) arguments: t split into a tensor or an int, the
-    noise source settled (none for a table without noise; a given noise tensor wins over a
-    seed), and the seed and offset as 32-bit words."""
-    if not table.stochastic:
-        noise, seed = None, None
-    elif noise is not None:
-        seed = None
-    t_tensor, t_int = (t, 0) if isinstance(t, torch.Tensor) else (None, int(t))
-    return x_t, eps, t_tensor, t_int, table.coef, table.stochastic, noise, _pack_seed(seed, offset), clip_x0
 
 
 def philox_normal_host(seed: int, offset: int, n: int) -> torch.Tensor:

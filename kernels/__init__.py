@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fastddpm import reference
-from fastddpm.reference import memory_format_of
+from fastddpm.custom_ops import coef_table, ddpm_step_args, register, unpack_seed
 from fastddpm.schedule import StepTable
 
 try:
@@ -53,156 +52,18 @@ if _IMPORT_ERROR is None:
     from . import ddpm_step as _step_kernels
     from . import group_norm_silu as _norm_kernels
 
-    # --- group_norm_silu ----------------------------------------------------------------------
-
-    @torch.library.custom_op("fastddpm_triton::group_norm_silu", mutates_args=())
-    def _group_norm_silu_op(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        num_groups: int,
-        eps: float,
-        silu: bool,
-        add: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def _group_norm_silu_forward(x, weight, bias, num_groups, eps, silu, add):
         return _norm_kernels.group_norm_silu(x, weight, bias, num_groups, eps, silu=silu, add=add)
 
-    @_group_norm_silu_op.register_fake
-    def _(x, weight, bias, num_groups, eps, silu, add):
-        return torch.empty_like(x, memory_format=memory_format_of(x))
-
-    def _group_norm_silu_setup(ctx, inputs, output):
-        x, weight, bias, num_groups, eps, silu, add = inputs
-        ctx.save_for_backward(x, weight, bias, add)
-        ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
-
-    def _group_norm_silu_backward(ctx, grad):
-        x, weight, bias, add = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        gx, gw, gb, gadd = _reference_grads(
-            lambda x, w, b, a: reference.group_norm_silu(
-                x, w, b, ctx.num_groups, ctx.eps, silu=ctx.silu, add=a
-            ),
-            (x, weight, bias, add),
-            (needs[0], needs[1], needs[2], needs[6]),
-            grad,
-        )
-        return gx, gw, gb, None, None, None, gadd
-
-    _group_norm_silu_op.register_autograd(_group_norm_silu_backward, setup_context=_group_norm_silu_setup)
-
-    # --- attention ----------------------------------------------------------------------------
-
-    @torch.library.custom_op("fastddpm_triton::attention", mutates_args=())
-    def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        return _attention_kernels.attention(q, k, v, scale)
-
-    @_attention_op.register_fake
-    def _(q, k, v, scale):
-        return q.new_empty(q.shape)
-
-    def _attention_setup(ctx, inputs, output):
-        q, k, v, scale = inputs
-        ctx.save_for_backward(q, k, v)
-        ctx.scale = scale
-
-    def _attention_backward(ctx, grad):
-        q, k, v = ctx.saved_tensors
-        grads = _reference_grads(
-            lambda q, k, v: reference.attention(q, k, v, ctx.scale), (q, k, v), ctx.needs_input_grad[:3], grad
-        )
-        return (*grads, None)
-
-    _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
-
-    # --- ddpm_step ----------------------------------------------------------------------------
-
-    @torch.library.custom_op("fastddpm_triton::ddpm_step", mutates_args=())
-    def _ddpm_step_op(
-        x_t: torch.Tensor,
-        eps: torch.Tensor,
-        t_tensor: torch.Tensor | None,
-        t_int: int,
-        coef: torch.Tensor,
-        stochastic: bool,
-        noise: torch.Tensor | None,
-        seed_words: list[int],
-        clip_x0: bool,
-    ) -> torch.Tensor:
-        seed, offset = _unpack_seed(seed_words)
+    def _ddpm_step_forward(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0):
+        seed, offset = unpack_seed(seed_words)
+        t = t_int if t_tensor is None else t_tensor
+        table = coef_table(coef, stochastic)
         return _step_kernels.ddpm_step(
-            x_t,
-            eps,
-            t_int if t_tensor is None else t_tensor,
-            _coef_table(coef, stochastic),
-            noise=noise,
-            seed=seed,
-            offset=offset,
-            clip_x0=clip_x0,
+            x_t, eps, t, table, noise=noise, seed=seed, offset=offset, clip_x0=clip_x0
         )
 
-    @_ddpm_step_op.register_fake
-    def _(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0):
-        return torch.empty_like(x_t, memory_format=memory_format_of(x_t))
-
-    def _ddpm_step_setup(ctx, inputs, output):
-        x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0 = inputs
-        ctx.save_for_backward(x_t, eps, t_tensor, coef, noise)
-        ctx.t_int, ctx.stochastic, ctx.seed_words, ctx.clip_x0 = t_int, stochastic, seed_words, clip_x0
-
-    def _ddpm_step_backward(ctx, grad):
-        x_t, eps, t_tensor, coef, noise = ctx.saved_tensors
-        seed, offset = _unpack_seed(ctx.seed_words)
-        t = ctx.t_int if t_tensor is None else t_tensor
-        table = _coef_table(coef, ctx.stochastic)
-        needs = ctx.needs_input_grad
-        gx, geps, gnoise = _reference_grads(
-            lambda x, e, z: reference.ddpm_step(
-                x, e, t, table, noise=z, seed=seed, offset=offset, clip_x0=ctx.clip_x0
-            ),
-            (x_t, eps, noise),
-            (needs[0], needs[1], needs[6]),
-            grad,
-        )
-        return gx, geps, None, None, None, None, gnoise, None, None
-
-    _ddpm_step_op.register_autograd(_ddpm_step_backward, setup_context=_ddpm_step_setup)
-
-
-def _reference_grads(fn, inputs, needs, grad):
-    """Gradients of fn(*inputs) (the reference op) against `grad`, for the inputs that need one."""
-    with torch.enable_grad():
-        leaves = [
-            None if t is None else t.detach().requires_grad_(bool(need))
-            for t, need in zip(inputs, needs, strict=True)
-        ]
-        wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
-        if not wanted:
-            return tuple(None for _ in inputs)
-        got = iter(torch.autograd.grad(fn(*leaves), wanted, grad))
-    return tuple(next(got) if leaf is not None and leaf.requires_grad else None for leaf in leaves)
-
-
-def _coef_table(coef: torch.Tensor, stochastic: bool) -> StepTable:
-    """A StepTable carrying only what the step reads (the timesteps are the network's business)."""
-    return StepTable(coef=coef, timesteps=coef.new_empty(0, dtype=torch.long), stochastic=stochastic)
-
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _pack_seed(seed: int | None, offset: int) -> list[int]:
-    """[] without a seed, else the 32-bit words (seed lo, seed hi, offset lo, offset hi): custom-op
-    ints are int64, and seeds and offsets span [0, 2**64)."""
-    if seed is None:
-        return []
-    return [seed & _MASK32, seed >> 32, offset & _MASK32, offset >> 32]
-
-
-def _unpack_seed(words: list[int]) -> tuple[int | None, int]:
-    if not words:
-        return None, 0
-    return words[0] | (words[1] << 32), words[2] | (words[3] << 32)
+    register("fastddpm_triton", _group_norm_silu_forward, _attention_kernels.attention, _ddpm_step_forward)
 
 
 # --- the backend's ops (signatures of fastddpm.reference; inputs already checked by fastddpm.ops) ---
@@ -243,11 +104,6 @@ def ddpm_step(
 ) -> torch.Tensor:
     """One reverse step at step index t: see kernels/ddpm_step.py."""
     _step_kernels.check_ddpm_step(x_t, eps, noise, table)
-    if not table.stochastic:
-        noise, seed = None, None
-    elif noise is not None:
-        seed = None
-    t_tensor, t_int = (t, 0) if isinstance(t, torch.Tensor) else (None, int(t))
     return torch.ops.fastddpm_triton.ddpm_step(
-        x_t, eps, t_tensor, t_int, table.coef, table.stochastic, noise, _pack_seed(seed, offset), clip_x0
+        *ddpm_step_args(x_t, eps, t, table, noise, seed, offset, clip_x0)
     )
