@@ -29,18 +29,26 @@ def _load(args: argparse.Namespace, path: str) -> Sampler:
 def cmd_sample(args: argparse.Namespace) -> None:
     if args.out is None and args.npz is None:
         args.out = "samples.png"
-    sampler = _load(args, args.model or checkpoints.DEFAULT_MODEL)
-    sampler.unet.to(args.device)
-    generator = torch.Generator().manual_seed(args.seed)
-    x = sampler.sample(
-        args.n,
-        steps=args.steps,
-        method=args.sampler,
-        eta=args.eta,
-        batch_size=args.batch_size,
-        generator=generator,
-        progress=not args.no_progress,
-    )
+    model = str(args.model or checkpoints.DEFAULT_MODEL)
+    if model.endswith(".onnx"):  # a fastddpm ONNX export, run by onnxruntime
+        from . import ort
+
+        sampler = ort.load(model, device=args.device)
+    else:
+        sampler = _load(args, model)
+        sampler.unet.to(args.device)
+    options = {
+        "batch_size": args.batch_size,
+        "generator": torch.Generator().manual_seed(args.seed),
+        "progress": not args.no_progress,
+    }
+    if isinstance(sampler, Sampler):
+        options |= {"steps": args.steps, "method": args.sampler, "eta": args.eta}
+    elif args.steps is not None or args.sampler != "ddpm" or args.eta:
+        raise ValueError(
+            f"{model} is a full-step export: its steps and sampler were fixed when it was exported"
+        )
+    x = sampler.sample(args.n, **options)
     if args.out:
         images.save_grid(args.out, x, scale=args.png_scale)
         print(f"wrote {args.out}")
@@ -222,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples and write a PNG grid and/or an .npz")
     s.add_argument(
         "--model",
-        help="diffusers folder, fastddpm .safetensors, or pytorch_diffusion file"
-        " (default: the bundled 8x8 digits model)",
+        help="diffusers folder, fastddpm .safetensors, fastddpm .onnx export (run by onnxruntime),"
+        " or pytorch_diffusion file (default: the bundled 8x8 digits model)",
     )
     model_options(s)
     s.add_argument("-n", type=int, default=16, help="number of images (default 16)")

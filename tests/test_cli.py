@@ -119,3 +119,16 @@ def test_errors_are_one_line_not_a_traceback(tmp_path):
     out = run("sample", "--model", str(tmp_path / "missing"), "--out", "x.png")
     assert out.returncode == 1
     assert out.stderr.startswith("fastddpm: error: no such checkpoint") and "Traceback" not in out.stderr
+
+
+def test_sample_runs_an_onnx_export_with_onnxruntime(tiny_diffusers, tmp_path):
+    folder, _ = tiny_diffusers
+    onnx_file = tmp_path / "tiny.onnx"
+    exported = run("export", "onnx", "--model", str(folder), "--out", str(onnx_file))
+    assert exported.returncode == 0, exported.stderr
+    args = ("-n", "2", "--steps", "4", "--seed", "1", "--no-progress")
+    assert run("sample", "--model", str(onnx_file), "--npz", str(tmp_path / "ort.npz"), *args).returncode == 0
+    assert run("sample", "--model", str(folder), "--npz", str(tmp_path / "torch.npz"), *args).returncode == 0
+    with np.load(tmp_path / "ort.npz") as a, np.load(tmp_path / "torch.npz") as b:
+        ours, theirs = a["arr_0"].astype(int), b["arr_0"].astype(int)
+    assert np.abs(ours - theirs).max() <= 1  # float32 agreement to ~1e-6 can flip a rounding
