@@ -40,17 +40,31 @@ def reference_json(name: str):
     return json.loads((REFERENCE / name).read_text())
 
 
+def perturb_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Add 0.1 N(0, 1) to every norm weight and bias (initialised to 1 and 0), so that a test
+    comparing two networks sees the norm parameters wired through; returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tiny_unet(backend: str = "auto", seed: int = 0):
+    """The tiny preset, random weights from `seed`, norms perturbed, in eval mode."""
+    from fastddpm.unet import PRESETS, UNet
+
+    torch.manual_seed(seed)
+    return perturb_norms(UNet(PRESETS["tiny"], backend=backend).eval())
+
+
 def write_diffusers_folder(folder: Path, unet_config: dict, scheduler_config: dict, seed: int = 0):
     """Build a diffusers UNet2DModel with random weights (norms perturbed too), save it with
     save_pretrained beside a DDPMScheduler config, and return the model."""
     import diffusers
 
     torch.manual_seed(seed)
-    model = diffusers.UNet2DModel.from_config(unet_config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    model = perturb_norms(diffusers.UNet2DModel.from_config(unet_config).eval())
     model.save_pretrained(folder)
     diffusers.DDPMScheduler.from_config(scheduler_config).save_pretrained(folder)
     return model

@@ -13,6 +13,8 @@ from fastddpm import export, ort
 from fastddpm.cli import main
 from fastddpm.unet import PRESETS, UNet
 
+from .conftest import tiny_unet
+
 # The ops a DDPM U-Net export may hold: nothing custom, nothing fastddpm-specific.
 STANDARD_OPS = {
     "Add", "Cast", "Concat", "Conv", "Cos", "Gather", "Gemm", "InstanceNormalization", "MatMul", "Mul",
@@ -38,12 +40,7 @@ def _session(path):
 @pytest.fixture(scope="module")
 def fp16_export(tmp_path_factory):
     """(unet, info, path): the tiny preset with a float16 network, static batch 2."""
-    torch.manual_seed(0)
-    unet = UNet(PRESETS["tiny"]).eval()
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    unet = tiny_unet()
     path = tmp_path_factory.mktemp("onnx16") / "eps16.onnx"
     return unet, export.to_onnx(unet, path, dtype="float16", batch=2), path
 

@@ -11,7 +11,8 @@ import torch
 import fastddpm
 from fastddpm import export, ops, ort
 from fastddpm.schedule import space_timesteps
-from fastddpm.unet import PRESETS, UNet
+
+from .conftest import tiny_unet
 
 T = 30
 IMAGE_TOLERANCE = 1e-5
@@ -24,13 +25,7 @@ def seeded(seed: int) -> torch.Generator:
 @pytest.fixture(scope="module")
 def sampler():
     """The tiny preset with perturbed norms, T = 30 steps: the PyTorch reference."""
-    torch.manual_seed(0)
-    unet = UNet(PRESETS["tiny"]).eval()
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return fastddpm.Sampler(unet, fastddpm.DiffusionConfig(num_timesteps=T))
+    return fastddpm.Sampler(tiny_unet(), fastddpm.DiffusionConfig(num_timesteps=T))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ import fastddpm  # noqa: E402
 from fastddpm import kernels, ops  # noqa: E402
 from fastddpm.schedule import Schedule  # noqa: E402
 
+from .conftest import tiny_unet as conftest_tiny_unet  # noqa: E402
+
 DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.skipif(
     not INTERPRET and not torch.cuda.is_available(), reason="needs a CUDA device or TRITON_INTERPRET=1"
@@ -28,13 +30,7 @@ pytestmark = pytest.mark.skipif(
 
 def tiny_unet(backend: str) -> fastddpm.UNet:
     """The tiny preset (2 levels, attention at 8x8 over 64 channels), random weights, norms perturbed."""
-    torch.manual_seed(0)
-    net = fastddpm.UNet(fastddpm.preset("tiny"), backend=backend).eval()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return net.to(DEVICE)
+    return conftest_tiny_unet(backend).to(DEVICE)
 
 
 # --- availability and errors ---------------------------------------------------------------------

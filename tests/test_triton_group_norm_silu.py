@@ -17,11 +17,12 @@ from fastddpm.kernels.group_norm_silu import plan  # noqa: E402
 
 from fastddpm import ops, reference  # noqa: E402
 
+from .test_reference_ops import TOLERANCE  # noqa: E402  (DESIGN.md, "Equal means")
+
 DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.skipif(
     not INTERPRET and not torch.cuda.is_available(), reason="needs a CUDA device or TRITON_INTERPRET=1"
 )
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # DESIGN.md, "Equal means"
 DTYPES = list(TOLERANCE)
 
 
