@@ -4,9 +4,15 @@ One loop serves all three: each builds a `StepTable` (fastddpm.schedule) and run
 
     x_T ~ N(0, I);  for i = S-1 .. 0:  eps = unet(x, timesteps[i]);  x = ddpm_step(x, eps, i)
 
-With a CPU torch.Generator the random draws (x_T, then one z per step i > 0) come
-in the order diffusers' DDPMPipeline draws them, so the same seed gives the same
-images as that pipeline on the same weights.
+Noise comes from one of two sources:
+- a torch.Generator: the draws (x_T, then one z per step i > 0) come in the order
+  diffusers' DDPMPipeline draws them, so the same seed gives the same images as that
+  pipeline on the same weights;
+- a Philox `seed` (`sample(..., seed=s)`): counter-based noise, a pure function of
+  (seed, offset) on every device and backend. Batch b of a table with S steps draws
+  x_T at offset b * (S + 1) and step i's z at offset b * (S + 1) + i + 1 (`noise_offset`),
+  in-kernel where the backend has it, so a step needs no host RNG and can be replayed
+  in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
-from .reference import predict_x0
+from .reference import philox_normal, predict_x0
 from .schedule import VARIANCES, Schedule, StepTable
 from .unet import UNet
 
@@ -62,6 +68,12 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     """float32 N(0, I) drawn on the generator's device (as diffusers does), then moved to `device`."""
     source = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=source, dtype=torch.float32).to(device)
+
+
+def noise_offset(batch_index: int, num_steps: int, step_index: int | None = None) -> int:
+    """The Philox offset of batch `batch_index`'s x_T (step_index None) or of step i's z."""
+    base = batch_index * (num_steps + 1)
+    return base if step_index is None else base + step_index + 1
 
 
 def placement(unet: UNet) -> tuple[torch.device, torch.dtype]:
@@ -108,6 +120,7 @@ class Sampler:
         clip_x0: bool | None = None,
         batch_size: int | None = None,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
         x_T: torch.Tensor | None = None,
         progress: bool = True,
         callback: StepCallback | None = None,
@@ -117,8 +130,10 @@ class Sampler:
 
         steps: None for all T steps; an int S < T or an Improved-DDPM spacing string
         ("10,20", "ddim50") to respace. method: "ddpm" (ancestral) or "ddim" (with eta).
-        variance, clip_x0: override the diffusion config's. x_T: the starting noise
-        (n, C, H, W), else drawn from `generator`. callback(i, t, x_t, x0_pred) runs
+        variance, clip_x0: override the diffusion config's. Noise: from `generator`
+        (DDPMPipeline's order; default torch's global CPU generator) or from Philox
+        `seed` (see the module docstring); not both. x_T: the starting noise
+        (n, C, H, W), else drawn from that source. callback(i, t, x_t, x0_pred) runs
         every `callback_every` steps and at the last one.
         """
         if not isinstance(n, int) or n < 1:
@@ -128,6 +143,11 @@ class Sampler:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if callback_every < 1:
             raise ValueError(f"callback_every must be positive, got {callback_every}")
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("pass at most one of generator= and seed=")
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+                raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         table = self.step_table(steps, method, eta, variance)
         clip_x0 = self.diffusion.clip_x0 if clip_x0 is None else clip_x0
         cfg = self.unet.config
@@ -138,14 +158,16 @@ class Sampler:
 
         out = []
         with tqdm(total=len(table) * -(-n // batch_size), disable=not progress, unit="step") as bar:
-            for start in range(0, n, batch_size):
+            for b, start in enumerate(range(0, n, batch_size)):
                 size = min(batch_size, n - start)
-                x = (
-                    x_T[start : start + size].to(device, torch.float32)
-                    if x_T is not None
-                    else randn((size, *shape[1:]), generator, device)
-                )
-                out.append(self._reverse(x, table, clip_x0, generator, bar, callback, callback_every))
+                noise = generator if seed is None else (seed, b)
+                if x_T is not None:
+                    x = x_T[start : start + size].to(device, torch.float32)
+                elif seed is None:
+                    x = randn((size, *shape[1:]), generator, device)
+                else:
+                    x = philox_normal(seed, noise_offset(b, len(table)), (size, *shape[1:]), device)
+                out.append(self._reverse(x, table, clip_x0, noise, bar, callback, callback_every))
         return torch.cat(out)
 
     def _reverse(
@@ -153,21 +175,27 @@ class Sampler:
         x: torch.Tensor,
         table: StepTable,
         clip_x0: bool,
-        generator: torch.Generator | None,
+        noise_source: torch.Generator | tuple[int, int] | None,
         bar: tqdm,
         callback: StepCallback | None,
         callback_every: int,
     ) -> torch.Tensor:
-        """Run every step of `table` from x = x_T (N, C, H, W) float32; returns x_0."""
+        """Run every step of `table` from x = x_T (N, C, H, W) float32; returns x_0.
+
+        noise_source: a generator (or None: torch's global one), or (seed, batch index)
+        for in-kernel Philox noise."""
         dtype = placement(self.unet)[1]
         for i in reversed(range(len(table))):
             t = table.timesteps[i]
             eps = self.unet(x.to(dtype), t.expand(x.shape[0])).float()
-            noise = None
-            if table.stochastic:
-                noise = randn(x.shape, generator, x.device) if i > 0 else torch.zeros_like(x)
+            noise = {}
+            if table.stochastic and isinstance(noise_source, tuple):
+                seed, b = noise_source
+                noise = {"seed": seed, "offset": noise_offset(b, len(table), i)}
+            elif table.stochastic:
+                noise = {"noise": randn(x.shape, noise_source, x.device) if i > 0 else torch.zeros_like(x)}
             if callback is not None and (i % callback_every == 0):
                 callback(i, int(t), x, predict_x0(x, eps, i, table, clip_x0))
-            x = ops.ddpm_step(x, eps, i, table, noise=noise, clip_x0=clip_x0, backend=self.unet.backend)
+            x = ops.ddpm_step(x, eps, i, table, clip_x0=clip_x0, backend=self.unet.backend, **noise)
             bar.update(1)
         return x

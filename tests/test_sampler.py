@@ -24,6 +24,32 @@ def test_seeded_runs_repeat_and_differ(sampler):
     assert not torch.equal(sampler.sample(2, generator=seeded(2), progress=False), a)
 
 
+def test_philox_seed_noise_is_the_documented_stream(sampler):
+    """seed=s draws x_T at offset b*(S+1) and step i's z at b*(S+1)+i+1: rebuild it by hand."""
+    from fastddpm import ops
+    from fastddpm.reference import philox_normal
+
+    table = sampler.step_table(steps=5)
+    got = sampler.sample(3, steps=5, seed=7, batch_size=2, progress=False)
+    expected = []
+    for b, size in enumerate([2, 1]):
+        x = philox_normal(7, b * 6, (size, 3, 16, 16))
+        for i in reversed(range(5)):
+            eps = sampler.unet(x, table.timesteps[i].expand(size))
+            z = philox_normal(7, b * 6 + i + 1, x.shape)
+            x = ops.ddpm_step(x, eps, i, table, noise=z, backend="torch")
+        expected.append(x)
+    torch.testing.assert_close(got, torch.cat(expected), rtol=0, atol=0)
+    assert not torch.equal(sampler.sample(3, steps=5, seed=8, batch_size=2, progress=False), got)
+
+
+def test_philox_seed_ignores_the_global_generator(sampler):
+    torch.manual_seed(0)
+    a = sampler.sample(2, steps=3, seed=1, progress=False)
+    torch.manual_seed(1)
+    torch.testing.assert_close(sampler.sample(2, steps=3, seed=1, progress=False), a, rtol=0, atol=0)
+
+
 def test_clipped_samples_lie_in_minus_one_one(sampler):
     x = sampler.sample(4, generator=seeded(0), progress=False)
     assert x.min() >= -1 and x.max() <= 1
@@ -80,3 +106,8 @@ def test_bad_sample_arguments(sampler):
         sampler.sample(0)
     with pytest.raises(ValueError, match=r"x_T must have shape \(2, 3, 16, 16\)"):
         sampler.sample(2, x_T=torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="at most one of generator= and seed="):
+        sampler.sample(1, seed=1, generator=seeded(1))
+    for bad in (-1, 2**64, 1.5, True):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+            sampler.sample(1, seed=bad)
