@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from . import __version__, checkpoints, images, ops
+from . import __version__, checkpoints, figures, images, ops
+from .precision import MODES
 from .sampler import METHODS, Sampler
 
 
@@ -26,17 +28,37 @@ def _load(args: argparse.Namespace, path: str) -> Sampler:
     )
 
 
+def _is_run_dir(out: str | None) -> bool:
+    """--out names a PNG grid when it ends in .png, else a run directory (fastddpm.runs)."""
+    return out is not None and not out.lower().endswith(".png")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
-    if args.out is None and args.npz is None:
+    from .distributed import TORCHRUN_ENV
+
+    _check_strip_options(args)
+    if args.out is None and args.npz is None and args.progress_strip is None:
         args.out = "samples.png"
+    if not _is_run_dir(args.out) and any(name in os.environ for name in TORCHRUN_ENV):
+        raise ValueError("under torchrun, fastddpm sample needs --out DIR, a run split over the ranks")
+    if _is_run_dir(args.out) and args.npz:
+        raise ValueError(f"a run directory gets its .npz at {args.out}/samples.npz: drop --npz")
     model = str(args.model or checkpoints.DEFAULT_MODEL)
     if model.endswith(".onnx"):  # a fastddpm ONNX export, run by onnxruntime
         from . import ort
 
+        if args.precision or args.channels_last:
+            raise ValueError(
+                f"{model} is an ONNX export: its dtype was fixed at export (--dtype);"
+                " drop --precision and --channels-last"
+            )
         sampler = ort.load(model, device=args.device)
     else:
         sampler = _load(args, model)
         sampler.unet.to(args.device)
+        sampler = Sampler(
+            sampler.unet, sampler.diffusion, precision=args.precision, channels_last=args.channels_last
+        )
     options = {
         "batch_size": args.batch_size,
         "generator": torch.Generator().manual_seed(args.seed),
@@ -48,7 +70,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise ValueError(
             f"{model} is a full-step export: its steps and sampler were fixed when it was exported"
         )
-    x = sampler.sample(args.n, **options)
+    if _is_run_dir(args.out):
+        if not isinstance(sampler, Sampler):
+            raise ValueError("a sharded run (--out DIR) needs a PyTorch model, not an ONNX export")
+        _sample_run(args, sampler)
+        return
+    if args.progress_strip:
+        x = _sample_with_strip(args, sampler, options)
+    else:
+        x = sampler.sample(args.n, **options)
     if args.out:
         images.save_grid(args.out, x, scale=args.png_scale)
         print(f"wrote {args.out}")
@@ -57,30 +87,90 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"wrote {args.npz} ({args.n} images under arr_0)")
 
 
+def _check_strip_options(args: argparse.Namespace) -> None:
+    names = ("strip_columns", "strip_steps", "strip_rows")
+    given = [name for name in names if getattr(args, name) is not None]
+    if args.progress_strip is None and given:
+        raise ValueError(f"--{given[0].replace('_', '-')} needs --progress-strip FILE.png")
+    if args.progress_strip is not None and _is_run_dir(args.out):
+        raise ValueError("--progress-strip records one process's samples: not with --out DIR (a run)")
+
+
+def _sample_with_strip(args: argparse.Namespace, sampler: Sampler, options: dict) -> torch.Tensor:
+    """Sample, writing the progressive-generation strip (fastddpm.figures) to --progress-strip."""
+    if not isinstance(sampler, Sampler):
+        raise ValueError("--progress-strip needs the network: a denoiser export, not a full-step one")
+    x, frames, ts = figures.progress_strip(
+        sampler,
+        args.n,
+        columns=args.strip_columns,
+        timesteps=args.strip_steps,
+        rows=args.strip_rows,
+        **options,
+    )
+    figures.save_strip(args.progress_strip, frames, scale=args.png_scale)
+    print(
+        f"wrote {args.progress_strip}: {frames.shape[0]} samples, a row each;"
+        f" predicted x0 at t = {', '.join(map(str, ts[:-1]))}, then the samples"
+    )
+    return x
+
+
+def _sample_run(args: argparse.Namespace, sampler: Sampler) -> None:
+    """`fastddpm sample --out DIR`: a resumable sharded run, split over torchrun's ranks."""
+    from . import distributed, runs
+
+    batch_size = args.batch_size or min(args.n, 256)
+    spec = runs.RunSpec(
+        n=args.n,
+        shard_size=args.shard_size or batch_size,
+        batch_size=batch_size,
+        seed=args.seed,
+        steps=args.steps,
+        method=args.sampler,
+        eta=args.eta,
+    )
+    world = distributed.init(args.device)
+    try:
+        sampler.unet.to(world.device)
+        path = runs.run(sampler, args.out, spec, world, progress=not args.no_progress)
+    finally:
+        distributed.finish(world)
+    if world.is_main:
+        print(f"wrote {path} ({spec.n} images under arr_0, from {spec.num_shards} shards)")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    from . import train
+    from . import distributed, train
     from .sampler import DiffusionConfig
     from .unet import preset
 
-    if args.resume:
-        trainer = train.Trainer.resume(args.out, args.device, args.backend, steps=args.steps)
-    else:
-        if train.has_checkpoint(args.out):
-            raise ValueError(
-                f"{args.out} already holds a training checkpoint: pass --resume to continue it,"
-                " or choose another --out"
+    world = distributed.init(args.device)  # under torchrun: join the job (DDP training)
+    try:
+        if args.resume:
+            trainer = train.Trainer.resume(
+                args.out, world.device, args.backend, steps=args.steps, world=world
             )
-        defaults = train.TrainConfig()
-        config = train.TrainConfig(
-            **{
-                name: getattr(args, name) if getattr(args, name) is not None else getattr(defaults, name)
-                for name in defaults.__dataclass_fields__
-            }
-        )
-        unet = train.new_unet(preset(args.preset), config.seed, args.backend)
-        trainer = train.Trainer(unet, DiffusionConfig(), config, args.out, args.device)
-    trainer.run(progress=not args.no_progress)
-    print(f"trained to step {trainer.step}; EMA model in {trainer.out_dir / train.MODEL}")
+        else:
+            if train.has_checkpoint(args.out):
+                raise ValueError(
+                    f"{args.out} already holds a training checkpoint: pass --resume to continue it,"
+                    " or choose another --out"
+                )
+            defaults = train.TrainConfig()
+            config = train.TrainConfig(
+                **{
+                    name: getattr(args, name) if getattr(args, name) is not None else getattr(defaults, name)
+                    for name in defaults.__dataclass_fields__
+                }
+            )
+            unet = train.new_unet(preset(args.preset), config.seed, args.backend)
+            trainer = train.Trainer(unet, DiffusionConfig(), config, args.out, world.device, world)
+        trainer.run(progress=not args.no_progress)
+    finally:
+        distributed.finish(world)
+    if world.is_main:
+        print(f"trained to step {trainer.step}; EMA model in {trainer.out_dir / train.MODEL}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -210,6 +300,123 @@ def _add_export_parser(sub) -> None:
     r.set_defaults(func=cmd_export_trt)
 
 
+def _ints(value: str) -> list[int]:
+    """'999,750,0' -> [999, 750, 0]."""
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {value!r}") from None
+
+
+def _lambdas(value: str) -> int | list[float]:
+    """'11' -> 11 (evenly spaced values 0..1); '0,0.5,1' -> [0.0, 0.5, 1.0]."""
+    try:
+        return int(value) if value.isdigit() else [float(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or numbers a,b,..., got {value!r}") from None
+
+
+def _add_strip_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--progress-strip",
+        metavar="FILE.png",
+        help="also write the paper's progressive-generation figure: a row per sample, the predicted x0"
+        " from t = T-1 (left) down to the final samples (last column); scaled by --png-scale",
+    )
+    s.add_argument(
+        "--strip-columns",
+        type=int,
+        help=f"strip columns at evenly spaced steps, the last the samples ({figures.DEFAULT_COLUMNS})",
+    )
+    s.add_argument(
+        "--strip-steps",
+        type=_ints,
+        metavar="T1,T2,...",
+        help="strip columns at these timesteps instead (e.g. 999,750,500,250,0; 0, the samples, is always"
+        " the last column); each must be a timestep the sampler visits",
+    )
+    s.add_argument(
+        "--strip-rows",
+        type=int,
+        help=f"samples in the strip (default: all n, at most {figures.DEFAULT_ROWS})",
+    )
+
+
+def cmd_interpolate(args: argparse.Namespace) -> None:
+    if args.images and (len(args.images) != 2 or args.seeds is not None):
+        raise ValueError("interpolate takes two images, or --seeds A,B instead of images")
+    seeds = args.seeds if args.seeds is not None else [0, 1]
+    if len(seeds) != 2:
+        raise ValueError(f"--seeds takes two seeds A,B, got {len(seeds)}")
+    sampler = _load(args, str(args.model or checkpoints.DEFAULT_MODEL))
+    sampler.unet.to(args.device)
+    options = {"steps": args.steps, "method": args.sampler, "eta": args.eta}
+    for t in args.t:  # check the options before drawing any source
+        figures.start_step(sampler, t, args.steps)
+    figures.lambdas_from(args.lambdas)
+    cfg = sampler.unet.config
+    if args.images:
+        sources = [figures.read_image(path, cfg.in_channels, cfg.resolution) for path in args.images]
+    else:  # the images `fastddpm sample -n 1 --seed A` (and B) draws with the same steps
+        sources = [
+            sampler.sample(1, generator=torch.Generator().manual_seed(seed), progress=False, **options)[0]
+            for seed in seeds
+        ]
+    frames = figures.interpolation_strip(
+        sampler,
+        *sources,
+        args.t,
+        sources=not args.no_sources,
+        lambdas=args.lambdas,
+        seed=args.seed,
+        progress=not args.no_progress,
+        **options,
+    )
+    figures.save_strip(args.out, frames, scale=args.png_scale)
+    ends = "sources at both ends, " if not args.no_sources else ""
+    print(f"wrote {args.out}: a row per t = {', '.join(map(str, args.t))}; {ends}lambda 0 to 1 left to right")
+
+
+def _add_interpolate_parser(sub, model_options) -> None:
+    p = sub.add_parser(
+        "interpolate",
+        help="the paper's interpolation: encode two images to x_t with the same noise, mix, decode",
+    )
+    p.add_argument("images", nargs="*", help="two image files of the model's size (default: --seeds)")
+    p.add_argument(
+        "--seeds",
+        type=_ints,
+        metavar="A,B",
+        help="instead of images: the samples of these two seeds, drawn first (default 0,1)",
+    )
+    p.add_argument(
+        "--t",
+        type=_ints,
+        default=[500],
+        metavar="T[,T2,...]",
+        help="timestep to mix at, 0..T-1 (default 500); several give a row each",
+    )
+    p.add_argument(
+        "--lambdas",
+        type=_lambdas,
+        default=11,
+        help="how many lambdas from 0 to 1 (default 11: 0, 0.1, ..., 1), or the values, e.g. 0,0.5,1",
+    )
+    p.add_argument("--no-sources", action="store_true", help="leave the two source images off the ends")
+    p.add_argument("--out", default="interpolation.png", help="PNG to write (default interpolation.png)")
+    p.add_argument("--png-scale", type=int, default=1, help="enlarge the pixels K times (default 1)")
+    p.add_argument("--model", help="checkpoint (default: the bundled 8x8 digits model)")
+    model_options(p)
+    p.add_argument("--steps", type=_steps, default=None, help="reverse-process steps (default: all T)")
+    p.add_argument("--sampler", choices=METHODS, default="ddpm")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the encoder's and the decoder's noise")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=ops.BACKENDS, default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_interpolate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastddpm", description="Fast, faithful DDPM sampling.")
     parser.add_argument("--version", action="version", version=f"fastddpm {__version__}")
@@ -245,12 +452,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=METHODS, default="ddpm")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="PNG grid to write (default samples.png when no --npz is given)")
+    s.add_argument(
+        "--out",
+        help="FILE.png: a PNG grid (default samples.png when no --npz is given); any other name: a run"
+        " directory, sampled in shards written atomically, resumed when run again with the same"
+        " arguments, split over the ranks under torchrun, ending with DIR/samples.npz",
+    )
+    s.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="with --out DIR: images per shard file (default: the batch size, which defaults to min(n, 256))",
+    )
     s.add_argument("--png-scale", type=int, default=1, help="enlarge the grid's pixels K times (default 1)")
     s.add_argument("--npz", help=".npz to write (N x H x W x 3 uint8 under arr_0)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", choices=ops.BACKENDS, default="auto")
+    s.add_argument(
+        "--precision",
+        choices=MODES,
+        default=None,
+        help="the network's precision (default: the checkpoint's dtype); x_t and the step stay fp32",
+    )
+    s.add_argument("--channels-last", action="store_true", help="run the network channels_last (NHWC)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_strip_options(s)
     s.set_defaults(func=cmd_sample)
 
     tr = sub.add_parser("train", help="train a U-Net by Algorithm 1 (L_simple), with EMA and checkpoints")
@@ -263,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", default="digits", help="network preset (default digits)")
     tr.add_argument("--data", help="'digits' (default), an .npz of uint8 images, or an image folder")
     tr.add_argument("--steps", type=int, help="total optimizer steps (default 10000)")
-    tr.add_argument("--batch-size", type=int)
+    tr.add_argument(
+        "--batch-size", type=int, help="global batch, split evenly over torchrun's ranks (default 128)"
+    )
     tr.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
     tr.add_argument("--warmup", type=int, help="learning-rate warm-up steps (default 5000)")
     tr.add_argument("--grad-clip", type=float, help="max gradient norm (default 1.0)")
@@ -290,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(c)
     c.set_defaults(func=cmd_convert)
     _add_export_parser(sub)
+    _add_interpolate_parser(sub, model_options)
     return parser
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -47,21 +49,48 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     atomic_write(path, lambda p: Image.fromarray(image).save(p, format="PNG"))
 
 
-def save_grid(path: str | os.PathLike, x: torch.Tensor, nrow: int | None = None, scale: int = 1) -> None:
-    """Samples (N, C, H, W) in [-1, 1] -> a PNG grid, each pixel enlarged to scale x scale."""
+def save_grid(
+    path: str | os.PathLike, x: torch.Tensor, nrow: int | None = None, scale: int = 1, pad: int = 2
+) -> None:
+    """Samples (N, C, H, W) in [-1, 1] -> a PNG grid (`pad` pixels between and around the
+    images), each pixel enlarged to scale x scale."""
     if scale < 1:
         raise ValueError(f"scale must be a positive int, got {scale}")
-    image = grid(to_rgb(to_uint8(x)), nrow)
+    image = grid(to_rgb(to_uint8(x)), nrow, pad)
     save_png(path, image.repeat(scale, axis=0).repeat(scale, axis=1))
 
 
 def save_npz(path: str | os.PathLike, images: np.ndarray) -> None:
     """(N, H, W, 3) uint8 -> .npz with key arr_0, the layout FID tools read; atomic."""
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected (N, H, W, 3) uint8 images, got {images.dtype} {images.shape}")
+    save_npz_chunks(path, images.shape, [images])
+
+
+def save_npz_chunks(
+    path: str | os.PathLike, shape: tuple[int, ...], chunks: Iterable[np.ndarray]
+) -> None:
+    """Write an .npz whose arr_0 is the concatenation of `chunks`, streamed, atomically.
+
+    shape: (N, H, W, 3) of the whole array; chunks: uint8 (k_i, H, W, 3) with sum k_i = N,
+    each read once, so N may exceed memory (50,000 256x256 images are 9.8 GB).
+    """
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"expected (N, H, W, 3) uint8 images, got shape {tuple(shape)}")
 
     def write(p: str) -> None:
-        with open(p, "wb") as f:
-            np.savez(f, arr_0=images)
+        written = 0
+        with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+                header = {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)}
+                np.lib.format.write_array_header_1_0(f, header)
+                for chunk in chunks:
+                    if chunk.dtype != np.uint8 or chunk.ndim != 4 or chunk.shape[1:] != tuple(shape[1:]):
+                        raise ValueError(
+                            f"expected (k, {', '.join(map(str, shape[1:]))}) uint8 images,"
+                            f" got {chunk.dtype} {chunk.shape}"
+                        )
+                    f.write(np.ascontiguousarray(chunk).tobytes())
+                    written += len(chunk)
+        if written != shape[0]:
+            raise ValueError(f"the chunks hold {written} images, but the .npz was declared with {shape[0]}")
 
     atomic_write(path, write)
