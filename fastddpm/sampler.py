@@ -122,6 +122,7 @@ class Sampler:
         generator: torch.Generator | None = None,
         seed: int | None = None,
         x_T: torch.Tensor | None = None,
+        start_step: int | None = None,
         progress: bool = True,
         callback: StepCallback | None = None,
         callback_every: int = 100,
@@ -133,7 +134,9 @@ class Sampler:
         variance, clip_x0: override the diffusion config's. Noise: from `generator`
         (DDPMPipeline's order; default torch's global CPU generator) or from Philox
         `seed` (see the module docstring); not both. x_T: the starting noise
-        (n, C, H, W), else drawn from that source. callback(i, t, x_t, x0_pred) runs
+        (n, C, H, W), else drawn from that source. start_step: the step index i to start
+        the reverse process at (default S-1, the whole chain); it needs x_T, then the x_t
+        at that step (e.g. a sample of q(x_t | x_0)). callback(i, t, x_t, x0_pred) runs
         every `callback_every` steps and at the last one.
         """
         if not isinstance(n, int) or n < 1:
@@ -149,6 +152,15 @@ class Sampler:
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
                 raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         table = self.step_table(steps, method, eta, variance)
+        if start_step is not None:
+            if x_T is None:
+                raise ValueError("start_step needs x_T: the x_t to start the reverse process from")
+            S = len(table)
+            if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step < S:
+                raise ValueError(f"start_step must be an int in [0, {S - 1}], got {start_step!r}")
+            # Steps start_step..0 keep their rows: the loop over the shortened table is the chain's tail.
+            keep = slice(start_step + 1)
+            table = StepTable(table.coef[keep], table.timesteps[keep], table.stochastic)
         clip_x0 = self.diffusion.clip_x0 if clip_x0 is None else clip_x0
         cfg = self.unet.config
         device = table.coef.device
