@@ -39,7 +39,8 @@ cudaError_t launch_for_noise(const DdpmStepParams& p, int noise_mode, int noise_
 
 extern "C" int fastddpm_ddpm_step(const void* x, const void* eps, const void* noise, void* out, const float* coef,
                                   int64_t num_steps, const int64_t* t, int64_t t_numel, int64_t t_host,
-                                  int noise_mode, int noise_dtype, uint64_t seed, uint64_t offset, int clip_x0,
+                                  int noise_mode, int noise_dtype, uint64_t seed, uint64_t offset,
+                                  const int64_t* seed_device, const int64_t* offset_device, int clip_x0,
                                   int64_t N, int64_t C, int64_t H, int64_t W, int channels_last, int dtype,
                                   void* stream) {
   FASTDDPM_API_BEGIN
@@ -86,6 +87,8 @@ extern "C" int fastddpm_ddpm_step(const void* x, const void* eps, const void* no
   p.t_host = t_host;
   p.seed = seed;
   p.offset = offset;
+  p.seed_device = seed_device;
+  p.offset_device = offset_device;
   p.N = N;
   p.C = C;
   p.HW = H * W;

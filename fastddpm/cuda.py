@@ -31,7 +31,7 @@ LIBRARY_PATH = Path(__file__).parent / "_lib" / "libfastddpm_cuda.so"
 SUCCESS, ERROR_INVALID_VALUE, ERROR_NOT_SUPPORTED, ERROR_CUDA = 0, 1, 2, 3
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_HEAD_DIM = 512  # attention
 MAX_GROUP_CHANNELS = 2048  # group_norm_silu: channels per group
 MAX_QUERY_POSITIONS = 65535 * 16  # attention: Lq
@@ -52,7 +52,10 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "fastddpm_attention": (_int, [_ptr] * 4 + [_i64] * 5 + [ctypes.POINTER(_i64)] * 3 + [_f32, _int, _ptr]),
     "fastddpm_ddpm_step": (
         _int,
-        [_ptr] * 5 + [_i64, _ptr, _i64, _i64, _int, _int, _u64, _u64, _int] + [_i64] * 4 + [_int, _int, _ptr],
+        [_ptr] * 5
+        + [_i64, _ptr, _i64, _i64, _int, _int, _u64, _u64, _ptr, _ptr, _int]
+        + [_i64] * 4
+        + [_int, _int, _ptr],
     ),
     "fastddpm_philox_normal_host": (_int, [_u64, _u64, _i64, ctypes.POINTER(_f32)]),
 }
@@ -328,16 +331,20 @@ def launch_ddpm_step(
     noise: torch.Tensor | None,
     seed_words: list[int],
     clip_x0: bool,
+    seed_tensor: torch.Tensor | None,
+    offset_tensor: torch.Tensor | None,
     stream: int | None,
 ) -> torch.Tensor:
-    """Marshal the tensors for fastddpm_ddpm_step and launch it on `stream` (a cudaStream_t)."""
+    """Marshal the tensors for fastddpm_ddpm_step and launch it on `stream` (a cudaStream_t).
+    seed_tensor, offset_tensor: 0-d int64 tensors on x_t's device that the kernel reads instead of
+    the seed words (custom_ops.ddpm_step_args)."""
     fmt = memory_format_of(x_t)  # x_t, eps, noise and the output share one layout
     x_t, eps = x_t.contiguous(memory_format=fmt), eps.contiguous(memory_format=fmt)
     noise = None if noise is None else noise.contiguous(memory_format=fmt)
     coef = coef.contiguous()
     if t_tensor is not None:
         t_tensor = t_tensor.to(device=x_t.device, dtype=torch.int64).reshape(-1)
-    seed, offset = unpack_seed(seed_words)
+    seed, offset = unpack_seed(seed_words)  # the host words; a device tensor's are 0
     mode = NOISE_NONE if not stochastic else NOISE_TENSOR if noise is not None else NOISE_PHILOX
     out = torch.empty_like(x_t, memory_format=fmt)
     N, C, H, W = x_t.shape
@@ -355,6 +362,8 @@ def launch_ddpm_step(
         DTYPE_CODES[noise.dtype] if noise is not None else 0,
         seed or 0,
         offset,
+        _ptr(seed_tensor),
+        _ptr(offset_tensor),
         int(clip_x0),
         N,
         C,
@@ -368,7 +377,9 @@ def launch_ddpm_step(
     return out
 
 
-def _ddpm_step_forward(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0):
+def _ddpm_step_forward(
+    x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0, seed_tensor, offset_tensor
+):
     with torch.cuda.device(x_t.device):
         return launch_ddpm_step(
             _library(),
@@ -381,6 +392,8 @@ def _ddpm_step_forward(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_
             noise,
             seed_words,
             clip_x0,
+            seed_tensor,
+            offset_tensor,
             _stream(x_t.device),
         )
 
@@ -420,8 +433,8 @@ def ddpm_step(
     table: StepTable,
     *,
     noise: torch.Tensor | None = None,
-    seed: int | None = None,
-    offset: int = 0,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
     clip_x0: bool = True,
 ) -> torch.Tensor:
     """One reverse step at step index t: csrc/include/fastddpm/ddpm_step.cuh."""

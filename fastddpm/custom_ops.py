@@ -4,7 +4,9 @@ through it, and a backward that recomputes the reference math (fastddpm.referenc
 autograd. A backend supplies only the forward launches.
 
 The step op takes t as a tensor or an int (t_tensor, t_int), the table's coefficients, and the
-seed and offset as four 32-bit words (custom-op ints are int64; seeds span [0, 2**64)).
+seed and offset as four 32-bit words (custom-op ints are int64; seeds span [0, 2**64)), or, each
+of them, as a 0-d int64 device tensor (seed_tensor, offset_tensor; its word pair is then 0) read
+by the kernel, so a CUDA-graph-captured step can replay with new values.
 """
 
 from __future__ import annotations
@@ -27,27 +29,36 @@ def ddpm_step_args(
     t: int | torch.Tensor,
     table: StepTable,
     noise: torch.Tensor | None,
-    seed: int | None,
-    offset: int,
+    seed: int | torch.Tensor | None,
+    offset: int | torch.Tensor,
     clip_x0: bool,
 ) -> tuple:
     """The step op's arguments: t split into a tensor or an int, the noise source settled (none
     for a table without noise; a given noise tensor wins over a seed), and the seed and offset as
-    32-bit words ([] without a seed)."""
+    32-bit words ([] without a seed) and, where they are device tensors, those tensors."""
     if not table.stochastic:
         noise, seed = None, None
     elif noise is not None:
         seed = None
     t_tensor, t_int = (t, 0) if isinstance(t, torch.Tensor) else (None, int(t))
-    words = [] if seed is None else [seed & _MASK32, seed >> 32, offset & _MASK32, offset >> 32]
-    return x_t, eps, t_tensor, t_int, table.coef, table.stochastic, noise, words, clip_x0
+    words, seed_tensor, offset_tensor = [], None, None
+    if seed is not None:
+        seed_tensor, seed = (seed, 0) if isinstance(seed, torch.Tensor) else (None, seed)
+        offset_tensor, offset = (offset, 0) if isinstance(offset, torch.Tensor) else (None, offset)
+        words = [seed & _MASK32, seed >> 32, offset & _MASK32, offset >> 32]
+    coef, stochastic = table.coef, table.stochastic
+    return x_t, eps, t_tensor, t_int, coef, stochastic, noise, words, clip_x0, seed_tensor, offset_tensor
 
 
-def unpack_seed(words: list[int]) -> tuple[int | None, int]:
-    """The inverse of ddpm_step_args' packing: (seed or None, offset)."""
+def unpack_seed(
+    words: list[int], seed_tensor: torch.Tensor | None = None, offset_tensor: torch.Tensor | None = None
+) -> tuple[int | torch.Tensor | None, int | torch.Tensor]:
+    """The inverse of ddpm_step_args' packing: (seed or None, offset), a device tensor where given."""
     if not words:
         return None, 0
-    return words[0] | (words[1] << 32), words[2] | (words[3] << 32)
+    seed = words[0] | (words[1] << 32) if seed_tensor is None else seed_tensor
+    offset = words[2] | (words[3] << 32) if offset_tensor is None else offset_tensor
+    return seed, offset
 
 
 def coef_table(coef: torch.Tensor, stochastic: bool) -> StepTable:
@@ -79,7 +90,8 @@ def register(
 
     group_norm_silu(x, weight, bias, num_groups, eps, silu, add)
     attention(q, k, v, scale)
-    ddpm_step(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0)
+    ddpm_step(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0, seed_tensor,
+              offset_tensor)
     """
 
     # --- group_norm_silu --------------------------------------------------------------------------
@@ -157,21 +169,24 @@ def register(
         noise: torch.Tensor | None,
         seed_words: list[int],
         clip_x0: bool,
+        seed_tensor: torch.Tensor | None,
+        offset_tensor: torch.Tensor | None,
     ) -> torch.Tensor:
-        return ddpm_step(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0)
+        args = (x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0)
+        return ddpm_step(*args, seed_tensor, offset_tensor)
 
     @ddpm_step_op.register_fake
-    def _(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0):
+    def _(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0, seed_t, offset_t):
         return torch.empty_like(x_t, memory_format=memory_format_of(x_t))
 
     def ddpm_step_setup(ctx, inputs, output):
-        x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0 = inputs
-        ctx.save_for_backward(x_t, eps, t_tensor, coef, noise)
+        x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0, seed_t, offset_t = inputs
+        ctx.save_for_backward(x_t, eps, t_tensor, coef, noise, seed_t, offset_t)
         ctx.t_int, ctx.stochastic, ctx.seed_words, ctx.clip_x0 = t_int, stochastic, seed_words, clip_x0
 
     def ddpm_step_backward(ctx, grad):
-        x_t, eps, t_tensor, coef, noise = ctx.saved_tensors
-        seed, offset = unpack_seed(ctx.seed_words)
+        x_t, eps, t_tensor, coef, noise, seed_tensor, offset_tensor = ctx.saved_tensors
+        seed, offset = unpack_seed(ctx.seed_words, seed_tensor, offset_tensor)
         t = ctx.t_int if t_tensor is None else t_tensor
         table = coef_table(coef, ctx.stochastic)
         needs = ctx.needs_input_grad
@@ -183,7 +198,7 @@ def register(
             (needs[0], needs[1], needs[6]),
             grad,
         )
-        return gx, geps, None, None, None, None, gnoise, None, None
+        return gx, geps, None, None, None, None, gnoise, None, None, None, None
 
     ddpm_step_op.register_autograd(ddpm_step_backward, setup_context=ddpm_step_setup)
 

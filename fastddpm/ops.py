@@ -173,8 +173,8 @@ def ddpm_step(
     table: StepTable,
     *,
     noise: torch.Tensor | None = None,
-    seed: int | None = None,
-    offset: int = 0,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
     clip_x0: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -183,8 +183,10 @@ def ddpm_step(
     x_t, eps: (N, C, H, W); t: an int, or an integer tensor of shape () or (N,) on
     the table's device (read on device, so the step can be graph-captured; its
     range is then the caller's duty). z comes from `noise` (N, C, H, W) or, with
-    `seed`, from counter-based Philox at (seed, offset). Steps of a table with
-    no noise (DDIM, eta = 0) need neither.
+    `seed`, from counter-based Philox at (seed, offset). seed and offset are ints in
+    [0, 2**64) or int64 tensors of shape () on x_t's device, read there (their bits are
+    the uint64 value), so a captured step can replay with a new offset. Steps of a table
+    with no noise (DDIM, eta = 0) need neither.
     """
     _check_float("x_t", x_t)
     _check_float("eps", eps)
@@ -204,11 +206,35 @@ def ddpm_step(
             _check_float("noise", noise)
             if noise.shape != x_t.shape:
                 raise ValueError(f"noise must have shape {tuple(x_t.shape)}, got {tuple(noise.shape)}")
-        elif not (0 <= seed < 2**64 and 0 <= offset < 2**64):
-            raise ValueError(f"seed and offset must be in [0, 2**64), got seed={seed}, offset={offset}")
+        else:
+            _check_counter("seed", seed, x_t.device)
+            _check_counter("offset", offset, x_t.device)
     return _impl("ddpm_step", backend, x_t.device)(
         x_t, eps, t, table, noise=noise, seed=seed, offset=offset, clip_x0=clip_x0
     )
+
+
+def uint64_as_int64(value: int) -> int:
+    """The int64 whose bits are the uint64 `value` (two's complement), for a seed or offset tensor:
+    `torch.tensor(uint64_as_int64(2**64 - 1))` holds -1, which ddpm_step reads as 2**64 - 1."""
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{value} is not in [0, 2**64)")
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _check_counter(name: str, value: int | torch.Tensor, device: torch.device) -> None:
+    """A Philox seed or offset: an int in [0, 2**64), or an int64 tensor of shape () on `device`."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.int64:
+            raise ValueError(f"{name} must be an int64 tensor, got dtype {value.dtype}")
+        if value.shape != ():
+            raise ValueError(f"{name} must be a tensor of shape (), got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on device {value.device} but x_t is on {device}")
+    elif not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")
+    elif not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
 
 
 def _check_step_index(t: int | torch.Tensor, num_steps: int, batch: int) -> None:

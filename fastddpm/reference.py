@@ -57,11 +57,26 @@ def group_norm_silu(
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) v; q (B, h, Lq, D), k and v (B, h, Lk, D) -> (B, h, Lq, D)."""
+    """softmax(q k^T * scale) v; q (B, h, Lq, D), k and v (B, h, Lk, D) -> (B, h, Lq, D).
+
+    Runs as float32 `F.scaled_dot_product_attention` (on the CPU a fused kernel that never holds
+    the (Lq, Lk) scores, given rows of unit stride; equal to the explicit formula within 1e-6),
+    except under torch.export (ONNX), which gets the explicit MatMul, Softmax, MatMul: opset 23
+    would turn SDPA into an `Attention` node that onnxruntime and TensorRT builds may lack.
+    """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+    if torch.compiler.is_exporting():
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+    q32, k32, v32 = (_unit_stride_rows(t.float()) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q32, k32, v32, scale=scale).to(q.dtype)
+
+
+def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    """t with unit stride along its last dimension (SDPA's fused CPU kernel needs it; else it falls
+    back to the unfused math path)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _column(coef: torch.Tensor, index: int) -> torch.Tensor:
@@ -90,15 +105,15 @@ def ddpm_step(
     table: StepTable,
     *,
     noise: torch.Tensor | None = None,
-    seed: int | None = None,
-    offset: int = 0,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
     clip_x0: bool = True,
 ) -> torch.Tensor:
     """x_{t-1} = mean + sigma_t z for step index t; x_t, eps, noise (N, C, H, W) -> (N, C, H, W).
 
     clip_x0: mean = coef_x0 * clamp(x0, -1, 1) + coef_xt * x_t; otherwise the direct
     eps form mean = direct_xt * x_t - direct_eps * eps. z is `noise`, or
-    `philox_normal(seed, offset)` when a seed is given.
+    `philox_normal(seed, offset)` when a seed is given (each an int or a 0-d int64 tensor).
     """
     coef = table.coef[t]
     if clip_x0:
@@ -147,19 +162,33 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
+def _words(value: int | torch.Tensor) -> tuple[int | torch.Tensor, int | torch.Tensor]:
+    """(low, high) 32-bit words of a uint64: an int in [0, 2**64), or a 0-d int64 tensor whose
+    bits are the value (two's complement: tensor(-1) is 2**64 - 1), giving 0-d tensors."""
+    return value & _MASK32, (value >> 32) & _MASK32
+
+
+def _filled(like: torch.Tensor, word: int | torch.Tensor) -> torch.Tensor:
+    """`like`'s shape filled with a word: a fill for an int, a broadcast view of a 0-d tensor."""
+    return word.expand_as(like) if isinstance(word, torch.Tensor) else torch.full_like(like, word)
+
+
 def philox_normal(
-    seed: int, offset: int, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu"
+    seed: int | torch.Tensor,
+    offset: int | torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Standard normal float32 noise of `shape`, a pure function of (seed, offset, element index)."""
+    """Standard normal float32 noise of `shape`, a pure function of (seed, offset, element index).
+
+    seed, offset: ints in [0, 2**64), or 0-d int64 tensors on `device` read there (nothing is
+    copied to the host, so a CUDA graph can capture this with the values changing between replays).
+    """
     numel = math.prod(shape)
     groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
-    counter = (
-        groups & _MASK32,
-        groups >> 32,
-        torch.full_like(groups, offset & _MASK32),
-        torch.full_like(groups, (offset >> 32) & _MASK32),
-    )
-    x0, x1, x2, x3 = philox4x32(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
+    off_lo, off_hi = _words(offset)
+    counter = (groups & _MASK32, groups >> 32, _filled(groups, off_lo), _filled(groups, off_hi))
+    x0, x1, x2, x3 = philox4x32(counter, _words(seed))
     words = torch.stack([x0, x1, x2, x3], dim=-1).view(-1, 2, 2)  # (group, pair, lane)
     u = (words.to(torch.float32) * 2.0**-32 + 2.0**-33).double()
     radius = torch.sqrt(-2.0 * torch.log(u[..., 0]))

@@ -55,8 +55,10 @@ if _IMPORT_ERROR is None:
     def _group_norm_silu_forward(x, weight, bias, num_groups, eps, silu, add):
         return _norm_kernels.group_norm_silu(x, weight, bias, num_groups, eps, silu=silu, add=add)
 
-    def _ddpm_step_forward(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0):
-        seed, offset = unpack_seed(seed_words)
+    def _ddpm_step_forward(
+        x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0, seed_tensor, offset_tensor
+    ):
+        seed, offset = unpack_seed(seed_words, seed_tensor, offset_tensor)
         t = t_int if t_tensor is None else t_tensor
         table = coef_table(coef, stochastic)
         return _step_kernels.ddpm_step(
@@ -98,8 +100,8 @@ def ddpm_step(
     table: StepTable,
     *,
     noise: torch.Tensor | None = None,
-    seed: int | None = None,
-    offset: int = 0,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
     clip_x0: bool = True,
 ) -> torch.Tensor:
     """One reverse step at step index t: see kernels/ddpm_step.py."""

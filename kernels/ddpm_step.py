@@ -13,7 +13,9 @@ z is read from `noise`, or made in the kernel from (seed, offset) with Philox4x3
 lane j % 4 of philox(counter = (j // 4, offset), key = seed); lanes (0, 1) and (2, 3) are
 Box-Muller pairs. On a contiguous tensor whose per-sample size is a multiple of 4, a tile is
 [BLOCK // 4, 4]: one Philox call serves four elements. Otherwise (channels_last, ragged sizes)
-each element computes its own call and takes its lane.
+each element computes its own call and takes its lane. seed and offset are kernel arguments, or
+each is read from a 0-d int64 device tensor (its bits are the uint64 value), so a graph-captured
+step replays with whatever offset the tensor holds at replay time.
 """
 
 from __future__ import annotations
@@ -124,10 +126,14 @@ def _ddpm_step_kernel(
     seed,
     off_lo,
     off_hi,
+    seed_ptr,
+    offset_ptr,
     n_c_tiles,
     LAYOUT: tl.constexpr,
     T_MODE: tl.constexpr,
     NOISE: tl.constexpr,
+    SEED_ON_DEVICE: tl.constexpr,
+    OFFSET_ON_DEVICE: tl.constexpr,
     CLIP: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_HW: tl.constexpr,
@@ -139,7 +145,15 @@ def _ddpm_step_kernel(
     LAYOUT 0 (grouped): contiguous, C*H*W % 4 == 0, tile [BLOCK // 4, 4] of 4-element Philox groups.
     LAYOUT 1 (flat): contiguous, tile of BLOCK elements. LAYOUT 2: channels_last, tile
     [BLOCK_HW, BLOCK_C] of (position, channel), tile index = hw tile * n_c_tiles + c tile.
+    SEED_ON_DEVICE / OFFSET_ON_DEVICE: read seed from seed_ptr[0] / the offset from offset_ptr[0]
+    (int64) instead of the seed / off_lo, off_hi arguments.
     """
+    if SEED_ON_DEVICE:
+        seed = tl.load(seed_ptr)
+    if OFFSET_ON_DEVICE:
+        offset = tl.load(offset_ptr)
+        off_lo = offset & 0xFFFFFFFF
+        off_hi = (offset >> 32) & 0xFFFFFFFF
     pid = tl.program_id(0)
     n = tl.program_id(1)
     CHW = C * HW
@@ -219,8 +233,8 @@ def ddpm_step(
     table: StepTable,
     *,
     noise: torch.Tensor | None = None,
-    seed: int | None = None,
-    offset: int = 0,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
     clip_x0: bool = True,
     layout: int | None = None,
     block: int | None = None,
@@ -259,7 +273,10 @@ def ddpm_step(
             noise_mode, noise = NOISE_TENSOR, noise.contiguous(memory_format=fmt)
         else:
             noise_mode = NOISE_PHILOX
-    seed = 0 if seed is None else int(seed)
+    seed_ptr = seed if isinstance(seed, torch.Tensor) else coef  # coef: any pointer, never read
+    offset_ptr = offset if isinstance(offset, torch.Tensor) else coef
+    seed = 0 if seed is None or isinstance(seed, torch.Tensor) else int(seed)
+    offset = 0 if isinstance(offset, torch.Tensor) else int(offset)
 
     if layout is None:
         if fmt == torch.channels_last:
@@ -278,8 +295,9 @@ def ddpm_step(
         tiles = triton.cdiv(C * HW, block)
     _ddpm_step_kernel[(tiles, N)](
         x_t, eps, noise if noise_mode == NOISE_TENSOR else x_t, out, coef, t_arg, t_scalar, coef.shape[0],
-        C, HW, seed, offset & MASK32, offset >> 32, n_c_tiles,
+        C, HW, seed, offset & MASK32, offset >> 32, seed_ptr, offset_ptr, n_c_tiles,
         LAYOUT=layout, T_MODE=t_mode, NOISE=noise_mode, CLIP=clip_x0,
+        SEED_ON_DEVICE=seed_ptr is not coef, OFFSET_ON_DEVICE=offset_ptr is not coef,
         BLOCK=block, BLOCK_HW=block_hw, BLOCK_C=block_c, NUM_COEF=NUM_COEFS, num_warps=_warps(block),
     )  # fmt: skip
     return out

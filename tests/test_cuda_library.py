@@ -212,7 +212,8 @@ def test_attention_rejects_bad_input(lib, changes, status, message):
 def ddpm_step(lib, **changes) -> int:
     args = dict(
         x=FAKE, eps=FAKE, noise=None, out=FAKE, coef=FAKE, num_steps=1000, t=None, t_numel=0, t_host=999,
-        noise_mode=cuda.NOISE_PHILOX, noise_dtype=0, seed=2**64 - 1, offset=7, clip_x0=1,
+        noise_mode=cuda.NOISE_PHILOX, noise_dtype=0, seed=2**64 - 1, offset=7, seed_device=None,
+        offset_device=None, clip_x0=1,
         N=2, C=3, H=32, W=32, channels_last=0, dtype=0, stream=None,
     )  # fmt: skip
     args.update(changes)
@@ -331,7 +332,10 @@ def test_fake_implementations_trace_without_a_gpu(lib):
         assert o.shape == q.shape and o.dtype == q.dtype
         coef = torch.empty(1000, 7, device="cuda")
         xt = torch.empty(2, 3, 32, 32, device="cuda")
-        out = torch.ops.fastddpm_cuda.ddpm_step(xt, xt, None, 5, coef, True, None, [1, 0, 0, 0], True)
+        offset = torch.empty((), dtype=torch.int64, device="cuda")
+        out = torch.ops.fastddpm_cuda.ddpm_step(
+            xt, xt, None, 5, coef, True, None, [1, 0, 0, 0], True, None, offset
+        )
         assert out.shape == xt.shape and out.device.type == "cuda"
 
 
@@ -452,6 +456,25 @@ def test_emulated_ddpm_step_out_of_range_t_gives_nan(emulated):
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 3, 5, 7)], ids=["vec", "odd"])
 def test_emulated_in_kernel_noise(emulated, shape):
     cuda_cases.check_in_kernel_noise(emulated, shape, seed=2024, offset=3)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 3, 5, 7)], ids=["vec", "odd"])
+@pytest.mark.parametrize("on_device", ["offset", "seed", "both"])
+@pytest.mark.parametrize("seed, offset", [(7, 3), (2**64 - 1, 2**63 + 2**32 + 9)])
+def test_emulated_seed_and_offset_tensors_equal_ints_bit_for_bit(emulated, shape, on_device, seed, offset):
+    """Seed and offset read by the kernel from int64 device scalars (as a replayed CUDA graph
+    reads them) give exactly the step of the same values passed as launch arguments; values
+    >= 2**63 are held as their int64 bits."""
+    table = cuda_cases.step_table("cpu")
+    g = torch.Generator().manual_seed(8)
+    x, eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    as_tensor = {"seed": seed, "offset": offset}
+    for name in ("seed", "offset") if on_device == "both" else (on_device,):
+        as_tensor[name] = torch.tensor(ops.uint64_as_int64(as_tensor[name]))
+    ints = emulated.ddpm_step(x, eps, 60, table, None, seed, offset, True)
+    tensors = emulated.ddpm_step(x, eps, 60, table, None, as_tensor["seed"], as_tensor["offset"], True)
+    assert torch.equal(tensors, ints)
+    assert not torch.equal(ints, emulated.ddpm_step(x, eps, 60, table, None, seed, offset + 1, True))
 
 
 def test_emulated_in_kernel_noise_ignores_the_memory_layout(emulated):

@@ -115,8 +115,23 @@ def test_noise_is_required_where_the_step_adds_noise():
         ops.ddpm_step(x, x, 5, table)
     with pytest.raises(ValueError, match=r"noise must have shape \(1, 3, 4, 4\)"):
         ops.ddpm_step(x, x, 5, table, noise=torch.randn(1, 3, 4, 5))
-    with pytest.raises(ValueError, match="seed and offset must be in"):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\), got -1"):
         ops.ddpm_step(x, x, 5, table, seed=-1)
+    with pytest.raises(ValueError, match=r"offset must be in \[0, 2\*\*64\), got 18446744073709551616"):
+        ops.ddpm_step(x, x, 5, table, seed=1, offset=2**64)
+
+
+def test_device_seed_and_offset_must_be_int64_scalars_on_x_t_device():
+    table = Schedule.from_name().step_table()
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="offset must be an int64 tensor, got dtype torch.int32"):
+        ops.ddpm_step(x, x, 5, table, seed=1, offset=torch.tensor(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"offset must be a tensor of shape \(\), got shape \(1,\)"):
+        ops.ddpm_step(x, x, 5, table, seed=1, offset=torch.tensor([3]))
+    with pytest.raises(ValueError, match="seed is on device meta but x_t is on cpu"):
+        ops.ddpm_step(x, x, 5, table, seed=torch.tensor(1, device="meta"))
+    with pytest.raises(TypeError, match="offset must be an int or an int64 tensor, got float"):
+        ops.ddpm_step(x, x, 5, table, seed=1, offset=3.0)
 
 
 def test_unknown_and_unbuilt_backends():

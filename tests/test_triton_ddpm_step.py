@@ -137,6 +137,27 @@ def test_in_kernel_noise_is_the_reference_layout(shape, layout, seed, offset):
     assert (z.cpu() - ref).abs().max().item() <= NOISE_TOLERANCE
 
 
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((2, 4, 6, 5), GROUPED), ((3, 5, 3, 3), FLAT), ((2, 5, 3, 7), CHANNELS_LAST)],
+    ids=["grouped", "flat", "channels-last"],
+)
+@pytest.mark.parametrize("on_device", ["offset", "seed", "both"])
+@pytest.mark.parametrize("seed, offset", [(7, 3), (2**64 - 1, 2**63 + 2**32 + 9)])
+def test_seed_and_offset_tensors_equal_ints_bit_for_bit(shape, layout, on_device, seed, offset):
+    """A 0-d int64 device tensor (read in the kernel, as a CUDA graph replays it) gives exactly
+    the step of the same value passed as an int; values >= 2**63 are held as their int64 bits."""
+    table = TABLES["fixedlarge"]
+    x, eps, _ = tensors(shape, torch.float32, layout == CHANNELS_LAST, seed=6)
+    as_tensor = {"seed": seed, "offset": offset}
+    for name in ("seed", "offset") if on_device == "both" else (on_device,):
+        as_tensor[name] = torch.tensor(ops.uint64_as_int64(as_tensor[name]), device=DEVICE)
+    ints = launch(x, eps, 600, table, seed=seed, offset=offset, layout=layout)
+    tensors_ = launch(x, eps, 600, table, layout=layout, **as_tensor)
+    assert torch.equal(tensors_, ints)
+    assert torch.equal(ops.ddpm_step(x, eps, 600, table, backend="triton", **as_tensor), ints)
+
+
 def test_in_kernel_noise_is_deterministic_and_differs_across_seeds_and_offsets():
     table = TABLES["fixedlarge"]
     x, eps, _ = tensors((2, 3, 8, 8), torch.float32, seed=4)
@@ -183,6 +204,26 @@ def test_step_in_a_cuda_graph():
         t.fill_(step)
         graph.replay()
         check(out, x, eps, step, table, torch.float32, seed=9, offset=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA device")
+def test_captured_step_reads_the_offset_at_replay():
+    """Seed and offset as device tensors: each replay draws the noise of the offset written before it."""
+    table = TABLES["fixedlarge"]
+    x, eps, _ = tensors((4, 3, 32, 32), torch.float32, seed=7)
+    seed = torch.tensor(ops.uint64_as_int64(2**64 - 5), device=DEVICE)
+    offset = torch.zeros((), dtype=torch.long, device=DEVICE)
+    ops.ddpm_step(x, eps, 500, table, seed=seed, offset=offset, backend="triton")  # compile outside
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.ddpm_step(x, eps, 500, table, seed=seed, offset=offset, backend="triton")
+    for value in (3, 2**40 + 1, 3):
+        offset.fill_(value)
+        graph.replay()
+        assert torch.equal(
+            out, ops.ddpm_step(x, eps, 500, table, seed=2**64 - 5, offset=value, backend="triton")
+        )
 
 
 @pytest.mark.gpu

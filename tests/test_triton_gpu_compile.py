@@ -72,6 +72,9 @@ def _cases(full: bool):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             kw = {"seed": 2**40 + 3, "offset": 7} if noise == "seed" else {"noise": torch.empty_like(x)}
+            if noise == "device-seed":  # seed and offset read from int64 device scalars (graph replay)
+                scalar = torch.empty((), device=meta, dtype=torch.long)
+                kw = {"seed": scalar, "offset": scalar.clone()}
             tt = t if isinstance(t, int) else torch.zeros(t, device=meta, dtype=torch.long)
             ddpm_step(x, x, tt, tables[table], clip_x0=clip, layout=layout, **kw)
 
@@ -93,6 +96,7 @@ def _cases(full: bool):
     step((1, 3, 32, 32), torch.float32, t=(1,), noise="tensor")
     step((8, 3, 256, 256), torch.bfloat16, t=(8,), channels_last=True, clip=False)
     step((2, 3, 5, 5), torch.float16, layout=FLAT, table="ddim")
+    step((16, 3, 32, 32), torch.float32, t=(), noise="device-seed")  # the graph runner's step
     cases.append(("philox_normal", noise))
     if full:
         for dtype in (torch.float32, torch.bfloat16):

@@ -8,7 +8,9 @@
 // (fastddpm/schedule.py) and t is read from device memory, so a step can be captured in a
 // CUDA graph and replayed for every t. The arithmetic is the reference's, operation by
 // operation and without fused multiply-adds, so with z given the float32 result equals
-// fastddpm.reference.ddpm_step bit for bit; z is `noise` or in-kernel Philox (philox.cuh).
+// fastddpm.reference.ddpm_step bit for bit; z is `noise` or in-kernel Philox (philox.cuh) at
+// (seed, offset), each a launch argument or read from device memory (so a captured step can
+// replay with a new offset).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -43,6 +45,8 @@ struct DdpmStepParams {
   int64_t t_numel;
   int64_t t_host;
   uint64_t seed, offset;
+  const int64_t* seed_device;    // or nullptr: use seed; else its bits are the seed
+  const int64_t* offset_device;  // or nullptr: use offset; else its bits are the offset
   int64_t N, C, HW;
   bool clip_x0;
   bool channels_last;
@@ -61,6 +65,18 @@ __device__ __forceinline__ StepRow load_step_row(const DdpmStepParams& p, int64_
 #pragma unroll
   for (int k = 0; k < kNumStepColumns; ++k) r.c[k] = r.valid ? __ldg(p.coef + row * kNumStepColumns + k) : 0.0f;
   return r;
+}
+
+struct PhiloxKey {
+  uint64_t seed, offset;
+};
+
+// The Philox seed and offset of this launch: from device memory where given.
+__device__ __forceinline__ PhiloxKey load_philox_key(const DdpmStepParams& p) {
+  PhiloxKey k{p.seed, p.offset};
+  if (p.seed_device != nullptr) k.seed = static_cast<uint64_t>(__ldg(p.seed_device));
+  if (p.offset_device != nullptr) k.offset = static_cast<uint64_t>(__ldg(p.offset_device));
+  return k;
 }
 
 // The mean of one element, as fastddpm.reference computes it (no contraction into FMAs).
@@ -84,6 +100,7 @@ __global__ void ddpm_step_vec_kernel(DdpmStepParams p) {
   static_assert(VEC % 4 == 0, "a vector holds whole Philox groups");
   const int64_t chw = p.C * p.HW;
   const int64_t num_vecs = p.N * chw / VEC;
+  const PhiloxKey key = NOISE == FASTDDPM_NOISE_PHILOX ? load_philox_key(p) : PhiloxKey{0, 0};
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < num_vecs;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t first = i * VEC;
@@ -100,7 +117,7 @@ __global__ void ddpm_step_vec_kernel(DdpmStepParams p) {
 #pragma unroll
         for (int q = 0; q < VEC / 4; ++q) {
           float z4[4];
-          philox_normal4(p.seed, p.offset, static_cast<uint64_t>(first / 4 + q), z4);
+          philox_normal4(key.seed, key.offset, static_cast<uint64_t>(first / 4 + q), z4);
 #pragma unroll
           for (int v = 0; v < 4; ++v) z[4 * q + v] = z4[v];
         }
@@ -119,6 +136,7 @@ template <typename T, typename TNoise, int NOISE>
 __global__ void ddpm_step_scalar_kernel(DdpmStepParams p) {
   const int64_t chw = p.C * p.HW;
   const int64_t numel = p.N * chw;
+  const PhiloxKey key = NOISE == FASTDDPM_NOISE_PHILOX ? load_philox_key(p) : PhiloxKey{0, 0};
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / chw;
@@ -134,7 +152,7 @@ __global__ void ddpm_step_scalar_kernel(DdpmStepParams p) {
     if constexpr (NOISE == FASTDDPM_NOISE_TENSOR) {
       z = to_float(static_cast<const TNoise*>(p.noise)[i]);
     } else if constexpr (NOISE == FASTDDPM_NOISE_PHILOX) {
-      if (r.c[kSigma] != 0.0f) z = philox_normal1(p.seed, p.offset, static_cast<uint64_t>(logical));
+      if (r.c[kSigma] != 0.0f) z = philox_normal1(key.seed, key.offset, static_cast<uint64_t>(logical));
     }
     static_cast<T*>(p.out)[i] = from_float<T>(step_out(r, step_mean(r, x, eps, p.clip_x0), z));
   }

@@ -20,7 +20,7 @@
 extern "C" {
 #endif
 
-#define FASTDDPM_ABI_VERSION 1
+#define FASTDDPM_ABI_VERSION 2
 
 /* The library is compiled with hidden visibility; only these entry points are exported. */
 #if defined(__GNUC__)
@@ -84,12 +84,16 @@ FASTDDPM_API int fastddpm_attention(const void* q, const void* k, const void* v,
  * x, eps, out: dtype, all contiguous or all channels_last. coef: the (num_steps, 7) float32
  * step table (columns as in fastddpm/schedule.py). t: int64 device array of t_numel = 1 or N
  * step indices, or NULL to use t_host. A device t outside [0, num_steps) gives NaN output.
- * noise_mode: FASTDDPM_NOISE_*; a noise tensor has the layout of x and noise_dtype. */
+ * noise_mode: FASTDDPM_NOISE_*; a noise tensor has the layout of x and noise_dtype.
+ * FASTDDPM_NOISE_PHILOX draws at (seed, offset); seed_device / offset_device, where not NULL, are
+ * int64 device scalars read by the kernel instead (their bits are the uint64 value), so a step
+ * captured in a CUDA graph replays with the values they hold at replay time. */
 FASTDDPM_API int fastddpm_ddpm_step(const void* x, const void* eps, const void* noise, void* out,
                                     const float* coef, int64_t num_steps, const int64_t* t, int64_t t_numel,
                                     int64_t t_host, int noise_mode, int noise_dtype, uint64_t seed,
-                                    uint64_t offset, int clip_x0, int64_t N, int64_t C, int64_t H, int64_t W,
-                                    int channels_last, int dtype, void* stream);
+                                    uint64_t offset, const int64_t* seed_device,
+                                    const int64_t* offset_device, int clip_x0, int64_t N, int64_t C,
+                                    int64_t H, int64_t W, int channels_last, int dtype, void* stream);
 
 /* The in-kernel noise computed on the host: out[j] = z_j for j < n (see philox.cuh). */
 FASTDDPM_API int fastddpm_philox_normal_host(uint64_t seed, uint64_t offset, int64_t n, float* out);
