@@ -186,6 +186,7 @@ setup(
         "test": [
             "pytest",
             "pytest-benchmark",
+            "matplotlib",  # benchmarks/report.py's plot
             "diffusers>=0.30",
             "ruff",
             "ninja",

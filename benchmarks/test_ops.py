@@ -16,14 +16,14 @@ elsewhere; a backend or SDPA kernel that refuses a shape skips with its own mess
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastddpm import ops, reference
 from fastddpm.schedule import Schedule
+
+from .common import backend_or_skip
 
 REPEAT = 20
 ROUNDS = 10
@@ -38,16 +38,6 @@ pytestmark = pytest.mark.skipif(not CUDA, reason="GPU benchmark: no CUDA device 
 
 def _ids(shapes):
     return ["x".join(map(str, s)) for s in shapes]
-
-
-def backend_or_skip(name: str) -> None:
-    """Skip the row when fastddpm's backend cannot run here, saying why."""
-    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1: the Triton kernels would run in the interpreter, not on the GPU")
-    try:
-        ops.get_backend(name)
-    except ops.BackendUnavailableError as err:
-        pytest.skip(str(err))
 
 
 def compiled(fn):

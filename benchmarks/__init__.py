@@ -1,0 +1,1 @@
+"""pytest-benchmark suites (`pytest benchmarks/ --benchmark-only`) and `python -m benchmarks.report`."""
