@@ -39,6 +39,7 @@ labelled graph=on replays CUDA graphs. The torch.compile rows take minutes each 
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 from collections.abc import Callable
@@ -70,7 +71,7 @@ DIFFUSERS_PRECISIONS = ("fp32", "tf32", "fp16")
 COMPILE_PRECISIONS = ("fp32", "fp16")
 # (precision, channels_last) of fastddpm's CPU rows: plain fp32, and the candidates for the fastest
 # CPU configuration (bf16 runs on AMX / AVX-512 bf16 units; channels_last is oneDNN's native layout).
-CPU_OPTIONS = (("fp32", False), ("fp32", True), ("bf16", True))
+CPU_OPTIONS = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,15 @@ class Case:
     batch: int
     steps: int
     rounds: int
+
+
+@pytest.fixture(autouse=True)
+def release_gpu_memory():
+    """Free each row's CUDA memory (its graphs' pools, the allocator's cache) before the next row."""
+    yield
+    if CUDA:
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def time_rounds(
