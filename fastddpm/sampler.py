@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
+from .precision import Precision
 from .reference import philox_normal, predict_x0
 from .schedule import VARIANCES, Schedule, StepTable
 from .unet import UNet
@@ -86,10 +87,31 @@ def placement(unet: UNet) -> tuple[torch.device, torch.dtype]:
 
 
 class Sampler:
-    """A U-Net and its diffusion, ready to sample: `Sampler(unet, diffusion).sample(16)`."""
+    """A U-Net and its diffusion, ready to sample: `Sampler(unet, diffusion).sample(16)`.
 
-    def __init__(self, unet: UNet, diffusion: DiffusionConfig | None = None) -> None:
-        self.unet = unet
+    precision: None (default) runs the network in its own dtype; "fp32", "tf32", "fp16" or
+    "bf16" converts it IN PLACE to that mode's dtype (see fastddpm.precision), so
+    `sampler.unet` is the caller's module, converted. channels_last=True converts its
+    convolution weights in place to channels_last and feeds it NHWC-strided inputs. In every
+    mode x_t stays float32 and the reverse step runs in float32. compile=True runs the network
+    through `torch.compile(unet, fullgraph=True)` (Inductor; the first call of each batch size
+    compiles, minutes on a CPU); `sampler.unet` stays the eager module.
+    """
+
+    def __init__(
+        self,
+        unet: UNet,
+        diffusion: DiffusionConfig | None = None,
+        *,
+        precision: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        self.precision = Precision(precision, channels_last)
+        self.unet = self.precision.apply(unet)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be a bool, got {compile!r}")
+        self.network = torch.compile(unet, fullgraph=True) if compile else unet
         self.diffusion = diffusion or DiffusionConfig()
 
     def step_table(
@@ -164,6 +186,7 @@ class Sampler:
         clip_x0 = self.diffusion.clip_x0 if clip_x0 is None else clip_x0
         cfg = self.unet.config
         device = table.coef.device
+        self.precision.check_device(device)
         shape = (n, cfg.in_channels, cfg.resolution, cfg.resolution)
         if x_T is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
@@ -179,7 +202,8 @@ class Sampler:
                     x = randn((size, *shape[1:]), generator, device)
                 else:
                     x = philox_normal(seed, noise_offset(b, len(table)), (size, *shape[1:]), device)
-                out.append(self._reverse(x, table, clip_x0, noise, bar, callback, callback_every))
+                with self.precision.scope(device):
+                    out.append(self._reverse(x, table, clip_x0, noise, bar, callback, callback_every))
         return torch.cat(out)
 
     def _reverse(
@@ -199,7 +223,7 @@ class Sampler:
         dtype = placement(self.unet)[1]
         for i in reversed(range(len(table))):
             t = table.timesteps[i]
-            eps = self.unet(x.to(dtype), t.expand(x.shape[0])).float()
+            eps = self.network(self.precision.network_input(x, dtype), t.expand(x.shape[0])).float()
             noise = {}
             if table.stochastic and isinstance(noise_source, tuple):
                 seed, b = noise_source

@@ -167,15 +167,24 @@ class AttnBlock(nn.Module):
         self.heads = 1 if cfg.attn_head_dim is None else channels // cfg.attn_head_dim
 
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        """x (N, C, H, W) -> (N, C, H, W); attention over L = H*W with C // heads per head."""
+        """x (N, C, H, W) -> (N, C, H, W); attention over L = H*W with D = C // heads per head.
+
+        q, k, v are views of the projections, never copies: (N, C, H, W) -> (N, L, C) ->
+        (N, heads, L, D). For a channels_last x they have unit stride along D, as attention
+        kernels read best; the result returns to x's memory format.
+        """
         N, C, H, W = x.shape
+        L, D = H * W, C // self.heads
         h = self.norm(x, silu=False, backend=backend)
 
         def heads(proj: nn.Conv2d) -> torch.Tensor:  # (N, C, H, W) -> (N, heads, L, D)
-            return proj(h).reshape(N, self.heads, C // self.heads, H * W).transpose(-1, -2)
+            return proj(h).flatten(2).transpose(1, 2).view(N, L, self.heads, D).transpose(1, 2)
 
         out = ops.attention(heads(self.q), heads(self.k), heads(self.v), backend=backend)
-        return x + self.proj_out(out.transpose(-1, -2).reshape(N, C, H, W))
+        out = out.transpose(1, 2).reshape(N, H, W, C).permute(0, 3, 1, 2)  # NHWC-strided (N, C, H, W)
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous()
+        return x + self.proj_out(out)
 
 
 class Downsample(nn.Module):
