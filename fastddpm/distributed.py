@@ -16,6 +16,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -43,6 +44,30 @@ class World:
         """Wait for every rank; nothing to wait for in a one-process World."""
         if self.initialized:
             dist.barrier()
+
+    def all_gather(self, obj: object) -> list:
+        """Every rank's `obj` (any picklable value), in rank order; [obj] in a one-process World."""
+        if not self.initialized:
+            return [obj]
+        gathered: list = [None] * self.size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def mean(self, value: float) -> float:
+        """The mean of `value` over the ranks (in float64); `value` itself in a one-process World."""
+        if not self.initialized:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return total.item() / self.size
+
+    def parallel(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` (already on self.device) in DistributedDataParallel when there are several ranks,
+        so that backward averages the gradients over them; `module` itself when there is one."""
+        if self.size == 1:
+            return module
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
 
 
 def init(device: str | torch.device = "cpu", backend: str | None = None, timeout_s: float = 600) -> World:

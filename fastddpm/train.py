@@ -6,6 +6,12 @@ indices, t, eps, flips) comes from one seeded torch.Generator, and dropout from 
 global generator; both states are checkpointed, so a resumed run continues exactly as
 an uninterrupted one.
 
+Under torchrun (see fastddpm.distributed) the network is wrapped in DistributedDataParallel:
+`batch_size` is the global batch, split evenly over the ranks; each rank draws its share,
+its t and its eps from generators seeded by `rank_seed(seed, rank, step)`, and backward
+averages the gradients, so every rank takes the same Adam step. Rank 0 alone keeps the EMA
+and writes the log and the files; the checkpoint holds every rank's generator states.
+
 `out_dir` holds `checkpoint.safetensors` (the whole training state; no pickle),
 `model.safetensors` (the EMA network, loadable by `fastddpm.load`) and
 `train_log.jsonl`. Both files are rewritten atomically every `save_every` steps, so a
@@ -28,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import data as datasets
 from .checkpoints import save_native
+from .distributed import World
 from .io import atomic_write
 from .sampler import DiffusionConfig, Sampler
 from .unet import UNet, UNetConfig
@@ -57,6 +64,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -74,8 +83,21 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a rank's generators when it starts at `step`: `seed` itself for rank 0 at step 0
+    (so one process trains as it always has), else a 64-bit seed derived from (seed, rank, step),
+    whose stream is independent of every other rank's."""
+    if rank == 0 and step == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
+
+
 class Trainer:
-    """Owns the network, its EMA, the optimizer, the random state and the data."""
+    """Owns the network, its EMA, the optimizer, the random state and the data.
+
+    world: this process's place in a torchrun job (fastddpm.distributed.init); None for one
+    process. Its device must be `device`.
+    """
 
     def __init__(
         self,
@@ -84,37 +106,58 @@ class Trainer:
         config: TrainConfig,
         out_dir: str | os.PathLike,
         device: str | torch.device = "cpu",
+        world: World | None = None,
     ) -> None:
         self.config, self.diffusion, self.out_dir = config, diffusion, Path(out_dir)
         self.device = torch.device(device)
+        self.world = World(device=self.device) if world is None else world
+        if self.world.device != self.device:
+            raise ValueError(f"device {self.device} differs from the world's device {self.world.device}")
+        if config.batch_size % self.world.size:
+            raise ValueError(
+                f"batch_size {config.batch_size} (the global batch) must be divisible by the"
+                f" {self.world.size} ranks"
+            )
+        self.local_batch_size = config.batch_size // self.world.size
         self.unet = unet.to(self.device).train()
-        self.ema = UNet(unet.config, backend=unet.backend).to(self.device).eval()
-        self.ema.load_state_dict(unet.state_dict())
-        self.ema.requires_grad_(False)
+        self.model = self.world.parallel(self.unet)  # what the loss calls; self.unet in one process
+        self.ema = None  # rank 0 alone keeps the EMA
+        if self.world.is_main:
+            self.ema = UNet(unet.config, backend=unet.backend).to(self.device).eval()
+            self.ema.load_state_dict(unet.state_dict())
+            self.ema.requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=config.lr)
         self.step = 0
-        self.generator = torch.Generator().manual_seed(config.seed)
-        torch.manual_seed(config.seed)  # dropout
+        self.generator = torch.Generator()
+        self.seed_generators()
         abar = diffusion.schedule().abar
         self.sqrt_abar = torch.tensor(np.sqrt(abar), dtype=torch.float32, device=self.device)
         self.sqrt_one_minus_abar = torch.tensor(np.sqrt(1 - abar), dtype=torch.float32, device=self.device)
         cfg = unet.config
         self.images = torch.from_numpy(datasets.load(config.data, cfg.resolution, cfg.in_channels))
 
+    def seed_generators(self) -> None:
+        """Seed this rank's draws (self.generator) and dropout (torch's global generator) from
+        rank_seed(config.seed, rank, self.step)."""
+        seed = rank_seed(self.config.seed, self.world.rank, self.step)
+        self.generator.manual_seed(seed)
+        torch.manual_seed(seed)
+
     def loss(self, x0: torch.Tensor) -> torch.Tensor:
-        """L_simple for a batch x0 (B, C, H, W) in [-1, 1]: one t and one eps per image."""
+        """L_simple for this rank's batch x0 (B, C, H, W) in [-1, 1]: one t and one eps per image."""
         g, B = self.generator, x0.shape[0]
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g).to(self.device)
         eps = torch.randn(x0.shape, generator=g).to(self.device)
         x_t = self.sqrt_abar[t].view(B, 1, 1, 1) * x0 + self.sqrt_one_minus_abar[t].view(B, 1, 1, 1) * eps
         amp = self.config.amp and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            eps_pred = self.unet(x_t, t)
+            eps_pred = self.model(x_t, t)
         return F.mse_loss(eps_pred.float(), eps)
 
     def batch(self) -> torch.Tensor:
-        """B images drawn uniformly with replacement, flipped at random if hflip; (B, C, H, W) in [-1, 1]."""
-        g, B = self.generator, self.config.batch_size
+        """This rank's B = batch_size / ranks images, drawn uniformly with replacement and flipped at
+        random if hflip; (B, C, H, W) in [-1, 1]."""
+        g, B = self.generator, self.local_batch_size
         x0 = datasets.to_model_range(self.images[torch.randint(0, len(self.images), (B,), generator=g)])
         if self.config.hflip:
             flip = torch.rand(B, generator=g) < 0.5
@@ -122,7 +165,7 @@ class Trainer:
         return x0.to(self.device)
 
     def train_step(self) -> float:
-        """One Adam step with warm-up and clipping, then the EMA update; returns the loss."""
+        """One Adam step with warm-up and clipping, then the EMA update; returns this rank's loss."""
         cfg = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup)
@@ -131,33 +174,38 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        decay = ema_decay_at(self.step, cfg.ema_decay)
-        with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.unet.parameters(), strict=True):
-                e.lerp_(p, 1 - decay)
+        if self.ema is not None:
+            decay = ema_decay_at(self.step, cfg.ema_decay)
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.unet.parameters(), strict=True):
+                    e.lerp_(p, 1 - decay)
         self.step += 1
         return loss.item()
 
     def run(self, progress: bool = True) -> None:
-        """Train up to config.steps, saving every save_every steps and at the end."""
-        cfg, start = self.config, time.time()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        """Train up to config.steps, saving every save_every steps and at the end. The logged loss
+        is the smoothed loss averaged over the ranks."""
+        cfg, start, main = self.config, time.time(), self.world.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         smoothed = None
-        with tqdm(total=cfg.steps, initial=self.step, disable=not progress, unit="step") as bar:
+        with tqdm(total=cfg.steps, initial=self.step, disable=not (progress and main), unit="step") as bar:
             while self.step < cfg.steps:
                 loss = self.train_step()
                 smoothed = loss if smoothed is None else 0.98 * smoothed + 0.02 * loss
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    bar.set_postfix(loss=f"{smoothed:.4f}")
-                    self._log(
-                        {
-                            "step": self.step,
-                            "loss": round(smoothed, 6),
-                            "lr": self.optimizer.param_groups[0]["lr"],
-                            "seconds": round(time.time() - start, 1),
-                        }
-                    )
+                    mean = self.world.mean(smoothed)
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                    if main:
+                        self._log(
+                            {
+                                "step": self.step,
+                                "loss": round(mean, 6),
+                                "lr": self.optimizer.param_groups[0]["lr"],
+                                "seconds": round(time.time() - start, 1),
+                            }
+                        )
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
 
@@ -167,20 +215,33 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything that changes during training, as named tensors."""
+    def rng_states(self) -> dict[str, torch.Tensor]:
+        """This rank's generator states: its draws, dropout, and CUDA's where the device is CUDA."""
+        states = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def state_tensors(self, rng_states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Everything that changes during training, as named tensors; `rng_states` holds each
+        rank's `rng_states()`, stacked here into `rng.NAME` of shape (ranks, state size)."""
         tensors = {f"model.{k}": v for k, v in self.unet.state_dict().items()}
         tensors |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
         for index, state in self.optimizer.state_dict()["state"].items():
             tensors |= {f"optim.{index}.{name}": torch.as_tensor(v) for name, v in state.items()}
-        tensors["rng.generator"] = self.generator.get_state()
-        tensors["rng.torch"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        for name in rng_states[0]:
+            tensors[f"rng.{name}"] = torch.stack([states[name] for states in rng_states])
         return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
     def save(self) -> None:
-        """Atomically write the training checkpoint, then the EMA model."""
+        """Gather every rank's generator states; rank 0 atomically writes the training checkpoint,
+        then the EMA model, while the other ranks wait."""
+        rng_states = self.world.all_gather(self.rng_states())
+        if self.world.is_main:
+            self._write(rng_states)
+        self.world.barrier()
+
+    def _write(self, rng_states: list[dict[str, torch.Tensor]]) -> None:
         metadata = {
             "format": TRAIN_FORMAT,
             "step": str(self.step),
@@ -189,7 +250,7 @@ class Trainer:
             "train_config": json.dumps(asdict(self.config)),
             "param_groups": json.dumps(self.optimizer.state_dict()["param_groups"]),
         }
-        tensors = self.state_tensors()
+        tensors = self.state_tensors(rng_states)
         atomic_write(self.out_dir / CHECKPOINT, lambda p: save_file(tensors, p, metadata=metadata))
         save_native(Sampler(self.ema, self.diffusion), self.out_dir / MODEL)
 
@@ -200,8 +261,15 @@ class Trainer:
         device: str | torch.device = "cpu",
         backend: str = "auto",
         steps: int | None = None,
+        world: World | None = None,
     ) -> Trainer:
-        """Rebuild a Trainer from out_dir's checkpoint; `steps` may extend the run."""
+        """Rebuild a Trainer from out_dir's checkpoint; `steps` may extend the run.
+
+        With as many ranks as the run that saved it, every rank gets its generator states back
+        and the run continues bit for bit. With another number of ranks, each rank re-seeds from
+        rank_seed(seed, rank, step): a valid continuation (same weights, Adam state, EMA, step
+        and global batch), but not the run that was never interrupted.
+        """
         path = Path(out_dir) / CHECKPOINT
         if not path.exists():
             raise FileNotFoundError(f"no training checkpoint to resume: {path}")
@@ -213,27 +281,35 @@ class Trainer:
         if steps is not None:
             config = replace(config, steps=steps)
         unet = UNet(UNetConfig.from_dict(json.loads(meta["unet_config"])), backend=backend)
-        trainer = cls(
-            unet, DiffusionConfig.from_dict(json.loads(meta["diffusion_config"])), config, out_dir, device
-        )
+        diffusion = DiffusionConfig.from_dict(json.loads(meta["diffusion_config"]))
+        trainer = cls(unet, diffusion, config, out_dir, device, world)
         tensors = load_file(str(path))
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         trainer.unet.load_state_dict(part("model."))
-        trainer.ema.load_state_dict(part("ema."))
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(part("ema."))
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in part("optim.").items():
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
         trainer.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-        trainer.generator.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], trainer.device)
         trainer.step = int(meta["step"])
-        trainer._truncate_log()
+        # (ranks, state size); checkpoints written before distributed training hold one 1-D state.
+        rng = {k: v if v.dim() == 2 else v[None] for k, v in part("rng.").items()}
+        if len(rng["generator"]) == trainer.world.size:
+            # A copy of the row: set_state reads a view from its storage's start (torch 2.13).
+            mine = {name: states[trainer.world.rank].clone() for name, states in rng.items()}
+            trainer.generator.set_state(mine["generator"])
+            torch.set_rng_state(mine["torch"])
+            if "cuda" in mine and trainer.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], trainer.device)
+        else:
+            trainer.seed_generators()
+        if trainer.world.is_main:
+            trainer._truncate_log()
         return trainer
 
     def _truncate_log(self) -> None:

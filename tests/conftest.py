@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 # Triton kernels run through the interpreter on machines without a GPU; this must be
@@ -34,6 +35,13 @@ TINY_DIFFUSERS_UNET = {
     "time_embedding_type": "positional",
     "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
 }
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now (for a process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def reference_json(name: str):

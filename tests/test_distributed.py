@@ -1,11 +1,11 @@
 """fastddpm.distributed: the one-process World, a real one-rank gloo group, and clear errors."""
 
-import socket
-
 import pytest
 import torch
 
 from fastddpm import distributed
+
+from .conftest import free_port
 
 
 @pytest.fixture
@@ -13,12 +13,6 @@ def no_torchrun(monkeypatch):
     for name in (*distributed.TORCHRUN_ENV, "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_without_torchrun_one_process_and_nothing_initialised(no_torchrun):
