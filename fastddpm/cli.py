@@ -484,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--resume",
         action="store_true",
-        help="continue --out's checkpoint; every setting then comes from it, except --steps",
+        help="continue --out's checkpoint; every setting then comes from it, except --steps"
+        " (and the number of torchrun ranks: see docs/design-notes.md)",
     )
     tr.add_argument("--preset", default="digits", help="network preset (default digits)")
     tr.add_argument("--data", help="'digits' (default), an .npz of uint8 images, or an image folder")

@@ -73,6 +73,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_ranks_stay_identical_and_draw_their_own_noise(tmp_path):
     """Two ranks with a global batch of 8 stay bit-identical. Were both to draw rank 0's noise, DDP's
     mean of two equal gradients would give exactly the one-process run with a batch of 4; with
@@ -145,6 +146,7 @@ def logged_steps(out) -> list[int]:
     return [json.loads(line)["step"] for line in (out / train.LOG).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_torchrun_training_resumes_with_two_ranks_and_with_one(tmp_path):
     settings = ("--batch-size", "4", "--warmup", "5", "--save-every", "3", "--log-every", "1")
     whole, split = tmp_path / "whole", tmp_path / "split"
