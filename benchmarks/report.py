@@ -9,7 +9,7 @@ of other suites in the same files are passed over). For each row:
 - speed-up = images/s over that of diffusers' fp32 eager row of the same file, device, model and batch.
 Prints a Markdown table, and with --out writes a PNG: images/s against batch size (log-log), one
 panel per (device, model), one line per system and precision; where a system has several rows at
-one batch and precision (fastddpm's backends, graph on/off, channels_last), the line takes the fastest.
+one batch and precision (fastddpm's backends, graph, channels_last, compile), the line takes the fastest.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ COLUMNS = (
     "layout",
     "backend",
     "graph",
+    "compile",
     "batch",
     "ms/step",
     "images/s",
@@ -53,6 +54,7 @@ class Row:
     backend: str
     graph: bool
     channels_last: bool
+    compiled: bool
     batch: int
     ms_per_step: float
     images_per_s: float
@@ -73,6 +75,7 @@ class Row:
             "nhwc" if self.channels_last else "nchw",
             self.backend,
             "on" if self.graph else "off",
+            "on" if self.compiled else "off",
             str(self.batch),
             f"{self.ms_per_step:.3f}",
             f"{self.images_per_s:.4g}",
@@ -113,6 +116,7 @@ def load_rows(path: str | os.PathLike) -> list[Row]:
                     backend=info["backend"],
                     graph=bool(info["graph"]),
                     channels_last=bool(info["channels_last"]),
+                    compiled=bool(info["compile"]),
                     batch=int(info["batch"]),
                     ms_per_step=step * 1e3,
                     images_per_s=info["batch"] / (T * step),

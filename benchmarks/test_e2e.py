@@ -25,10 +25,11 @@ autotunes and captures. What a round runs, per system:
 - "fastddpm": one `Sampler.sample(B, steps=S, seed=0, batch_size=B, progress=False)` call: the Philox
   x_T, the respaced step table, S U-Net + ops.ddpm_step calls, with the CUDA-graph runner
   (`cuda_graph=True`) or without (`cuda_graph=False`), for each backend and precision. CPU rows: fp32,
-  and the candidates for the fastest CPU configuration (CPU_OPTIONS), torch backend.
+  and the candidates for the fastest CPU configuration (CPU_OPTIONS: bf16, channels_last, and the
+  network under `Sampler(compile=True)`, torch.compile fullgraph), torch backend.
 
 extra_info: ms_per_step = round median / S; images_per_s = B / (1000 * step time), the rate of a
-1000-step sample; plus system, model, device, batch, precision, backend, graph, channels_last and
+1000-step sample; plus system, model, device, batch, precision, backend, graph, channels_last, compile and
 the torch / diffusers / fastddpm versions. Groups: "<model> <device type> batch <B>".
 GPU rows are marked `gpu` and skip with the reason without a CUDA device; a backend that cannot run
 skips with its reason, a configuration that refuses (ValueError) skips with its message, and so
@@ -71,7 +72,14 @@ DIFFUSERS_PRECISIONS = ("fp32", "tf32", "fp16")
 COMPILE_PRECISIONS = ("fp32", "fp16")
 # (precision, channels_last) of fastddpm's CPU rows: plain fp32, and the candidates for the fastest
 # CPU configuration (bf16 runs on AMX / AVX-512 bf16 units; channels_last is oneDNN's native layout).
-CPU_OPTIONS = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
+# (precision, channels_last, compile) of fastddpm's CPU rows.
+CPU_OPTIONS = (
+    ("fp32", False, False),
+    ("fp32", True, False),
+    ("bf16", False, False),
+    ("bf16", True, False),
+    ("bf16", True, True),
+)
 
 
 @dataclass(frozen=True)
@@ -235,17 +243,32 @@ def diffusers_row(benchmark, case: Case, precision: str, *, compiled: bool) -> N
             backend="inductor" if compiled else "eager",
             graph=compiled,
             channels_last=False,
+            compile=compiled,
         )
 
 
 def fastddpm_row(
-    benchmark, case: Case, *, backend: str, precision: str, channels_last: bool, graph: bool
+    benchmark,
+    case: Case,
+    *,
+    backend: str,
+    precision: str,
+    channels_last: bool,
+    graph: bool,
+    compile: bool = False,
 ) -> None:
     """Time one `Sampler.sample` call of S steps, with (graph) or without the CUDA-graph runner. A graph
     row whose runner captured nothing in the warm-up (it fell back to eager) skips."""
     backend_or_skip(backend)
+    if compile:
+        torch._dynamo.reset()  # as for diffusers: no earlier row's compiled code or shape history
     sampler = case.model.fastddpm(
-        case.device, backend, precision=precision, channels_last=channels_last, cuda_graph=graph
+        case.device,
+        backend,
+        precision=precision,
+        channels_last=channels_last,
+        cuda_graph=graph,
+        compile=compile,
     )
 
     def run() -> None:
@@ -266,6 +289,7 @@ def fastddpm_row(
         backend=backend,
         graph=graph,
         channels_last=channels_last,
+        compile=compile,
     )
 
 
@@ -309,11 +333,19 @@ def test_diffusers_cpu(benchmark, model, batch):
 
 
 @pytest.mark.parametrize(
-    ("precision", "channels_last"), CPU_OPTIONS, ids=[f"{p}-cl{int(c)}" for p, c in CPU_OPTIONS]
+    ("precision", "channels_last", "compile"),
+    CPU_OPTIONS,
+    ids=[f"{p}-cl{int(c)}" + ("-compile" if k else "") for p, c, k in CPU_OPTIONS],
 )
 @pytest.mark.parametrize(("model", "batch"), CPU_CASES, ids=case_ids(CPU_CASES))
-def test_fastddpm_cpu(benchmark, model, batch, precision, channels_last):
+def test_fastddpm_cpu(benchmark, model, batch, precision, channels_last, compile):
     case = Case(MODELS[model], CPU, batch, CPU_STEPS, CPU_ROUNDS)
     fastddpm_row(
-        benchmark, case, backend="torch", precision=precision, channels_last=channels_last, graph=False
+        benchmark,
+        case,
+        backend="torch",
+        precision=precision,
+        channels_last=channels_last,
+        graph=False,
+        compile=compile,
     )

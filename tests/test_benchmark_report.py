@@ -44,7 +44,8 @@ def test_other_suite(benchmark):  # a row without the e2e extra_info, as test_op
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    """The JSON that `pytest --benchmark-only --benchmark-json` wrote for TINY_SUITE."""
+    """The JSON that `pytest --benchmark-only --benchmark-json` wrote for TINY_SUITE (in a subprocess:
+    the tests that take it are marked slow)."""
     folder = tmp_path_factory.mktemp("e2e")
     (folder / "test_tiny_e2e.py").write_text(TINY_SUITE)
     out = folder / "tiny.json"
@@ -68,6 +69,7 @@ def e2e_benchmarks(path: Path) -> list[dict]:
     return [b for b in json.loads(path.read_text())["benchmarks"] if "system" in b["extra_info"]]
 
 
+@pytest.mark.slow
 def test_rows_are_computed_from_the_file(results):
     raw = {(b["extra_info"]["system"], b["extra_info"]["batch"]): b for b in e2e_benchmarks(results)}
     rows = report.load_rows(results)
@@ -84,9 +86,10 @@ def test_rows_are_computed_from_the_file(results):
         assert r.speedup == pytest.approx(base_step / step)
         assert (r.model, r.precision, r.channels_last) == ("tiny", "fp32", False)
         assert r.backend == {"diffusers": "eager", "fastddpm": "torch"}[r.system]
-        assert r.graph is False
+        assert r.graph is r.compiled is False
 
 
+@pytest.mark.slow
 def test_table_prints_every_row_with_its_speedup(results, capsys):
     assert report.main([str(results)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -98,10 +101,11 @@ def test_table_prints_every_row_with_its_speedup(results, capsys):
         if cells[0] == "diffusers":
             assert cells[-1] == "1.00x"
         else:
-            row = next(r for r in rows if (r.system, str(r.batch)) == (cells[0], cells[7]))
+            row = next(r for r in rows if (r.system, str(r.batch)) == (cells[0], cells[8]))
             assert cells[-1] == f"{row.speedup:.2f}x"
 
 
+@pytest.mark.slow
 def test_plot_has_a_panel_per_device_and_model(results, tmp_path):
     out = tmp_path / "plot.png"
     assert report.main([str(results), "--out", str(out)]) == 0
@@ -123,6 +127,7 @@ def test_plot_has_a_panel_per_device_and_model(results, tmp_path):
     assert (tmp_path / "two.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_line_takes_the_fastest_of_a_systems_configurations(results):
     rows = [r for r in report.load_rows(results) if r.system == "fastddpm"]
     faster = [replace(r, backend="cuda", graph=True, images_per_s=3 * r.images_per_s) for r in rows]
@@ -147,6 +152,7 @@ def test_a_file_that_is_not_pytest_benchmark_json_is_refused(tmp_path, capsys, t
     assert "is not a pytest-benchmark JSON file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_e2e_row_missing_a_field_is_refused(results, tmp_path):
     data = json.loads(results.read_text())
     next(b for b in data["benchmarks"] if "system" in b["extra_info"])["extra_info"].pop("batch")
@@ -156,6 +162,7 @@ def test_an_e2e_row_missing_a_field_is_refused(results, tmp_path):
         report.load_rows(broken)
 
 
+@pytest.mark.slow
 def test_a_file_without_e2e_rows_is_an_error(results, tmp_path, capsys):
     data = json.loads(results.read_text())
     data["benchmarks"] = [b for b in data["benchmarks"] if "system" not in b["extra_info"]]
@@ -166,6 +173,7 @@ def test_a_file_without_e2e_rows_is_an_error(results, tmp_path, capsys):
     assert "no end-to-end rows" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_plot_without_matplotlib_says_how_to_get_it(results, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
