@@ -257,19 +257,16 @@ def fastddpm_row(
     graph: bool,
     compile: bool = False,
 ) -> None:
-    """Time one `Sampler.sample` call of S steps, with (graph) or without the CUDA-graph runner. A graph
-    row whose runner captured nothing in the warm-up (it fell back to eager) skips."""
+    """Time one `Sampler.sample` call of S steps, on CUDA with (graph) or without (cuda_graph=False) the
+    CUDA-graph runner; on the CPU with the Sampler's default, eager there. A graph row whose runner
+    captured nothing in the warm-up (it fell back to eager) skips."""
     backend_or_skip(backend)
     if compile:
         torch._dynamo.reset()  # as for diffusers: no earlier row's compiled code or shape history
-    sampler = case.model.fastddpm(
-        case.device,
-        backend,
-        precision=precision,
-        channels_last=channels_last,
-        cuda_graph=graph,
-        compile=compile,
-    )
+    options = {"precision": precision, "channels_last": channels_last, "compile": compile}
+    if case.device.type == "cuda":
+        options["cuda_graph"] = graph
+    sampler = case.model.fastddpm(case.device, backend, **options)
 
     def run() -> None:
         sampler.sample(case.batch, steps=case.steps, seed=0, batch_size=case.batch, progress=False)
