@@ -70,6 +70,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise ValueError(
             f"{model} is a full-step export: its steps and sampler were fixed when it was exported"
         )
+    if args.cuda_graph is not None:
+        if not isinstance(sampler, Sampler):
+            raise ValueError(f"{model} is a full-step export, run by onnxruntime: drop --(no-)cuda-graph")
+        sampler.cuda_graph = args.cuda_graph
     if _is_run_dir(args.out):
         if not isinstance(sampler, Sampler):
             raise ValueError("a sharded run (--out DIR) needs a PyTorch model, not an ONNX export")
@@ -475,6 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the network's precision (default: the checkpoint's dtype); x_t and the step stay fp32",
     )
     s.add_argument("--channels-last", action="store_true", help="run the network channels_last (NHWC)")
+    s.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on CUDA, replay one captured step per step (fastddpm.graphs); default: where possible."
+        " Steps that add noise replay only with seeded noise, which --out DIR runs use (a grid's"
+        " generator noise samples eagerly, with a notice)",
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_strip_options(s)
     s.set_defaults(func=cmd_sample)

@@ -79,6 +79,16 @@ def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _rows(table: StepTable, t: int | torch.Tensor) -> torch.Tensor:
+    """Row t of the table, (NUM_COEFS,) for an int or a 0-d t, (N, NUM_COEFS) for an (N,) t. A
+    tensor t is gathered on its device: `coef[t]` with a 0-d tensor would read it on the host,
+    which a CUDA graph capture cannot do."""
+    if not isinstance(t, torch.Tensor):
+        return table.coef[t]
+    rows = table.coef.index_select(0, t.reshape(-1).to(device=table.coef.device, dtype=torch.int64))
+    return rows[0] if t.dim() == 0 else rows
+
+
 def _column(coef: torch.Tensor, index: int) -> torch.Tensor:
     """One coefficient for broadcasting against (N, C, H, W): () or, per sample, (N, 1, 1, 1)."""
     c = coef[..., index]
@@ -93,7 +103,7 @@ def predict_x0(
     clip_x0: bool = True,
 ) -> torch.Tensor:
     """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps, clamped to [-1, 1] if clip_x0; float32."""
-    coef = table.coef[t]
+    coef = _rows(table, t)
     x0 = _column(coef, SQRT_RECIP_ABAR) * x_t.float() - _column(coef, SQRT_RECIPM1_ABAR) * eps.float()
     return x0.clamp(-1.0, 1.0) if clip_x0 else x0
 
@@ -115,7 +125,7 @@ def ddpm_step(
     eps form mean = direct_xt * x_t - direct_eps * eps. z is `noise`, or
     `philox_normal(seed, offset)` when a seed is given (each an int or a 0-d int64 tensor).
     """
-    coef = table.coef[t]
+    coef = _rows(table, t)
     if clip_x0:
         x0 = predict_x0(x_t, eps, t, table, clip_x0=True)
         mean = _column(coef, COEF_X0) * x0 + _column(coef, COEF_XT) * x_t.float()

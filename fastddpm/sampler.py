@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
+from .graphs import GraphRunner
 from .precision import Precision
 from .reference import philox_normal, predict_x0
 from .schedule import VARIANCES, Schedule, StepTable
@@ -96,6 +97,10 @@ class Sampler:
     mode x_t stays float32 and the reverse step runs in float32. compile=True runs the network
     through `torch.compile(unet, fullgraph=True)` (Inductor; the first call of each batch size
     compiles, minutes on a CPU); `sampler.unet` stays the eager module.
+
+    cuda_graph: on CUDA, run each batch by replaying one captured step (fastddpm.graphs): None
+    (default) where possible, True to ask for it (a one-line notice where it falls back to
+    eager), False never. Replays need seeded noise (`sample(seed=...)`) for steps that add noise.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class Sampler:
         precision: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        cuda_graph: bool | None = None,
     ) -> None:
         self.precision = Precision(precision, channels_last)
         self.unet = self.precision.apply(unet)
@@ -113,6 +119,23 @@ class Sampler:
             raise ValueError(f"compile must be a bool, got {compile!r}")
         self.network = torch.compile(unet, fullgraph=True) if compile else unet
         self.diffusion = diffusion or DiffusionConfig()
+        self.cuda_graph = cuda_graph
+
+    @property
+    def cuda_graph(self) -> bool | None:
+        """None (graphs where possible), True (asked for) or False (never); see the class docstring."""
+        return self._cuda_graph
+
+    @cuda_graph.setter
+    def cuda_graph(self, value: bool | None) -> None:
+        if not (value is None or isinstance(value, bool)):
+            raise ValueError(f"cuda_graph must be None (where possible), True or False, got {value!r}")
+        self._cuda_graph = value
+        self.graph_runner = None if value is False else GraphRunner(self, requested=value)
+
+    def predict_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's eps (N, C, H, W) float32 for x_t (N, C, H, W) float32 at timesteps t (N,)."""
+        return self.network(self.precision.network_input(x, placement(self.unet)[1]), t).float()
 
     def step_table(
         self,
@@ -219,11 +242,14 @@ class Sampler:
         """Run every step of `table` from x = x_T (N, C, H, W) float32; returns x_0.
 
         noise_source: a generator (or None: torch's global one), or (seed, batch index)
-        for in-kernel Philox noise."""
-        dtype = placement(self.unet)[1]
+        for in-kernel Philox noise. On CUDA the graph runner replays a captured step instead."""
+        if self.graph_runner is not None:
+            x0 = self.graph_runner.reverse(x, table, clip_x0, noise_source, bar, callback, callback_every)
+            if x0 is not None:
+                return x0
         for i in reversed(range(len(table))):
             t = table.timesteps[i]
-            eps = self.network(self.precision.network_input(x, dtype), t.expand(x.shape[0])).float()
+            eps = self.predict_eps(x, t.expand(x.shape[0]))
             noise = {}
             if table.stochastic and isinstance(noise_source, tuple):
                 seed, b = noise_source

@@ -1,0 +1,255 @@
+"""The graph runner: on CUDA, one whole reverse step captured as a CUDA graph, replayed S times.
+
+A DDPM sample is S calls of the same network. At small batch the GPU waits on the host launching
+the U-Net's hundreds of kernels; a CUDA graph launches them all with one call. `GraphRunner`
+captures one step
+
+    t = timesteps[i];  eps = predict_eps(x, t)
+    x <- ddpm_step(x, eps, i, seed, offset = base + i);  i <- i - 1
+
+where x (N, C, H, W) float32, i, seed and base are static device buffers, and replays it for
+every step: per step the host does one `graph.replay()` and nothing else. The step index i
+lives on the device and the graph itself decrements it; the network's timestep is gathered on
+the device from the runner's copy of `table.timesteps`; the fused `ops.ddpm_step` reads its
+table row at i, and draws z in the kernel from Philox with the seed and the offset read from
+device scalars (`ops.ddpm_step` takes them as 0-d int64 tensors). Before each batch the host
+writes x_T into x, S - 1 into i, the seed and the batch's base offset; after the last replay x
+holds x_0, which is copied out (the buffer is reused by the next batch).
+
+The noise is the sampler's seeded mode (`Sampler.sample(seed=...)`): step i of batch b draws
+at offset `sampler.noise_offset(b, S, i)`, the offset the eager loop passes as an int, so a
+replayed run gives the eager run's images. A torch.Generator cannot be replayed (each replay
+would reuse the captured draws), so steps that draw from one run eagerly; a table whose steps
+add no noise (DDIM with eta = 0) needs no seed and is captured whatever its x_T came from.
+
+Capture: a warm-up of two steps on a side stream first (Triton's JIT, cuDNN/cuBLAS handles and
+workspaces, the CUDA library's device queries stay out of the graph), then the capture, in
+"thread_local" error mode. Graphs are cached by everything a capture bakes in: device, batch
+shape, the network's dtype, memory format and parameters (their addresses: a graph reads the
+weights where they were at capture), the resolved backend, the table's contents (the runner
+keeps its own copy: a sampler builds a new table per call), clip_x0, whether the steps draw
+noise, the TF32 flags and train/eval mode. The seed is not part of the key (it is a device
+scalar), so a sharded run with a seed per shard reuses one graph. At most `max_graphs` are
+kept (least recently used first out); all share one memory pool, since they never run at the
+same time and every buffer read after a replay is held by its graph.
+
+Callbacks (x0 predictions every k steps): the graph stays whole. On a step that has one, the
+runner copies x_t before the replay and, after it, calls callback(i, t, x_t, x0_pred) with
+x0_pred computed from that copy and the graph's static eps buffer, outside the graph: the
+arguments equal the eager loop's, which calls the callback before its step.
+
+Fallback: eager sampling, with a one-line notice (a warning of the `fastddpm.graphs` logger,
+which Python prints to stderr when logging is not configured) once per cause and runner, where
+the runner cannot serve: not a CUDA device (silent unless the graph was requested), steps that
+draw from a generator, or a capture that failed (that key is then not tried again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import ops
+from .reference import predict_x0
+from .schedule import StepTable
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from .sampler import Sampler, StepCallback
+
+WARMUP_STEPS = 2
+LOG = logging.getLogger(__name__)
+
+
+class GraphedStep:
+    """One reverse step at a fixed batch on static buffers: x (N, C, H, W) float32, the step index
+    i, the seed and the base offset (0-d int64), and eps (N, C, H, W) float32, the step's output.
+
+    `advance()` runs the step: the body itself until `capture()`, then one replay of its graph.
+    Before a capture, `run` therefore samples eagerly with exactly the work the graph will hold
+    (which is how the CPU tests check that work).
+    """
+
+    def __init__(
+        self,
+        predict_eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        backend: str,
+        table: StepTable,
+        x_T: torch.Tensor,
+        clip_x0: bool,
+    ) -> None:
+        device = x_T.device
+        self.predict_eps, self.backend, self.clip_x0 = predict_eps, backend, clip_x0
+        self.seeded = table.stochastic  # steps that add noise draw it in-kernel from (seed, base + i)
+        # A graph reads these addresses at every replay: its own copies, alive as long as it is.
+        self.table = StepTable(table.coef.clone(), table.timesteps.clone(), table.stochastic)
+        self.x = x_T.detach().clone()
+        self.eps: torch.Tensor | None = None  # set by each step before a capture, then the graph's output
+        self.i = torch.full((), len(table) - 1, dtype=torch.int64, device=device)
+        self.seed = torch.zeros((), dtype=torch.int64, device=device)
+        self.base = torch.zeros((), dtype=torch.int64, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _step(self) -> torch.Tensor:
+        """x <- x_{t-1}, i <- i - 1; returns eps. Only device work: it is what the graph holds."""
+        t = self.table.timesteps.index_select(0, self.i.view(1)).expand(self.x.shape[0])
+        eps = self.predict_eps(self.x, t)
+        noise = {"seed": self.seed, "offset": self.base + self.i} if self.seeded else {}
+        x_prev = ops.ddpm_step(
+            self.x, eps, self.i, self.table, clip_x0=self.clip_x0, backend=self.backend, **noise
+        )
+        self.x.copy_(x_prev)
+        self.i.sub_(1)
+        return eps
+
+    def advance(self) -> None:
+        """One step: a replay of the graph once captured, else the body (eps into self.eps)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.eps = self._step()
+
+    def capture(self, pool: tuple) -> None:
+        """Warm up on a side stream, then capture the step into a CUDA graph using memory `pool`."""
+        device = self.x.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            self.eps = self._step()  # the graph's static output: every replay rewrites it
+        self.graph = graph
+
+    def run(
+        self,
+        x_T: torch.Tensor,
+        seed: int | None,
+        base_offset: int,
+        bar: tqdm,
+        callback: StepCallback | None,
+        callback_every: int,
+    ) -> torch.Tensor:
+        """All steps from x_T (N, C, H, W) float32; returns x_0 (a new tensor)."""
+        S = len(self.table)
+        self.x.copy_(x_T)
+        self.i.fill_(S - 1)
+        if self.seeded:
+            self.seed.fill_(ops.uint64_as_int64(seed))
+            self.base.fill_(ops.uint64_as_int64(base_offset))
+        for i in reversed(range(S)):
+            due = callback is not None and i % callback_every == 0
+            x_t = self.x.clone() if due else None
+            self.advance()
+            if due:
+                t = int(self.table.timesteps[i])
+                callback(i, t, x_t, predict_x0(x_t, self.eps, i, self.table, self.clip_x0))
+            bar.update(1)
+        return self.x.clone()
+
+
+class GraphRunner:
+    """Whole-step CUDA graphs for one Sampler (see the module docstring).
+
+    requested: True (the caller asked: a fallback is noticed, on the CPU too) or None (use graphs
+    where possible: eager on the CPU silently). max_graphs: how many captured steps to keep.
+    """
+
+    def __init__(self, sampler: Sampler, requested: bool | None = None, max_graphs: int = 8) -> None:
+        self.sampler, self.requested, self.max_graphs = sampler, requested, max_graphs
+        self._graphs: OrderedDict[tuple, GraphedStep] = OrderedDict()
+        self.captures = 0  # graphs captured so far (a cache hit captures none)
+        self._failed: set[tuple] = set()
+        self._noticed: set[str] = set()
+        self._pools: dict[torch.device, tuple] = {}
+
+    def _notice(self, cause: str, message: str) -> None:
+        if cause not in self._noticed:
+            self._noticed.add(cause)
+            LOG.warning("fastddpm: no CUDA graph: %s; sampling eagerly", message)
+
+    def reverse(
+        self,
+        x_T: torch.Tensor,
+        table: StepTable,
+        clip_x0: bool,
+        noise_source: torch.Generator | tuple[int, int] | None,
+        bar: tqdm,
+        callback: StepCallback | None,
+        callback_every: int,
+    ) -> torch.Tensor | None:
+        """x_0 from x_T (N, C, H, W) float32 by graph replays, or None: the caller samples eagerly."""
+        from .sampler import noise_offset
+
+        device = x_T.device
+        if device.type != "cuda":
+            if self.requested:
+                self._notice("device", f"the sampler runs on {device}; CUDA graphs need a CUDA device")
+            return None
+        seeded = isinstance(noise_source, tuple)
+        if table.stochastic and not seeded:
+            self._notice(
+                "generator",
+                "the steps draw their noise from a torch.Generator, which a graph cannot replay"
+                " (sample with seed= for in-kernel noise)",
+            )
+            return None
+        key = self._key(x_T, table, clip_x0)
+        if key in self._failed:
+            return None
+        step = self._graphs.get(key)
+        if step is None:
+            step = self._capture(key, x_T, table, clip_x0)
+            if step is None:
+                return None
+        self._graphs.move_to_end(key)
+        seed, base = (noise_source[0], noise_offset(noise_source[1], len(table), 0)) if seeded else (None, 0)
+        return step.run(x_T, seed, base, bar, callback, callback_every)
+
+    def _capture(self, key: tuple, x_T: torch.Tensor, table: StepTable, clip_x0: bool) -> GraphedStep | None:
+        backend = ops.resolve_backend(self.sampler.unet.backend, x_T.device)
+        if x_T.device not in self._pools:
+            self._pools[x_T.device] = torch.cuda.graph_pool_handle()
+        try:
+            step = GraphedStep(self.sampler.predict_eps, backend, table, x_T, clip_x0)
+            step.capture(self._pools[x_T.device])
+        except Exception as err:  # any failure to capture: the eager loop still works
+            self._failed.add(key)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            self._notice(f"capture:{backend}", f"capturing the step failed ({type(err).__name__}: {reason})")
+            return None
+        self.captures += 1
+        self._graphs[key] = step
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return step
+
+    def _key(self, x_T: torch.Tensor, table: StepTable, clip_x0: bool) -> tuple:
+        """Everything a capture bakes in (the module docstring lists it)."""
+        unet = self.sampler.unet
+        weights = ()
+        if isinstance(unet, torch.nn.Module):
+            weights = (unet.training,) + tuple(
+                (t.data_ptr(), t.dtype, t.stride()) for t in (*unet.parameters(), *unet.buffers())
+            )
+        contents = hashlib.sha256(table.coef.cpu().numpy().tobytes())
+        contents.update(table.timesteps.cpu().numpy().tobytes())
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        backend = ops.resolve_backend(unet.backend, x_T.device)
+        return (
+            x_T.device, tuple(x_T.shape), backend, hashlib.sha256(repr(weights).encode()).hexdigest(),
+            contents.hexdigest(), table.stochastic, clip_x0, tf32,
+        )  # fmt: skip
+
+    @property
+    def cached(self) -> int:
+        """How many captured steps the cache holds."""
+        return len(self._graphs)
