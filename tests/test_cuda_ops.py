@@ -210,6 +210,26 @@ def test_graph_captured_step_equals_eager():
         )
 
 
+def test_graph_captured_step_reads_seed_and_offset_at_replay():
+    """Seed and offset as 0-d int64 device tensors: each replay draws at the values written
+    before it (what the graph runner relies on), bit for bit the step given them as ints."""
+    table = cuda_cases.step_table("cuda")
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    eps = torch.randn_like(x)
+    seed = torch.tensor(ops.uint64_as_int64(2**64 - 3), device="cuda")
+    offset = torch.zeros((), dtype=torch.long, device="cuda")
+    step = lambda: ops.ddpm_step(x, eps, 60, table, seed=seed, offset=offset, backend="cuda")  # noqa: E731
+    step()  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for value in (5, 2**40 + 7, 5):
+        offset.fill_(value)
+        graph.replay()
+        expected = ops.ddpm_step(x, eps, 60, table, seed=2**64 - 3, offset=value, backend="cuda")
+        torch.testing.assert_close(captured, expected, rtol=0, atol=0)
+
+
 def test_graph_captured_unet_equals_eager():
     torch.manual_seed(0)
     net = UNet(preset("tiny"), backend="cuda").eval().cuda()
