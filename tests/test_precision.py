@@ -16,10 +16,10 @@ from .test_reference_ops import TOLERANCE, relative_error
 
 CPU_BACKENDS = ["torch", "triton"]  # triton through its interpreter (tests/conftest.py)
 
-# Bounds on the final samples' distance from fp32 (in [-1, 1] units) for the tiny random-weight
-# U-Net over 5 steps from the same noise. Measured: fp16 ~1e-3, bf16 ~1e-2 at most
-# (python -m benchmarks.precision gives the figures for real models).
-SAMPLE_BOUND = {"fp32": 0.0, "tf32": 0.0, "fp16": 0.02, "bf16": 0.1}
+# Bounds on the final samples' max distance from fp32 (in [-1, 1] units) for the tiny random-weight
+# U-Net over 5 steps from the same noise: about 3x what an AVX-512 CPU gave (fp16 0.008-0.010,
+# bf16 0.054-0.076, NCHW-channels_last). `python -m benchmarks.precision` measures real models.
+SAMPLE_BOUND = {"fp32": 0.0, "tf32": 0.0, "fp16": 0.03, "bf16": 0.2}
 
 
 def samples(precision: str | None, channels_last: bool = False, backend: str = "torch") -> torch.Tensor:
@@ -159,7 +159,7 @@ def test_each_mode_on_cuda_stays_near_fp32(mode):
         return sampler.sample(2, steps=5, x_T=x_T, generator=torch.Generator().manual_seed(2), progress=False)
 
     diff = (run(mode) - run("fp32")).abs().max().item()
-    assert diff <= {"fp32": 1e-4, "tf32": 0.02, "fp16": 0.02, "bf16": 0.1}[mode]
+    assert diff <= {**SAMPLE_BOUND, "fp32": 1e-4, "tf32": 0.03}[mode]  # TF32: 10-bit mantissa products
 
 
 def test_bad_modes_and_options_are_refused():
@@ -194,20 +194,35 @@ def test_cli_precision_and_channels_last(tmp_path):
 # --- torch.compile ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["fp32", "fp16", "bf16"])  # tf32 is fp32 on the CPU
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_compile_fullgraph_inductor_reference_backend(mode, channels_last):
-    """The U-Net compiles as one graph (fullgraph=True: a graph break raises) with Inductor on the
-    CPU, backend "torch", in every dtype and memory format, and equals eager."""
+# Inductor's C++ build takes minutes per configuration on a CPU, so it compiles the two that matter on
+# the CPU (plain fp32, and bf16 channels_last, the fastest); the other dtype and layout combinations
+# compile with aot_eager, where Dynamo's fullgraph tracing (the graph-break check) is the same.
+COMPILE_CASES = [
+    ("fp32", False, "inductor"),
+    ("bf16", True, "inductor"),
+    ("fp32", True, "aot_eager"),
+    ("fp16", False, "aot_eager"),
+    ("fp16", True, "aot_eager"),
+    ("bf16", False, "aot_eager"),
+]  # tf32 is fp32 on the CPU
+
+
+@pytest.mark.parametrize(("mode", "channels_last", "compiler"), COMPILE_CASES)
+def test_compile_fullgraph_reference_backend(mode, channels_last, compiler):
+    """The U-Net compiles as one graph (fullgraph=True: a graph break raises) on the CPU with backend
+    "torch", in every dtype and memory format, through Sampler(compile=True), and equals eager."""
     unet = tiny_unet("torch")
-    sampler = fastddpm.Sampler(unet, precision=mode, channels_last=channels_last)
+    sampler = fastddpm.Sampler(unet, precision=mode, channels_last=channels_last, compile=True)
     dtype = unet.conv_in.weight.dtype
     x = sampler.precision.network_input(torch.randn(1, 3, 16, 16), dtype)
     t = torch.tensor([500])
     torch._dynamo.reset()
     with torch.no_grad():
         eager = unet(x, t)
-        compiled = torch.compile(unet, fullgraph=True, backend="inductor")(x, t)
+        if compiler == "inductor":
+            compiled = sampler.network(x, t)  # torch.compile(unet, fullgraph=True): Inductor
+        else:
+            compiled = torch.compile(unet, fullgraph=True, backend=compiler)(x, t)
     assert compiled.dtype == dtype
     assert compiled.is_contiguous(memory_format=torch.channels_last) == channels_last
     bound = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}[mode]  # Inductor fuses, so rounding differs
