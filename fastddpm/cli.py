@@ -352,6 +352,8 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
     seeds = args.seeds if args.seeds is not None else [0, 1]
     if len(seeds) != 2:
         raise ValueError(f"--seeds takes two seeds A,B, got {len(seeds)}")
+    if args.png_scale < 1:
+        raise ValueError(f"--png-scale must be a positive int, got {args.png_scale}")
     sampler = _load(args, str(args.model or checkpoints.DEFAULT_MODEL))
     sampler.unet.to(args.device)
     options = {"steps": args.steps, "method": args.sampler, "eta": args.eta}
