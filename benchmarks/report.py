@@ -6,7 +6,8 @@ Reads the rows test_e2e.py wrote (benchmarks with `system` and `steps_per_round`
 of other suites in the same files are passed over). For each row:
 - ms/step = the round's median time / steps per round (a round is one S-step reverse process);
 - images/s = batch / (1000 * step time), the rate of a 1000-step sample;
-- speed-up = images/s over that of diffusers' fp32 eager row of the same file, device, model and batch.
+- speed-up = images/s over that of diffusers' fp32 eager row of the same device, model and batch
+  (from the same file where it has one: see `load`).
 Prints a Markdown table, and with --out writes a PNG: images/s against batch size (log-log), one
 panel per (device, model), one line per system and precision; where a system has several rows at
 one batch and precision (fastddpm's backends, graph, channels_last, compile), the line takes the fastest.
@@ -19,7 +20,7 @@ import json
 import os
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastddpm.io import atomic_write
@@ -61,9 +62,9 @@ class Row:
     speedup: float | None = None
 
     @property
-    def where(self) -> tuple[str, str, str, int]:
-        """What a speed-up must hold equal: file, device, model, batch."""
-        return self.file, self.device, self.model, self.batch
+    def where(self) -> tuple[str, str, int]:
+        """What a speed-up must hold equal: device, model, batch."""
+        return self.device, self.model, self.batch
 
     def cells(self) -> tuple[str, ...]:
         """The row as COLUMNS' table cells."""
@@ -83,9 +84,27 @@ class Row:
         )
 
 
+def load(paths: list[str | os.PathLike]) -> list[Row]:
+    """The end-to-end rows of pytest-benchmark JSON files, with speed-ups. A row's baseline is the
+    diffusers fp32 eager row of the same device, model and batch from its own file, else from any
+    of `paths` (a GPU run recorded in parts, as the device's time limits make it)."""
+    rows = [row for path in paths for row in load_rows(path)]
+    own: dict[tuple[str, tuple], float] = {}
+    anywhere: dict[tuple, float] = {}  # the first file's, in the order given
+    for r in rows:
+        if (r.system, r.precision) == BASELINE:
+            own[r.file, r.where] = r.images_per_s
+            anywhere.setdefault(r.where, r.images_per_s)
+    out = []
+    for r in rows:
+        base = own.get((r.file, r.where), anywhere.get(r.where))
+        out.append(r if base is None else replace(r, speedup=r.images_per_s / base))
+    return out
+
+
 def load_rows(path: str | os.PathLike) -> list[Row]:
-    """The end-to-end rows of one pytest-benchmark JSON file, with speed-ups; ValueError for a file
-    that is not pytest-benchmark JSON or whose e2e rows lack a field."""
+    """The end-to-end rows of one pytest-benchmark JSON file, without speed-ups; ValueError for a
+    file that is not pytest-benchmark JSON or whose e2e rows lack a field."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -124,11 +143,7 @@ def load_rows(path: str | os.PathLike) -> list[Row]:
             )
         except (KeyError, TypeError) as err:
             raise ValueError(f"{path}: benchmark {bench.get('fullname', '?')!r} lacks {err}") from None
-    baseline = {r.where: r.images_per_s for r in rows if (r.system, r.precision) == BASELINE}
-    return [
-        Row(**{**r.__dict__, "speedup": r.images_per_s / baseline[r.where] if r.where in baseline else None})
-        for r in rows
-    ]
+    return rows
 
 
 def table(rows: list[Row]) -> str:
@@ -195,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the plot to this PNG")
     args = parser.parse_args(argv)
     try:
-        rows = [row for f in args.files for row in load_rows(f)]
+        rows = load(args.files)
         if not rows:
             raise ValueError(f"no end-to-end rows (benchmarks/test_e2e.py) in {', '.join(args.files)}")
         print(table(rows))

@@ -70,9 +70,9 @@ BACKENDS = ("torch", "triton", "cuda")
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 DIFFUSERS_PRECISIONS = ("fp32", "tf32", "fp16")
 COMPILE_PRECISIONS = ("fp32", "fp16")
-# (precision, channels_last) of fastddpm's CPU rows: plain fp32, and the candidates for the fastest
-# CPU configuration (bf16 runs on AMX / AVX-512 bf16 units; channels_last is oneDNN's native layout).
-# (precision, channels_last, compile) of fastddpm's CPU rows.
+# (precision, channels_last, compile) of fastddpm's CPU rows: plain fp32, and the candidates for the
+# fastest CPU configuration (bf16 runs on AMX / AVX-512 bf16 units; channels_last is oneDNN's native
+# layout; compile: Sampler(compile=True), Inductor's CPU code for the network).
 CPU_OPTIONS = (
     ("fp32", False, False),
     ("fp32", True, False),
@@ -241,7 +241,7 @@ def diffusers_row(benchmark, case: Case, precision: str, *, compiled: bool) -> N
             system="diffusers+compile" if compiled else "diffusers",
             precision=precision,
             backend="inductor" if compiled else "eager",
-            graph=compiled,
+            graph=compiled and device.type == "cuda",  # Inductor's CUDA graphs
             channels_last=False,
             compile=compiled,
         )

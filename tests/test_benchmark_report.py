@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -72,7 +73,7 @@ def e2e_benchmarks(path: Path) -> list[dict]:
 @pytest.mark.slow
 def test_rows_are_computed_from_the_file(results):
     raw = {(b["extra_info"]["system"], b["extra_info"]["batch"]): b for b in e2e_benchmarks(results)}
-    rows = report.load_rows(results)
+    rows = report.load([results])
     assert sorted((r.system, r.batch) for r in rows) == sorted(raw)  # the other suite's row is passed over
     assert {(r.system, r.batch) for r in rows} == {(s, b) for s in ("diffusers", "fastddpm") for b in (1, 2)}
     for r in rows:
@@ -95,7 +96,7 @@ def test_table_prints_every_row_with_its_speedup(results, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [c.strip() for c in lines[0].strip("|").split("|")] == list(report.COLUMNS)
     body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    rows = report.load_rows(results)
+    rows = report.load([results])
     assert sorted(body) == sorted(list(r.cells()) for r in rows)
     for cells in body:
         if cells[0] == "diffusers":
@@ -106,12 +107,39 @@ def test_table_prints_every_row_with_its_speedup(results, capsys):
 
 
 @pytest.mark.slow
+def test_speedup_takes_its_own_files_baseline_else_another_files(results, tmp_path):
+    data = json.loads(results.read_text())
+
+    def part(name: str, systems: set[str], scale: float = 1.0) -> Path:
+        """A copy of the run with only `systems`' rows, every median times `scale`."""
+        d = copy.deepcopy(data)
+        d["benchmarks"] = [b for b in d["benchmarks"] if b["extra_info"].get("system") in systems]
+        for b in d["benchmarks"]:
+            b["stats"]["median"] *= scale
+        (tmp_path / name).write_text(json.dumps(d))
+        return tmp_path / name
+
+    base = part("base.json", {"diffusers"})
+    fast = part("fast.json", {"fastddpm"})
+    slow = part("slow.json", {"diffusers", "fastddpm"}, scale=2.0)  # its own baseline, half as fast
+    by = {(Path(r.file).name, r.system, r.batch): r for r in report.load([base, fast, slow])}
+    for b in (1, 2):
+        fastddpm = by["fast.json", "fastddpm", b]
+        assert fastddpm.speedup == pytest.approx(
+            fastddpm.images_per_s / by["base.json", "diffusers", b].images_per_s
+        )
+        assert by["slow.json", "fastddpm", b].speedup == pytest.approx(fastddpm.speedup)
+        assert by["slow.json", "diffusers", b].speedup == pytest.approx(1.0)
+    assert all(r.speedup is None and r.cells()[-1] == "-" for r in report.load([fast]))
+
+
+@pytest.mark.slow
 def test_plot_has_a_panel_per_device_and_model(results, tmp_path):
     out = tmp_path / "plot.png"
     assert report.main([str(results), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    rows = report.load_rows(results)
+    rows = report.load([results])
     other = [replace(r, model="tiny-copy", images_per_s=2 * r.images_per_s) for r in rows]
     fig = report.plot(rows + other, tmp_path / "two.png")
     device = rows[0].device
@@ -129,7 +157,7 @@ def test_plot_has_a_panel_per_device_and_model(results, tmp_path):
 
 @pytest.mark.slow
 def test_line_takes_the_fastest_of_a_systems_configurations(results):
-    rows = [r for r in report.load_rows(results) if r.system == "fastddpm"]
+    rows = [r for r in report.load([results]) if r.system == "fastddpm"]
     faster = [replace(r, backend="cuda", graph=True, images_per_s=3 * r.images_per_s) for r in rows]
     ((_, lines),) = report.series(rows + faster).items()
     assert lines["fastddpm fp32"] == sorted((r.batch, 3 * r.images_per_s) for r in rows)
@@ -177,5 +205,5 @@ def test_a_file_without_e2e_rows_is_an_error(results, tmp_path, capsys):
 def test_plot_without_matplotlib_says_how_to_get_it(results, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
-        report.plot(report.load_rows(results), tmp_path / "plot.png")
+        report.plot(report.load([results]), tmp_path / "plot.png")
     assert not (tmp_path / "plot.png").exists()
