@@ -117,6 +117,8 @@ class Sampler:
         self.unet = self.precision.apply(unet)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be a bool, got {compile!r}")
+        if compile and not isinstance(unet, torch.nn.Module):
+            raise ValueError(f"compile=True compiles a torch module; {type(unet).__name__} is not one")
         self.network = torch.compile(unet, fullgraph=True) if compile else unet
         self.diffusion = diffusion or DiffusionConfig()
         self.cuda_graph = cuda_graph

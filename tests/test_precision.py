@@ -171,6 +171,8 @@ def test_bad_modes_and_options_are_refused():
         Precision("fp16").apply(object())
     with pytest.raises(ValueError, match="not meta"):
         Precision("bf16").check_device(torch.device("meta"))
+    with pytest.raises(ValueError, match="compile must be a bool"):
+        fastddpm.Sampler(tiny_unet(), compile="inductor")
 
 
 def test_cli_precision_and_channels_last(tmp_path):
