@@ -190,7 +190,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     date = datetime.date.today().isoformat()
-    parser.add_argument("--out", default=f"benchmarks/results/{date}-cpu-precision.json")
+    parser.add_argument("--out", default=f"benchmarks/results/precision/{date}-cpu-precision.json")
     parser.add_argument("--skip-lsun", action="store_true", help="leave out the 256x256 overflow check")
     parser.add_argument(
         "--only-speed", action="store_true", help="only the CPU speed section (implies --speed)"

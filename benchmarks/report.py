@@ -1,6 +1,6 @@
 """Table and plot of the end-to-end benchmark (benchmarks/test_e2e.py) from pytest-benchmark JSON files.
 
-    python -m benchmarks.report benchmarks/results/*-e2e*.json [--out plot.png]
+    python -m benchmarks.report benchmarks/results/*.json [--out plot.png]
 
 Reads the rows test_e2e.py wrote (benchmarks with `system` and `steps_per_round` in extra_info; rows
 of other suites in the same files are passed over). For each row:

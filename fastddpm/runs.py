@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import images
 from .distributed import World
 from .io import atomic_write
-from .sampler import METHODS, Sampler
+from .sampler import METHODS, Sampler, placement
 
 MANIFEST = "run.json"
 SHARDS = "shards"
@@ -96,13 +96,16 @@ def shard_path(out_dir: Path, k: int) -> Path:
 
 
 def manifest(spec: RunSpec, sampler: Sampler) -> dict:
-    """run.json's content: the spec, the image shape, and the model's identity."""
+    """run.json's content: the spec, the image shape, the model's identity and its precision
+    mode (fp32 and tf32 share weights but not numerics on a GPU). Not the backend: backends agree
+    within the op contract, so a run may resume on other hardware."""
     cfg = sampler.unet.config
     return {
         "format": FORMAT,
         "spec": asdict(spec),
         "image_shape": [cfg.resolution, cfg.resolution, 3],
         "model": model_fingerprint(sampler),
+        "precision": sampler.precision.mode or str(placement(sampler.unet)[1]).removeprefix("torch."),
     }
 
 
@@ -121,6 +124,8 @@ def check_manifest(out_dir: Path, expected: dict) -> None:
     diffs = [f"{key}={spec.get(key)!r} (now {spec0[key]!r})" for key in spec0 if spec.get(key) != spec0[key]]
     if found.get("model") != expected["model"]:
         diffs.append("a different model (weights or configs)")
+    if found.get("precision") != expected["precision"]:
+        diffs.append(f"precision {found.get('precision')!r} (now {expected['precision']!r})")
     if found.get("image_shape") != expected["image_shape"]:
         diffs.append(f"image shape {found.get('image_shape')} (now {expected['image_shape']})")
     raise ValueError(

@@ -77,6 +77,9 @@ def test_rerun_with_other_settings_is_refused(sampler, tmp_path):
     different = fastddpm.Sampler(tiny_unet(backend="torch", seed=1), sampler.diffusion)
     with pytest.raises(ValueError, match="a different model"):
         runs.run(different, tmp_path, SPEC, progress=False)
+    tf32 = fastddpm.Sampler(tiny_unet(backend="torch"), sampler.diffusion, precision="tf32")
+    with pytest.raises(ValueError, match="precision 'float32' \\(now 'tf32'\\)"):
+        runs.run(tf32, tmp_path, SPEC, progress=False)
 
 
 def test_a_damaged_shard_is_named(sampler, tmp_path):
