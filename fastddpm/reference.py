@@ -41,18 +41,23 @@ def group_norm_silu(
     silu: bool = True,
     add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = SiLU(GroupNorm(x + add[:, :, None, None])); x (N, C, H, W), add (N, C) -> (N, C, H, W)."""
+    """y = SiLU(GroupNorm(x + add[:, :, None, None])); x (N, C, H, W), add (N, C) -> (N, C, H, W).
+
+    In float32: each group's mean is subtracted first, then F.group_norm normalises the centred
+    values, whose own mean (the first mean's rounding error) and variance it computes without
+    cancellation. So the statistics are two-pass stable (a mean of 1e3 over a std of 0.01 costs
+    nothing) and the normalisation is PyTorch's fused kernel (on the CPU, several times faster
+    than the same arithmetic as separate elementwise ops).
+    """
     N, C, H, W = x.shape
     h = x.float()
     if add is not None:
         h = h + add.float()[:, :, None, None]
     g = h.reshape(N, num_groups, -1)
-    centered = g - g.mean(dim=-1, keepdim=True)  # two passes: mean, then variance about it
-    var = centered.square().mean(dim=-1, keepdim=True)
-    y = (centered * torch.rsqrt(var + eps)).reshape(N, C, H, W)
-    y = y * weight.float()[:, None, None] + bias.float()[:, None, None]
+    centered = (g - g.mean(dim=-1, keepdim=True)).reshape(N, C, H, W)
+    y = F.group_norm(centered, num_groups, weight.float(), bias.float(), eps)
     if silu:
-        y = F.silu(y)
+        y = F.silu(y, inplace=True)
     return y.to(dtype=x.dtype).contiguous(memory_format=memory_format_of(x))
 
 

@@ -52,13 +52,16 @@ def test_group_norm_silu_dtypes_and_layouts(dtype, channels_last):
 
 
 def test_group_norm_statistics_are_stable_for_a_large_mean():
-    """Mean 1e3, std 0.1: the float64 result on the same float32 input is the truth."""
+    """Mean 1e3, std 0.1 and 0.01: the float64 result on the same float32 input is the truth."""
     torch.manual_seed(2)
-    x = 1e3 + torch.randn(1, 32, 8, 8) * 0.1
-    w, b = torch.ones(32), torch.zeros(32)
-    out = ops.group_norm_silu(x, w, b, 32, silu=False, backend="torch")
-    ref = F.group_norm(x.double(), 32, eps=1e-6)
-    assert (out.double() - ref).abs().max().item() < 1e-3
+    for std in (0.1, 0.01):
+        x = 1e3 + torch.randn(1, 32, 8, 8) * std
+        w, b = torch.ones(32), torch.zeros(32)
+        out = ops.group_norm_silu(x, w, b, 32, silu=False, backend="torch")
+        ref = F.group_norm(x.double(), 32, eps=1e-6)
+        assert (out.double() - ref).abs().max().item() < 1e-5
+        # F.group_norm alone in float32 (one fused pass) misses by 1e-3 and more here.
+        assert (F.group_norm(x, 32, eps=1e-6).double() - ref).abs().max().item() > 1e-4
     # The unstable one-pass formula E[x^2] - E[x]^2 in float32 fails the same bound.
     g = x.view(1, 32, -1)
     naive_var = (g.square().mean(-1, keepdim=True) - g.mean(-1, keepdim=True).square()).clamp_min(0)
