@@ -122,6 +122,7 @@ class GraphedStep:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
+                self.i.fill_(len(self.table) - 1)  # a valid step index even for a one-step table
                 self._step()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()

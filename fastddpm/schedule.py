@@ -179,9 +179,13 @@ class Schedule:
         return (1.0 - self.abar_prev) * np.sqrt(self.alphas) / (1.0 - self.abar)
 
     def log_variance(self, variance: str) -> np.ndarray:
-        """fixedlarge: log([beta_tilde[1], beta[1:]]); fixedsmall: log(max(beta_tilde, 1e-20))."""
+        """fixedlarge: log([beta_tilde[1], beta[1:]]); fixedsmall: log(max(beta_tilde, 1e-20)).
+
+        Index 0 adds no noise (the last step is noiseless), so a one-step schedule, which has no
+        beta_tilde[1], takes beta[0] there."""
         if variance == "fixedlarge":
-            return np.log(np.append(self.beta_tilde[1], self.betas[1:]))
+            first = self.beta_tilde[1] if len(self) > 1 else self.betas[0]
+            return np.log(np.append(first, self.betas[1:]))
         if variance == "fixedsmall":
             return np.log(np.maximum(self.beta_tilde, 1e-20))
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")

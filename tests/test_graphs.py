@@ -29,6 +29,7 @@ CONFIGS = {
     "respaced": {"steps": 7},
     "ddim": {"steps": 6, "method": "ddim"},
     "ddim-eta": {"steps": 6, "method": "ddim", "eta": 0.7},
+    "one-step": {"steps": 1},  # the warm-up must not step past i = 0
 }
 
 

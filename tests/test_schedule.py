@@ -112,6 +112,14 @@ def test_no_noise_at_the_last_step():
             assert Schedule.from_name().step_coefficients(kind, variance, eta=1.0)[0, SIGMA] == 0.0
 
 
+def test_one_step_schedule_is_the_x0_prediction():
+    """Respaced to one step, sampling returns clip(x0_hat(x_T)) with no noise, for both variances."""
+    for variance in ("fixedlarge", "fixedsmall"):
+        coef = Schedule.from_name().respace(1).step_coefficients("ddpm", variance)
+        assert coef.shape == (1, 7) and np.isfinite(coef).all() and coef[0, SIGMA] == 0.0
+        assert coef[0, COEF_X0] == pytest.approx(1.0) and coef[0, COEF_XT] == pytest.approx(0.0)
+
+
 def test_step_table_is_cast_once_to_float32():
     table = Schedule.from_name().respace(10).step_table("ddpm", "fixedsmall")
     assert table.coef.dtype == torch.float32 and table.coef.shape == (10, 7)
