@@ -64,6 +64,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
         "generator": torch.Generator().manual_seed(args.seed),
         "progress": not args.no_progress,
     }
+    if args.noise == "philox":
+        if not isinstance(sampler, Sampler):
+            raise ValueError(f"{model} is a full-step export: it takes its noise as an input; drop --noise")
+        options["seed"] = options.pop("generator").initial_seed()
     if isinstance(sampler, Sampler):
         options |= {"steps": args.steps, "method": args.sampler, "eta": args.eta}
     elif args.steps is not None or args.sampler != "ddpm" or args.eta:
@@ -458,6 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=METHODS, default="ddpm")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--noise",
+        choices=["generator", "philox"],
+        default="generator",
+        help="generator (default): a seeded torch.Generator, drawn in DDPMPipeline's order;"
+        " philox: counter-based noise made in the step kernel, the same on every device, and what"
+        " CUDA graphs replay (runs with --out DIR always use it)",
+    )
     s.add_argument(
         "--out",
         help="FILE.png: a PNG grid (default samples.png when no --npz is given); any other name: a run"

@@ -200,7 +200,7 @@ class GraphRunner:
             self._notice(
                 "generator",
                 "the steps draw their noise from a torch.Generator, which a graph cannot replay"
-                " (sample with seed= for in-kernel noise)",
+                " (sample(seed=...) or --noise philox draws it in the kernel)",
             )
             return None
         key = self._key(x_T, table, clip_x0)

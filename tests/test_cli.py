@@ -132,3 +132,17 @@ def test_sample_runs_an_onnx_export_with_onnxruntime(tiny_diffusers, tmp_path):
     with np.load(tmp_path / "ort.npz") as a, np.load(tmp_path / "torch.npz") as b:
         ours, theirs = a["arr_0"].astype(int), b["arr_0"].astype(int)
     assert np.abs(ours - theirs).max() <= 1  # float32 agreement to ~1e-6 can flip a rounding
+
+
+def test_philox_noise_option_gives_the_seeded_sampler_images(tiny_diffusers, tmp_path):
+    folder, _ = tiny_diffusers
+    npz = tmp_path / "s.npz"
+    common = ("sample", "--model", str(folder), "-n", "3", "--steps", "5", "--seed", "4", "--no-progress")
+    out = run(*common, "--noise", "philox", "--npz", str(npz))
+    assert out.returncode == 0, out.stderr
+    expected = fastddpm.load(str(folder)).sample(3, steps=5, seed=4, progress=False)
+    with np.load(npz) as f:
+        np.testing.assert_array_equal(f["arr_0"], fastddpm.to_uint8(expected))
+    out = run(*common, "--npz", str(tmp_path / "g.npz"))  # the default: a torch.Generator
+    with np.load(tmp_path / "g.npz") as f:
+        assert not np.array_equal(f["arr_0"], fastddpm.to_uint8(expected))
