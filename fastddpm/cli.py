@@ -239,7 +239,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     )
     print(
         f"  opset {info.opset}; GroupNorm as {ops_used['InstanceNormalization']} InstanceNormalization,"
-        f" attention as {ops_used['MatMul']} MatMul + {ops_used['Softmax']} Softmax"
+        f" attention as {ops_used['MatMul']} MatMul (with its projections) + {ops_used['Softmax']} Softmax"
     )
     if info.max_abs_error is not None:
         print(f"  verified with onnxruntime against PyTorch: max abs error {info.max_abs_error:.3g}")

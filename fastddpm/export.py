@@ -56,6 +56,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Graph inputs and outputs of each kind, in order.
 INPUTS = {"denoiser": ("x", "t"), "step": ("x_t", "t", "z")}
 OUTPUTS = {"denoiser": ("eps",), "step": ("x_prev",)}
+MATMULS_PER_ATTENTION = 6  # the q, k, v projections, q k^T, P v, proj_out
 # Largest error allowed when an export is verified against the PyTorch reference: absolute for
 # float32 (the project's bound), relative to the output's scale for float16.
 FP32_TOLERANCE = 1e-4
@@ -364,7 +365,8 @@ def exported_ops(path: str | os.PathLike) -> collections.Counter:
 
 
 def _check_standard_ops(path: Path, unet: UNet) -> None:
-    """Standard ai.onnx ops only; one InstanceNormalization per GroupNorm; attention as MatMul, Softmax."""
+    """Standard ai.onnx ops only; one InstanceNormalization per GroupNorm; attention as MatMul,
+    Softmax, MatMul, and its four 1x1 projections (q, k, v, proj_out) as MatMul."""
     counts = exported_ops(path)
     custom = sorted(op for op in counts if "::" in op)
     if custom:
@@ -372,10 +374,11 @@ def _check_standard_ops(path: Path, unet: UNet) -> None:
     norms = sum(isinstance(m, Norm) for m in unet.modules())
     attns = sum(isinstance(m, AttnBlock) for m in unet.modules())
     found = (counts["InstanceNormalization"], counts["Softmax"], counts["MatMul"])
-    if found != (norms, attns, 2 * attns):
+    if found != (norms, attns, MATMULS_PER_ATTENTION * attns):
         raise ExportError(
             f"the exporter changed the graph's form: expected {norms} InstanceNormalization (one per"
-            f" GroupNorm), {attns} Softmax and {2 * attns} MatMul (attention), found {found}"
+            f" GroupNorm), {attns} Softmax and {MATMULS_PER_ATTENTION * attns} MatMul (attention and"
+            f" its projections), found {found}"
         )
 
 

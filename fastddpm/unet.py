@@ -155,7 +155,8 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """x + proj_out(attention(q, k, v)) over the H*W positions of GN(x); q, k, v are 1x1 convs."""
+    """x + proj_out(attention(q, k, v)) over the H*W positions of GN(x); q, k, v, proj_out are 1x1
+    convs (the original network's parameters), applied as matmuls."""
 
     def __init__(self, channels: int, cfg: UNetConfig) -> None:
         super().__init__()
@@ -169,22 +170,28 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         """x (N, C, H, W) -> (N, C, H, W); attention over L = H*W with D = C // heads per head.
 
-        q, k, v are views of the projections, never copies: (N, C, H, W) -> (N, L, C) ->
-        (N, heads, L, D). For a channels_last x they have unit stride along D, as attention
-        kernels read best; the result returns to x's memory format.
+        The 1x1 convolutions run as matmuls over the channels of the (N, L, C) view of GN(x)
+        (`F.linear` with the conv weight viewed (C, C): the same arithmetic, about twice as fast
+        as a 1x1 convolution on the CPU). q, k, v are then (N, L, C) contiguous, viewed as
+        (N, heads, L, D) with unit stride along D, as attention kernels read best; the result
+        returns to x's memory format.
         """
         N, C, H, W = x.shape
         L, D = H * W, C // self.heads
-        h = self.norm(x, silu=False, backend=backend)
+        h = self.norm(x, silu=False, backend=backend).flatten(2).transpose(1, 2)  # (N, L, C) view
 
-        def heads(proj: nn.Conv2d) -> torch.Tensor:  # (N, C, H, W) -> (N, heads, L, D)
-            return proj(h).flatten(2).transpose(1, 2).view(N, L, self.heads, D).transpose(1, 2)
+        def project(conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:  # (N, L, C) -> (N, L, C)
+            return F.linear(t, conv.weight.view(C, C), conv.bias)
 
-        out = ops.attention(heads(self.q), heads(self.k), heads(self.v), backend=backend)
-        out = out.transpose(1, 2).reshape(N, H, W, C).permute(0, 3, 1, 2)  # NHWC-strided (N, C, H, W)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (N, L, C) -> (N, heads, L, D)
+            return t.view(N, L, self.heads, D).transpose(1, 2)
+
+        q, k, v = (heads(project(conv, h)) for conv in (self.q, self.k, self.v))
+        out = ops.attention(q, k, v, backend=backend).transpose(1, 2).reshape(N, L, C)
+        out = project(self.proj_out, out).transpose(1, 2).view(N, C, H, W)  # NHWC-strided
         if not x.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous()
-        return x + self.proj_out(out)
+        return x + out
 
 
 class Downsample(nn.Module):
