@@ -154,6 +154,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .unet import preset
 
     world = distributed.init(args.device)  # under torchrun: join the job (DDP training)
+    trainer = None
     try:
         if args.resume:
             trainer = train.Trainer.resume(
@@ -175,10 +176,14 @@ def cmd_train(args: argparse.Namespace) -> None:
             unet = train.new_unet(preset(args.preset), config.seed, args.backend)
             trainer = train.Trainer(unet, DiffusionConfig(), config, args.out, world.device, world)
         trainer.run(progress=not args.no_progress)
+        done = f"trained to step {trainer.step}; EMA model in {trainer.out_dir / train.MODEL}"
     finally:
+        # Free DDP's reducer, which holds the gloo group, before the group is destroyed: freed
+        # after it (at exit), ~ProcessGroupGloo joined a thread that never ended (seen, torch 2.13).
+        trainer = None
         distributed.finish(world)
     if world.is_main:
-        print(f"trained to step {trainer.step}; EMA model in {trainer.out_dir / train.MODEL}")
+        print(done)
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 # Triton kernels run through the interpreter on machines without a GPU; this must be
@@ -42,6 +46,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_reaped(command: list[str], env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run `command` (torchrun or a fastddpm command) to completion, then kill every process it
+    started, however detached: torchrun starts its ranks in sessions of their own, so neither its
+    process group nor its pipes reach a rank that outlives it. Processes are found by a marker in
+    their environment (Linux /proc). Output goes through files, never pipes, so an orphan cannot
+    block the read. Fails the test past `timeout_s`; returns stdout and stderr as text."""
+    marker = f"FASTDDPM_REAP={os.getpid()}-{time.monotonic_ns()}"
+    key, value = marker.split("=")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, env={**env, key: value})
+        try:
+            proc.wait(timeout=timeout_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            kill_marked(marker.encode())
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(command, proc.returncode, out.read(), err.read())
+    if timed_out:
+        pytest.fail(f"{' '.join(command)} did not finish in {timeout_s} s; stderr: {result.stderr[-2000:]}")
+    return result
+
+
+def kill_marked(entry: bytes) -> None:
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if entry in environ.read_bytes().split(b"\0"):
+                os.kill(int(environ.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def reference_json(name: str):

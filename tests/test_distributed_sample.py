@@ -13,7 +13,7 @@ import pytest
 
 import fastddpm
 from fastddpm import checkpoints, runs
-from tests.conftest import tiny_unet
+from tests.conftest import kill_marked, run_reaped, tiny_unet
 
 pytestmark = pytest.mark.slow
 
@@ -50,19 +50,14 @@ def load(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def one_process(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "run"
-    subprocess.run(
-        [sys.executable, "-m", "fastddpm", *sample_args(model, out)],
-        check=True, env=ENV, timeout=600, capture_output=True,
-    )  # fmt: skip
+    result = run_reaped([sys.executable, "-m", "fastddpm", *sample_args(model, out)], ENV, 600)
+    assert result.returncode == 0, result.stderr[-3000:]
     return load(out / "samples.npz")
 
 
 def test_two_ranks_equal_one_process(model, one_process, tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run(
-        [*torchrun(2), "-m", "fastddpm", *sample_args(model, out)],
-        env=ENV, timeout=600, capture_output=True, text=True,
-    )  # fmt: skip
+    result = run_reaped([*torchrun(2), "-m", "fastddpm", *sample_args(model, out)], ENV, 600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(f"wrote {out / 'samples.npz'}") == 1, "only rank 0 reports the .npz"
     got = load(out / "samples.npz")
@@ -88,26 +83,29 @@ def worker_pids(parent: int) -> dict[int, int]:
 
 def test_killed_rank_then_one_process_completes_the_set(model, one_process, tmp_path):
     out = tmp_path / "run"
+    marker = f"FASTDDPM_REAP=kill-test-{os.getpid()}"
     proc = subprocess.Popen(
         [*torchrun(2), "-m", "fastddpm", *sample_args(model, out)],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**ENV, "FASTDDPM_REAP": marker.split("=")[1]}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not runs.shard_path(out, 1).exists():  # rank 1's first shard
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "rank 1 wrote no shard in 300 s"
-        time.sleep(0.01)
-    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
-    assert proc.wait(timeout=300) != 0, "torchrun reports the dead rank"
+    try:
+        deadline = time.monotonic() + 300
+        while not runs.shard_path(out, 1).exists():  # rank 1's first shard
+            assert proc.poll() is None, "torchrun ended before rank 1 wrote a shard"
+            assert time.monotonic() < deadline, "rank 1 wrote no shard in 300 s"
+            time.sleep(0.01)
+        os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+        assert proc.wait(timeout=300) != 0, "torchrun reports the dead rank"
+    finally:
+        kill_marked(marker.encode())  # whatever rank outlived torchrun
+        proc.wait()
     done = {p.name for p in (out / "shards").glob("shard-*.npz")}
     assert "shard-000001.npz" in done and len(done) < N // SHARD, f"killed mid-run: {sorted(done)}"
     assert not (out / "samples.npz").exists()
     before = {name: (out / "shards" / name).stat().st_mtime_ns for name in done}
 
-    result = subprocess.run(
-        [sys.executable, "-m", "fastddpm", *sample_args(model, out)],
-        env=ENV, timeout=600, capture_output=True, text=True,
-    )  # fmt: skip
+    result = run_reaped([sys.executable, "-m", "fastddpm", *sample_args(model, out)], ENV, 600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {name: (out / "shards" / name).stat().st_mtime_ns for name in done} == before
     np.testing.assert_array_equal(load(out / "samples.npz"), one_process)

@@ -8,8 +8,6 @@ processes are killed, so a rank that fails or hangs cannot hang the suite.
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 
@@ -21,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from fastddpm import distributed, train
 from fastddpm.sampler import DiffusionConfig
 
-from .conftest import free_port
+from .conftest import free_port, run_reaped
 from .test_train import SMALL
 
 DEADLINE_S = 300
@@ -129,17 +127,8 @@ def fastddpm_train(ranks: int, out, *extra) -> None:
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     command = [sys.executable, *(torchrun if ranks > 1 else []), "-m", "fastddpm", "train", "--out", str(out)]
     command += ["--no-progress", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        _, stderr = proc.communicate(timeout=DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks: the session it leads
-        proc.communicate()
-        pytest.fail(f"{' '.join(command)} did not finish in {DEADLINE_S} s")
-    assert proc.returncode == 0, stderr
+    result = run_reaped(command, {**os.environ, "OMP_NUM_THREADS": "1"}, DEADLINE_S)
+    assert result.returncode == 0, result.stderr
 
 
 def logged_steps(out) -> list[int]:
