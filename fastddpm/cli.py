@@ -55,7 +55,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         sampler = ort.load(model, device=args.device)
     else:
         sampler = _load(args, model)
-        sampler.unet.to(args.device)
+        if not _is_run_dir(args.out):  # a run moves it to its rank's device (_sample_run)
+            sampler.unet.to(args.device)
         sampler = Sampler(
             sampler.unet, sampler.diffusion, precision=args.precision, channels_last=args.channels_last
         )
