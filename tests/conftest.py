@@ -11,12 +11,18 @@ import tempfile
 import time
 from pathlib import Path
 
-# Triton kernels run through the interpreter on machines without a GPU; this must be
-# set before any kernel is defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Triton kernels run compiled where a CUDA device exists and through the interpreter elsewhere,
+# unless TRITON_INTERPRET says otherwise; it must be set before any kernel is defined.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+# Kernel tests test the kernels: no first-use verification silently swapping in the reference.
+os.environ.setdefault("FASTDDPM_VERIFY", "0")
+
+# diffusers is part of ".[test]": where it is missing, the tests that need it fail, unless this
+# variable is 1 (the GPU machine, which has no diffusers), where they skip with the reason.
+WITHOUT_DIFFUSERS = "FASTDDPM_TESTS_WITHOUT_DIFFUSERS"
 
 REFERENCE = Path(__file__).parent / "data" / "ddpm-cifar10-32"
 
@@ -39,6 +45,27 @@ TINY_DIFFUSERS_UNET = {
     "time_embedding_type": "positional",
     "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
 }
+
+
+def pytest_report_header(config) -> list[str]:
+    mode = "interpreted (CPU)" if os.environ["TRITON_INTERPRET"] == "1" else "compiled (CUDA)"
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    verify = os.environ["FASTDDPM_VERIFY"]
+    return [f"fastddpm: Triton kernels {mode}; CUDA device: {cuda}; FASTDDPM_VERIFY={verify}"]
+
+
+def require_diffusers():
+    """diffusers, imported; where it is missing, ImportError, or a skip under WITHOUT_DIFFUSERS=1.
+    At a test module's top level the skip skips the module."""
+    try:
+        import diffusers
+    except ImportError as err:
+        if os.environ.get(WITHOUT_DIFFUSERS) == "1":
+            pytest.skip(f"diffusers is not installed ({WITHOUT_DIFFUSERS}=1)", allow_module_level=True)
+        raise ImportError(
+            f"the tests need diffusers (pip install -e '.[test]'); set {WITHOUT_DIFFUSERS}=1 to skip them"
+        ) from err
+    return diffusers
 
 
 def free_port() -> int:
@@ -108,7 +135,7 @@ def tiny_unet(backend: str = "auto", seed: int = 0):
 def write_diffusers_folder(folder: Path, unet_config: dict, scheduler_config: dict, seed: int = 0):
     """Build a diffusers UNet2DModel with random weights (norms perturbed too), save it with
     save_pretrained beside a DDPMScheduler config, and return the model."""
-    import diffusers
+    diffusers = require_diffusers()
 
     torch.manual_seed(seed)
     model = perturb_norms(diffusers.UNet2DModel.from_config(unet_config).eval())

@@ -1,4 +1,4 @@
-"""Item 8(b): one reverse step equals diffusers' DDPMScheduler.step (and DDIMScheduler.step).
+"""One reverse step equals diffusers' DDPMScheduler.step (and DDIMScheduler.step).
 
 Both are also measured against the step in float64 (tests/formulas.py). fastddpm builds
 its tables in float64 and casts once, and stays within 1e-6 of it. diffusers builds its
@@ -10,12 +10,14 @@ the bound against diffusers is 2e-4, and the tight bound is against float64.
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from fastddpm import ops
 from fastddpm.schedule import Schedule
 
+from .conftest import require_diffusers
 from .formulas import step_in_float64
+
+diffusers = require_diffusers()
 
 BOUND_VS_FLOAT64 = 1e-6
 BOUND_VS_DIFFUSERS = 2e-4
@@ -46,7 +48,7 @@ def check(ours, theirs, schedule, kind, variance, eta, i, sample, eps, noise, cl
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("t", [999, 500, 10, 1, 0])
 def test_ddpm_step_equals_ddpm_scheduler(variance, clip, t):
-    scheduler = DDPMScheduler(beta_schedule="linear", variance_type=variance, clip_sample=clip)
+    scheduler = diffusers.DDPMScheduler(beta_schedule="linear", variance_type=variance, clip_sample=clip)
     scheduler.set_timesteps(1000)
     sample, eps = step_inputs(t)
     theirs = scheduler.step(eps, t, sample, generator=torch.Generator().manual_seed(t)).prev_sample
@@ -65,7 +67,7 @@ def test_ddpm_step_equals_ddpm_scheduler(variance, clip, t):
 def test_ddim_step_equals_ddim_scheduler(eta, clip, i):
     """With clipping, fastddpm's DDIM re-derives eps from the clipped x0: diffusers'
     use_clipped_model_output=True."""
-    scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=clip, set_alpha_to_one=True)
+    scheduler = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=clip, set_alpha_to_one=True)
     scheduler.set_timesteps(50)
     t = int(scheduler.timesteps[49 - i])
     sample, eps = step_inputs(i)
