@@ -45,6 +45,7 @@ import json
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,9 @@ class Model:
         return self.unet_json.get("in_channels", 3), size, size
 
     def diffusers(self, device: torch.device, dtype: torch.dtype):
-        """(UNet2DModel with random weights on `device` in `dtype`, DDPMScheduler)."""
-        import diffusers
+        """(UNet2DModel with random weights on `device` in `dtype`, DDPMScheduler); skips the row
+        where diffusers is not installed (the GPU machine has none unless it travels as wheels)."""
+        diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
 
         torch.manual_seed(0)
         unet = diffusers.UNet2DModel.from_config(self.unet_json).to(device).eval()
@@ -150,6 +152,13 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def installed_version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -182,8 +191,6 @@ def time_rounds(
     more, and record per-step time, images/s, the case and the row's description (`info`) in
     extra_info. A warm-up that raises ValueError skips the row with its message; `warmed()` runs
     after the warm-up (it may skip the row)."""
-    import diffusers
-
     try:
         run()  # compiles, autotunes, captures; and lets a configuration refuse
     except ValueError as err:
@@ -206,7 +213,7 @@ def time_rounds(
         images_per_s=case.batch / (T * step),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
-        diffusers=diffusers.__version__,
+        diffusers=installed_version("diffusers"),
         fastddpm=fastddpm.__version__,
     )
 

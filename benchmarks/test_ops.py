@@ -6,7 +6,8 @@ Rows per op: fastddpm's backends "torch" (the plain-PyTorch reference), "triton"
 (through fastddpm.ops, so each backend's own checks are in the time), `torch.compile` of the
 reference, and the eager alternatives a user would reach for: F.group_norm + F.silu for the norm,
 F.scaled_dot_product_attention under each SDPA backend for attention. Shapes: the CIFAR10 model
-at batch 1, 16, 64 and 256, the 256x256 models (LSUN, CelebA-HQ) at batch 1 and 8.
+at batch 1, 16, 64 and 256, the 256x256 models (LSUN, CelebA-HQ) at batch 1 and 8; the norm in
+NCHW and channels_last, attention with one head of D = 256 or 512 and with 32 heads of D = 8.
 
 A timed round is REPEAT back-to-back calls and one synchronize; extra_info holds the time per call
 (round median / REPEAT) with the achieved GB/s (norm, step: bytes that must move, once) or
@@ -76,16 +77,18 @@ def measure(benchmark, fn, *, nbytes: float | None = None, flops: float | None =
 NORM_SHAPES = [(b, 128, 32, 32) for b in CIFAR_BATCHES] + [(b, 256, 16, 16) for b in CIFAR_BATCHES]
 NORM_SHAPES += [(b, 128, 256, 256) for b in LARGE_BATCHES] + [(b, 512, 32, 32) for b in LARGE_BATCHES]
 NORM_IMPLS = ("torch", "triton", "cuda", "compile", "eager-F")
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}  # NHWC: cuDNN's bf16 layout
 
 
 @pytest.mark.benchmark(group="group_norm_silu")
 @pytest.mark.parametrize("impl", NORM_IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", NORM_SHAPES, ids=_ids(NORM_SHAPES))
-def test_group_norm_silu(benchmark, shape, dtype, impl):
+def test_group_norm_silu(benchmark, shape, dtype, layout, impl):
     dt = DTYPES[dtype]
     N, C = shape[:2]
-    x = torch.randn(shape, device="cuda", dtype=dt)
+    x = torch.randn(shape, device="cuda", dtype=dt).contiguous(memory_format=LAYOUTS[layout])
     w, b, add = (torch.randn(*s, device="cuda", dtype=dt) for s in ((C,), (C,), (N, C)))
     if impl in ("torch", "triton", "cuda"):
         backend_or_skip(impl)
@@ -105,9 +108,11 @@ def test_group_norm_silu(benchmark, shape, dtype, impl):
     measure(benchmark, fn, nbytes=2 * x.numel() * x.element_size())
 
 
-# --- attention: one head, L = 256 ---------------------------------------------------------------------
+# --- attention, L = 256: the paper's one head (D = 256, 512), and the 32 heads of D = 8 that ----------
+# --- google/ddpm-cifar10-32's config runs (attention_head_dim 8) -------------------------------------
 
 ATTN_SHAPES = [(b, 1, 256, 256) for b in CIFAR_BATCHES] + [(b, 1, 256, 512) for b in LARGE_BATCHES]
+ATTN_SHAPES += [(b, 32, 256, 8) for b in CIFAR_BATCHES]
 SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 ATTN_IMPLS = ("torch", "triton", "cuda", "compile") + tuple(f"sdpa-{k.lower()}" for k in SDPA)
 

@@ -1,7 +1,7 @@
 """The test suite itself on the machines it runs on: the GPU machine has no diffusers, CI has no GPU.
 
 Each test runs pytest in a subprocess, with diffusers hidden (a package of that name whose import
-raises ImportError, first on PYTHONPATH) or a CUDA device faked (a plugin loaded before conftest).
+raises ModuleNotFoundError, first on PYTHONPATH) or a CUDA device faked (a plugin loaded before conftest).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def pytest_run(tmp_path: Path, *args: str, hide_diffusers=False, fake_gpu=False,
     if hide_diffusers:
         package = tmp_path / "hidden" / "diffusers"
         package.mkdir(parents=True, exist_ok=True)
-        (package / "__init__.py").write_text('raise ImportError("diffusers hidden by the test")\n')
+        hide = 'raise ModuleNotFoundError("diffusers hidden by the test", name="diffusers")\n'
+        (package / "__init__.py").write_text(hide)
         paths.insert(0, str(package.parent))
     plugin = []
     if fake_gpu:
@@ -105,3 +106,13 @@ def test_triton_interprets_only_without_a_gpu(tmp_path, fake_gpu, env, mode):
     out = pytest_run(tmp_path, "--collect-only", "tests/test_schedule.py", fake_gpu=fake_gpu, **env)
     assert out.startswith("rc=0"), out[-3000:]
     assert f"fastddpm: Triton kernels {mode}" in out
+
+
+def test_fastddpm_benchmark_rows_run_without_diffusers(tmp_path):
+    """fastddpm's own end-to-end rows need no diffusers; diffusers' rows skip, saying why."""
+    out = pytest_run(
+        tmp_path, "-q", "-rs", "--benchmark-disable", "benchmarks/test_e2e.py",
+        "-k", "cpu and cifar10-b1 and (diffusers or fp32-cl0)", hide_diffusers=True,
+    )
+    assert out.startswith("rc=0"), out[-3000:]
+    assert "1 passed, 1 skipped" in out and "diffusers is not installed" in out, out[-3000:]
