@@ -206,14 +206,19 @@ class GraphRunner:
         key = self._key(x_T, table, clip_x0)
         if key in self._failed:
             return None
-        step = self._graphs.get(key)
-        if step is None:
-            step = self._capture(key, x_T, table, clip_x0)
+        # Capture and replay on x_T's device, whichever device is current: a graph's streams,
+        # memory pool and kernels all belong to the device current when it is made.
+        with torch.cuda.device(device):
+            step = self._graphs.get(key)
             if step is None:
-                return None
-        self._graphs.move_to_end(key)
-        seed, base = (noise_source[0], noise_offset(noise_source[1], len(table), 0)) if seeded else (None, 0)
-        return step.run(x_T, seed, base, bar, callback, callback_every)
+                step = self._capture(key, x_T, table, clip_x0)
+                if step is None:
+                    return None
+            self._graphs.move_to_end(key)
+            seed, base = (None, 0)
+            if seeded:
+                seed, base = noise_source[0], noise_offset(noise_source[1], len(table), 0)
+            return step.run(x_T, seed, base, bar, callback, callback_every)
 
     def _capture(self, key: tuple, x_T: torch.Tensor, table: StepTable, clip_x0: bool) -> GraphedStep | None:
         backend = ops.resolve_backend(self.sampler.unet.backend, x_T.device)

@@ -212,3 +212,19 @@ def test_generator_noise_falls_back_with_one_notice(caplog):
     x_T = torch.randn(1, 3, 16, 16, device="cuda")  # DDIM eta = 0 draws nothing: captured anyway
     sampler.sample(1, x_T=x_T, **CONFIGS["ddim"], progress=False)
     assert sampler.graph_runner.captures == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_sampler_on_the_second_gpu_captures_and_replays_there():
+    """With cuda:0 current, a sampler on cuda:1 captures and replays on cuda:1: its images equal
+    that device's eager images, for every backend."""
+    for backend in gpu_backends():
+        torch.cuda.set_device(0)
+        graph = make_sampler(True, backend, "cuda:1")
+        eager = make_sampler(False, backend, "cuda:1")
+        for kw in (CONFIGS["respaced"], CONFIGS["ddim"]):
+            got = graph.sample(2, seed=5, progress=False, **kw)
+            assert got.device == torch.device("cuda:1")
+            torch.testing.assert_close(got, eager.sample(2, seed=5, progress=False, **kw), atol=1e-5, rtol=0)
+        assert graph.graph_runner.captures == 2, backend
