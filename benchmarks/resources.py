@@ -140,7 +140,10 @@ def cuda_kernel_resources(build_dir: Path) -> list[dict]:
     )
     objects = [build_dir / (Path(src).stem + ".o") for src in setup.CUDA_SOURCES]
     run = subprocess.run(
-        [ninja, "-C", str(build_dir), "-j", "1", *map(str, objects)], capture_output=True, text=True
+        [ninja, "-C", str(build_dir), "-j", "1", *map(str, objects)],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if run.returncode != 0:
         raise RuntimeError(f"the -Xptxas -v build failed:\n{run.stdout[-4000:]}{run.stderr[-4000:]}")
@@ -215,7 +218,7 @@ def triton_kernel_resources(triton_path: Path | None = None, full: bool = True) 
         out = Path(tmp) / "results.json"
         cmd = [sys.executable, "-m", "tests.test_triton_gpu_compile", "--json", str(out)]
         run = subprocess.run(
-            cmd + (["--full"] if full else []), cwd=ROOT, env=env, capture_output=True, text=True
+            cmd + (["--full"] if full else []), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
         )
         if run.returncode != 0:
             raise RuntimeError(f"the Triton compile failed:\n{run.stderr[-6000:]}")
@@ -225,8 +228,8 @@ def triton_kernel_resources(triton_path: Path | None = None, full: bool = True) 
 # --- the tables ---------------------------------------------------------------------------------
 
 
-def _kib(n: int) -> str:
-    return f"{n / 1024:.1f} KiB" if n else "0"
+def _bytes(n: int) -> str:
+    return f"{n / 1024:g} KiB" if n >= 1024 else f"{n} B"
 
 
 def triton_table(runs: dict[str, list[dict]]) -> str:
@@ -255,7 +258,7 @@ def triton_table(runs: dict[str, list[dict]]) -> str:
         cells += [per_version(key, lambda x: str(x["regs"])), per_version(key, spills)]
         cells += [
             per_version(key, lambda x: str(x["stack"])),
-            _kib(r["shared"]),
+            _bytes(r["shared"]),
             per_version(key, occupancy_of),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -274,7 +277,7 @@ def cuda_table(kernels: list[dict]) -> str:
     for k in kernels:
         lines.append(
             f"| `{k['kernel']}` | {k['source']} | {'yes' if k['kernel'] in hot else ''} | {k['regs']} |"
-            f" {k['spill_stores']}/{k['spill_loads']} | {k['stack']} | {_kib(k['smem'])} |"
+            f" {k['spill_stores']}/{k['spill_loads']} | {k['stack']} | {_bytes(k['smem'])} |"
             f" {warps_by_registers(k['regs']) / MAX_WARPS_PER_SM:.0%} |"
         )
     return "\n".join(lines)
