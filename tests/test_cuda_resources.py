@@ -15,14 +15,13 @@ import pytest
 
 from benchmarks import resources
 
-from .test_cuda_library import nvcc_path
-
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory) -> list[dict]:
-    if nvcc_path() is None:
-        pytest.skip("no nvcc here: the CUDA library cannot be built")
-    return resources.cuda_kernel_resources(tmp_path_factory.mktemp("cuda-resources"))
+    try:
+        return resources.cuda_kernel_resources(tmp_path_factory.mktemp("cuda-resources"))
+    except FileNotFoundError as err:  # as setup.py, which then installs without the library
+        pytest.skip(str(err))
 
 
 def test_every_op_has_kernels_on_sm90(kernels):
