@@ -89,8 +89,16 @@ def write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def write_ninja_file(nvcc: str, gencode: str, targets: list[str]) -> None:
-    build = CUDA_BUILD_DIR
+def write_ninja_file(
+    nvcc: str,
+    gencode: str,
+    targets: list[str],
+    build: Path = CUDA_BUILD_DIR,
+    library: Path = CUDA_LIBRARY,
+    extra_cflags: str = "",
+) -> None:
+    """build.ninja (and the headers it needs) for the library in `build`; `extra_cflags` are added
+    to nvcc's (benchmarks/resources.py builds with "-Xptxas -v" to read each kernel's resources)."""
     build.mkdir(parents=True, exist_ok=True)
     write_if_changed(
         build / "build_config.h",
@@ -102,7 +110,7 @@ def write_ninja_file(nvcc: str, gencode: str, targets: list[str]) -> None:
         "ninja_required_version = 1.3",
         f"nvcc = {nvcc}",
         "cflags = -std=c++17 -O3 -Xcompiler=-fPIC,-fvisibility=hidden,-Wall,-Wextra"
-        f" -I{CSRC / 'include'} -I{CSRC} -I{build} {gencode}",
+        f" -I{CSRC / 'include'} -I{CSRC} -I{build} {gencode} {extra_cflags}".rstrip(),
         f"ldflags = -shared -cudart=static -Xlinker=--version-script={build / 'exports.map'}",
         "",
         "# Each compile also leaves its diagnostics in $out.log (empty when clean).",
@@ -118,7 +126,7 @@ def write_ninja_file(nvcc: str, gencode: str, targets: list[str]) -> None:
         "",
     ]
     lines += [f"build {obj}: cu {CSRC / src}" for src, obj in zip(CUDA_SOURCES, objects, strict=True)]
-    lines += [f"build {CUDA_LIBRARY}: link {' '.join(map(str, objects))}", f"default {CUDA_LIBRARY}", ""]
+    lines += [f"build {library}: link {' '.join(map(str, objects))}", f"default {library}", ""]
     write_if_changed(build / "build.ninja", "\n".join(lines))
 
 
@@ -171,35 +179,39 @@ class BuildPyWithCuda(build_py):
         super().run()
 
 
-setup(
-    name="fastddpm",
-    version=VERSION,
-    description="Fast, faithful DDPM sampling: fused kernels for the paper's U-Net",
-    long_description=(ROOT / "README.md").read_text(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=["fastddpm", "fastddpm.kernels"],
-    package_dir={"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"},
-    package_data={"fastddpm": ["_lib/*.so", "models/digits/*"]},
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "pillow"],
-    extras_require={
-        "test": [
-            "pytest",
-            "pytest-benchmark",
-            "matplotlib",  # benchmarks/report.py's plot
-            "diffusers>=0.30",
-            "ruff",
-            "ninja",
-            "scikit-learn",
-            "onnx>=1.17",
-            "onnxscript>=0.5",  # torch.onnx.export's (dynamo) exporter
-            "onnxruntime>=1.20",
-            # torch==2.13.0's own pin (its CUDA wheels require it); CI runs the kernels in its interpreter
-            'triton==3.7.1; platform_system == "Linux"',
-        ],
-        "train": ["scikit-learn"],  # the built-in digits data
-        "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],  # export, and sampling on onnxruntime
-    },
-    entry_points={"console_scripts": ["fastddpm=fastddpm.cli:main"]},
-    cmdclass={"build_py": BuildPyWithCuda},
-)
+# Importable (benchmarks/resources.py reuses the build functions); pip and `python setup.py` run it as
+# __main__.
+if __name__ == "__main__":
+    setup(
+        name="fastddpm",
+        version=VERSION,
+        description="Fast, faithful DDPM sampling: fused kernels for the paper's U-Net",
+        long_description=(ROOT / "README.md").read_text(),
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=["fastddpm", "fastddpm.kernels"],
+        package_dir={"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"},
+        package_data={"fastddpm": ["_lib/*.so", "models/digits/*"]},
+        install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "pillow"],
+        extras_require={
+            "test": [
+                "pytest",
+                "pytest-benchmark",
+                "matplotlib",  # benchmarks/report.py's plot
+                "diffusers>=0.30",
+                "ruff",
+                "ninja",
+                "scikit-learn",
+                "onnx>=1.17",
+                "onnxscript>=0.5",  # torch.onnx.export's (dynamo) exporter
+                "onnxruntime>=1.20",
+                # torch==2.13.0's own pin (its CUDA wheels require it); CI runs the kernels in its interpreter
+                'triton==3.7.1; platform_system == "Linux"',
+            ],
+            "train": ["scikit-learn"],  # the built-in digits data
+            # export, and sampling on onnxruntime
+            "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
+        },
+        entry_points={"console_scripts": ["fastddpm=fastddpm.cli:main"]},
+        cmdclass={"build_py": BuildPyWithCuda},
+    )

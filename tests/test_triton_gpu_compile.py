@@ -1,21 +1,35 @@
-"""The Triton kernels compile for real GPUs (sm_80, sm_90), with the launch configurations the
-launchers pick at DDPM's production shapes, on a machine without a GPU.
+"""The Triton kernels compile for the GPU machine's H100 (sm_90) as their launches compile them,
+without spills and within its shared memory, on a machine without a GPU.
 
 The interpreter (which the other tests use) runs kernels as numpy and never meets the compiler,
-so a kernel can pass there and still fail to compile. Here each launcher runs on meta tensors
-with its kernels replaced by recorders; every distinct launch is then compiled ahead of time by
-`triton.compile` for the NVIDIA targets (Triton -> PTX -> cubin with the bundled ptxas), with
-the argument types and specializations a real launch would get. This runs in a subprocess
-without TRITON_INTERPRET, since the interpreter replaces kernels at definition time.
+so a kernel can pass there and still fail to compile, or compile to something slow. Here each
+launcher runs on meta tensors with its kernels replaced by recorders; every recorded launch is
+then compiled by the kernel's own `JITFunction.run(..., warmup=True)` with Triton's driver
+replaced by a stand-in that reports an sm_90 device: the same binder, specialization
+(`tt.divisibility` 16 on 16-B aligned pointers and on ints divisible by 16, constexpr ints equal
+to 1) and options as `kernel[grid](...)` on an H100. Meta tensors carry their views' offsets in
+`data_ptr()` (element offset x element size, from a 0 base), and the CUDA caching allocator
+aligns every allocation to 512 B, so a view's alignment is modelled as on the GPU. ptxas's own
+report of each compile (TRITON_DUMP_PTXAS_LOG) gives registers, spills and stack frame.
 
-`python -m tests.test_triton_gpu_compile` prints each launch's shared memory, registers and spills.
+This runs in a subprocess without TRITON_INTERPRET, since the interpreter replaces kernels at
+definition time; the triton there is the first on PYTHONPATH (CI's pinned 3.7.1, and triton 3.6,
+the GPU machine's, pip-installed into build/triton-3.6.0). The tests compile the `full` case set
+(every production configuration) under both: about 35 s and 45 s on two cores.
+
+    python -m tests.test_triton_gpu_compile [--full] [--capability 80] [--json FILE]
+
+prints one JSON result per distinct launch (--json FILE writes them with their PTX);
+`python -m benchmarks.resources` tabulates them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import subprocess
+import re
 import sys
 from pathlib import Path
 
@@ -23,8 +37,16 @@ import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).parent.parent
-TARGETS = ((90, "sm_90"), (80, "sm_80"))  # the GPU machine's H100, and the oldest CI builds for
+SM90_SHARED_PER_BLOCK = 227 * 1024
+KERNELS = {
+    "_gn_fused_kernel",
+    "_gn_stats_kernel",
+    "_gn_apply_kernel",
+    "_attn_fwd_kernel",
+    "_attn_combine_kernel",
+    "_ddpm_step_kernel",
+    "_philox_normal_kernel",
+}
 
 
 def _cases(full: bool):
@@ -57,14 +79,18 @@ def _cases(full: bool):
             (f"group_norm_silu {tuple(shape)} {dtype} cl={channels_last} add={add} silu={silu}", run)
         )
 
-    def attn(shape, dtype, heads_last=False):
+    def attn(shape, dtype, unet=True):
         def run():
-            q = torch.empty(shape, device=meta, dtype=dtype)
-            if heads_last:  # the U-Net's (N, heads, L, D) view of a conv output: L is contiguous
-                q = q.transpose(-1, -2).contiguous().transpose(-1, -2)
-            attention(q, q, q)
+            B, H, L, D = shape
+            if unet:  # the U-Net's q, k, v: (N, L, C) matmul outputs viewed (N, heads, L, D)
+                q, k, v = (torch.empty(B, L, H * D, device=meta, dtype=dtype) for _ in range(3))
+                q, k, v = (t.view(B, L, H, D).transpose(1, 2) for t in (q, k, v))
+            else:  # (N, heads, L, D) views of a conv output, L contiguous: another caller's layout
+                q = torch.empty(B, H, D, L, device=meta, dtype=dtype).transpose(-1, -2)
+                k = v = q
+            attention(q, k, v)
 
-        cases.append((f"attention {tuple(shape)} {dtype} heads_last={heads_last}", run))
+        cases.append((f"attention {tuple(shape)} {dtype}" + ("" if unet else " L-contiguous"), run))
 
     def step(shape, dtype, t=500, noise="seed", channels_last=False, clip=True, layout=None, table="ddpm"):
         def run():
@@ -89,7 +115,8 @@ def _cases(full: bool):
     norm((2, 64, 16, 16), torch.bfloat16, channels_last=True, add=False, silu=False)
     norm((8, 128, 256, 256), torch.float16, silu=False)  # 256x256 model, batch 8: looping programs
     norm((1, 256, 64, 64), torch.bfloat16, channels_last=True)  # batch 1: split statistics + apply
-    attn((1, 1, 256, 256), torch.bfloat16, heads_last=True)  # CIFAR10 batch 1: keys split, combined
+    attn((1, 1, 256, 256), torch.bfloat16)  # CIFAR10 batch 1: keys split, combined
+    attn((1, 1, 256, 256), torch.float16, unet=False)
     attn((8, 1, 256, 512), torch.float16)  # LSUN / CelebA-HQ: q k^T in chunks of D
     attn((64, 1, 256, 256), torch.float32)  # 3xTF32, no split
     step((256, 3, 32, 32), torch.float32)
@@ -105,10 +132,10 @@ def _cases(full: bool):
             norm((1, 128, 256, 256), dtype)
             norm((8, 128, 256, 256), dtype, silu=False)
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            attn((1, 1, 256, 256), dtype, heads_last=True)
+            attn((1, 1, 256, 256), dtype)
             attn((64, 1, 256, 256), dtype)
             attn((1, 1, 256, 512), dtype)
-            attn((8, 1, 256, 512), dtype, heads_last=True)
+            attn((8, 1, 256, 512), dtype)
         attn((16, 32, 256, 8), torch.float32)  # diffusers' 32 heads of dimension 8
         attn((16, 32, 256, 8), torch.bfloat16)
         step((8, 3, 256, 256), torch.float32, t=(8,), clip=False)
@@ -123,50 +150,41 @@ class _Recorder:
         self.fn, self.launches = fn, launches
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
+        return lambda *args, **kwargs: self.launches.append((self.fn, grid, args, kwargs))
 
 
-def _signature(fn, args, kwargs):
-    """The signature, constexprs and options of a launch, specialized the way triton.jit does
-    (ints equal to 1 become constexprs unless the parameter is in do_not_specialize)."""
-    import torch
-    from triton.backends.compiler import BaseBackend
+class _DriverFor:
+    """Triton's active driver, as far as JITFunction.run(warmup=True) asks it: the current device
+    is a GPU of compute capability `capability` (its index is the capability, so each target
+    gets its own binder and kernel cache)."""
 
-    from triton._C.libtriton import native_specialize_impl  # isort: skip
+    def __init__(self, capability: int):
+        self.capability = capability
 
-    names = fn.arg_names
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    values = dict(zip(names, args, strict=False)) | kwargs
-    signature, constexprs = {}, {}
-    for param, name in zip(fn.params, names, strict=True):
-        value = values[name]
-        if param.is_constexpr:
-            signature[name], constexprs[name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = (
-                "*"
-                + {
-                    torch.float32: "fp32",
-                    torch.float16: "fp16",
-                    torch.bfloat16: "bf16",
-                    torch.int64: "i64",
-                    torch.int32: "i32",
-                }[value.dtype]
-            )
-        else:
-            kind = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize, True)[0]
-            signature[name] = kind
-            if kind == "constexpr":
-                constexprs[name] = value
-    return signature, constexprs, options
+    def get_current_device(self) -> int:
+        return self.capability
+
+    def get_current_stream(self, device: int) -> int:
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.capability, 32)
 
 
-def compile_all(targets=TARGETS, full=False, verbose=False) -> list[dict]:
-    """Compile every distinct launch of `_cases(full)`; one result dict per launch and target."""
+def compile_all(full: bool = False, capability: int = 90) -> list[dict]:
+    """Compile every distinct launch of `_cases(full)` for `capability`; one dict per launch:
+    case, kernel, triton version, config (the launch's non-tensor keyword arguments), num_warps,
+    shared (bytes), regs, spill_stores, spill_loads, stack (bytes), pointers (the tensor arguments),
+    divisible (the arguments specialized as divisible by 16), ptx; or case, kernel and error."""
     import fastddpm.kernels  # noqa: F401  (registers the submodules)
+    import torch
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    from benchmarks.resources import parse_ptxas
 
     modules = [sys.modules[f"fastddpm.kernels.{m}"] for m in ("group_norm_silu", "attention", "ddpm_step")]
     launches: list = []
@@ -174,93 +192,134 @@ def compile_all(targets=TARGETS, full=False, verbose=False) -> list[dict]:
         for name in dir(module):
             if isinstance(getattr(module, name), triton.runtime.JITFunction) and name.endswith("_kernel"):
                 setattr(module, name, _Recorder(getattr(module, name), launches))
+    driver.set_active(_DriverFor(capability))
+    knobs.nvidia.dump_ptxas_log = True  # ptxas's report, printed by each compile
+    knobs.compilation.always_compile = True  # every first launch compiles (and reports), cache or not
     results, seen = [], set()
     for case, run in _cases(full):
         del launches[:]
         run()
-        for fn, args, kwargs in launches:
-            signature, constexprs, options = _signature(fn, args, dict(kwargs))
-            key = (fn.__name__, tuple(signature.items()), tuple(constexprs.items()), tuple(options.items()))
-            if key in seen:
+        for fn, grid, args, kwargs in launches:
+            log = io.StringIO()
+            result = {"case": case, "kernel": fn.__name__, "triton": triton.__version__}
+            try:
+                with contextlib.redirect_stdout(log):
+                    compiled = fn.run(*args, grid=grid, warmup=True, **kwargs)
+            except Exception as err:  # reported, and failed, by the tests
+                results.append(result | {"error": f"{type(err).__name__}: {err}"[:2000]})
                 continue
-            seen.add(key)
-            for capability, arch in targets:
-                result = {"case": case, "kernel": fn.__name__, "arch": arch, **constexprs, **options}
-                try:
-                    compiled = triton.compile(
-                        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                        target=GPUTarget("cuda", capability, 32),
-                        options=options,
-                    )
-                except Exception as err:  # reported, and failed, by the test
-                    result["error"] = f"{type(err).__name__}: {err}"[:2000]
-                else:
-                    result["shared"] = compiled.metadata.shared
-                    if verbose:
-                        result.update(_ptxas_usage(compiled.asm["ptx"], arch))
-                results.append(result)
+            if compiled.hash in seen:  # the JIT's cache had it: the same launch as an earlier case
+                continue
+            seen.add(compiled.hash)
+            (usage,) = parse_ptxas(log.getvalue())
+            names = [p.name for p in fn.params]
+            result["config"] = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+            result["num_warps"] = compiled.metadata.num_warps
+            result["shared"] = compiled.metadata.shared
+            result |= {k: usage[k] for k in ("regs", "spill_stores", "spill_loads", "stack")}
+            result["divisible"] = [
+                names[p[0]] for p, a in compiled.src.attrs.items() if ["tt.divisibility", 16] in a
+            ]
+            bound = dict(zip(names, args, strict=False)) | kwargs
+            result["pointers"] = [n for n in names if isinstance(bound.get(n), torch.Tensor)]
+            result["ptx"] = compiled.asm["ptx"]
+            results.append(result)
     return results
 
 
-def _ptxas_usage(ptx: str, arch: str) -> dict:
-    """Registers and spill bytes, from the bundled ptxas -v."""
-    import re
-    import tempfile
+@pytest.fixture(scope="module", params=["pinned", "gpu-machine"])
+def compiled(request) -> list[dict]:
+    """Every launch of the full case set compiled for sm_90: by the installed triton ("pinned": CI
+    pins 3.7.1), and by triton 3.6, the GPU machine's (pip-installed into build/triton-3.6.0)."""
+    from benchmarks.resources import GPU_MACHINE_TRITON, install_triton, triton_kernel_resources
 
-    import triton
-
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        arch = arch + "a" if arch == "sm_90" else arch
-        out = subprocess.run(
-            [ptxas, "-v", f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.o")],
-            capture_output=True,
-            text=True,
-        ).stderr
-    regs = re.search(r"Used (\d+) registers", out)
-    spill = re.search(r"(\d+) bytes spill stores", out)
-    return {
-        "regs": int(regs.group(1)) if regs else None,
-        "spill_stores": int(spill.group(1)) if spill else None,
-    }
+    if request.param == "pinned":
+        return triton_kernel_resources()
+    results = triton_kernel_resources(install_triton())
+    assert {r["triton"] for r in results} == {GPU_MACHINE_TRITON}
+    return results
 
 
-@pytest.mark.slow
-def test_kernels_compile_for_sm90():
-    """Every constexpr branch of every kernel compiles for the GPU machine's H100 (sm_90)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.test_triton_gpu_compile", "--ci"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    results = json.loads(out.stdout.splitlines()[-1])
-    failed = [r for r in results if "error" in r]
+def _summary(results: list[dict]) -> str:
+    keys = ("case", "kernel", "triton", "num_warps", "regs", "spill_stores", "spill_loads", "stack", "shared")
+    return json.dumps([{k: r[k] for k in keys} for r in results], indent=1)
+
+
+def test_every_launch_compiles_within_sm90_shared_memory(compiled):
+    """Every kernel is launched by the case set, every launch compiles, and none needs more shared
+    memory than an sm_90 block may have (227 KiB)."""
+    failed = [r for r in compiled if "error" in r]
     assert not failed, json.dumps(failed, indent=1)[:6000]
-    kernels = {r["kernel"] for r in results}
-    assert kernels == {
-        "_gn_fused_kernel",
-        "_gn_stats_kernel",
-        "_gn_apply_kernel",
-        "_attn_fwd_kernel",
-        "_attn_combine_kernel",
-        "_ddpm_step_kernel",
-        "_philox_normal_kernel",
-    }
-    for r in results:  # an H100 block has 227 KiB of shared memory
-        assert r["shared"] <= 227 * 1024, r
+    assert {r["kernel"] for r in compiled} == KERNELS
+    assert not (over := [r for r in compiled if r["shared"] > SM90_SHARED_PER_BLOCK]), _summary(over)
+
+
+def test_no_launch_spills_registers(compiled):
+    assert not (spilled := [r for r in compiled if r["spill_stores"] or r["spill_loads"]]), _summary(spilled)
+
+
+def test_no_launch_has_a_local_memory_stack_frame(compiled):
+    """No local memory at all: besides spills, a stack frame holds locally indexed arrays, which
+    live in (cached) device memory."""
+    assert not (framed := [r for r in compiled if r["stack"]]), _summary(framed)
+
+
+def test_launches_are_specialized_on_alignment_as_on_a_gpu(compiled):
+    """Every tensor argument of the production launches is 16-B aligned (a fresh allocation or
+    a view at an aligned offset) and compiles with tt.divisibility 16, which vectorized loads and
+    cp.async pipelining need; ints get it from their real values: the head stride 8 of 32 heads
+    of D = 8 does not, their row stride 256 does."""
+    for r in compiled:
+        assert set(r["pointers"]) <= set(r["divisible"]), (r["case"], r["kernel"], r["divisible"])
+    heads8 = [r for r in compiled if r["kernel"] == "_attn_fwd_kernel" and "(16, 32, 256, 8)" in r["case"]]
+    assert heads8 and all("sqh" not in r["divisible"] and "sql" in r["divisible"] for r in heads8)
+
+
+_GLOBAL_LOAD = re.compile(r"\bld\.global[\w.:]*?(?:\.v(\d))?\.[bfsu](8|16|32|64)\b")
+
+
+def global_loads(ptx: str) -> dict[int, int]:
+    """Bytes per thread of each global load instruction in `ptx` -> how many there are."""
+    widths: dict[int, int] = {}
+    for vec, bits in _GLOBAL_LOAD.findall(ptx):
+        width = int(vec or 1) * int(bits) // 8
+        widths[width] = widths.get(width, 0) + 1
+    return widths
+
+
+def test_global_loads_reads_vector_widths():
+    ptx = """
+    @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    ld.global.L1::evict_last.v2.b64 { %rd5, %rd6 }, [ %rd2 + 0 ];
+    @%p2 ld.global.b16 { %rs1 }, [ %rd3 + 0 ];
+    ld.global.nc.f32 %f1, [%rd4];
+    st.global.v4.b32 [ %rd7 + 0 ], { %r1, %r2, %r3, %r4 };
+    """
+    assert global_loads(ptx) == {16: 2, 2: 1, 4: 1}
+
+
+def test_channels_last_group_norm_loads_16_bytes_along_c(compiled):
+    """channels_last x is (N, H, W, C) in memory: contiguous only along C. Each channels_last
+    GroupNorm kernel must move most of its loaded bytes in 16-B vector loads (ld.global.v4.b32,
+    .v2.b64, ...) of C-contiguous elements, counted over its PTX's load instructions: 2- or 4-B
+    scalar loads at a stride of C use a fraction of each 32-B sector."""
+    rows = [r for r in compiled if r["kernel"].startswith("_gn_") and "cl=True" in r["case"]]
+    assert rows
+    narrow = []
+    for r in rows:
+        loads = global_loads(r["ptx"])
+        wide = sum(w * n for w, n in loads.items() if w >= 16)
+        if wide < sum(w * n for w, n in loads.items() if w < 16):
+            narrow.append(f"{r['triton']} {r['kernel']} {r['case']}: load bytes x count {loads}")
+    assert not narrow, "\n".join(narrow)
 
 
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)
-    if "--ci" in sys.argv:
-        print(json.dumps(compile_all(targets=TARGETS[:1])))
-    else:  # every production shape, sm_90 and sm_80, with registers and spills
-        for r in compile_all(full=True, verbose=True):
-            print(json.dumps(r), flush=True)
+    capability = int(sys.argv[sys.argv.index("--capability") + 1]) if "--capability" in sys.argv else 90
+    found = compile_all(full="--full" in sys.argv, capability=capability)
+    if "--json" in sys.argv:
+        Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(found))
+    else:
+        for r in found:
+            print(json.dumps({k: v for k, v in r.items() if k != "ptx"}), flush=True)
