@@ -101,6 +101,35 @@ def test_t_as_a_device_tensor(t):
     check(out, x, eps, t, table, torch.float32, noise=noise)
 
 
+@pytest.mark.parametrize(
+    "t, bad",
+    [
+        (torch.tensor(1000), [0, 1, 2]),
+        (torch.tensor([-1]), [0, 1, 2]),
+        (torch.tensor([5, 1000, -3]), [1, 2]),
+        (torch.tensor([2**32 + 5, 7, 2**62]), [0, 2]),  # int64 past int32: not wrapped into the table
+    ],
+    ids=["shared", "one", "per-sample", "int64"],
+)
+@pytest.mark.parametrize("clip_x0", [True, False], ids=["clip", "direct"])
+@pytest.mark.parametrize("noise_from", ["tensor", "seed"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_t_outside_the_table_gives_nan_samples(t, bad, clip_x0, noise_from, channels_last):
+    """A device t outside the table (fastddpm.ops cannot see it without a host sync, so this calls
+    the launcher) is never clamped: every element of exactly the affected samples is NaN, the rest
+    equal the reference, which agrees."""
+    table = TABLES["fixedlarge"]
+    x, eps, noise = tensors((3, 3, 4, 4), torch.float32, channels_last, seed=4)
+    kw = {"noise": noise} if noise_from == "tensor" else {"seed": 3, "offset": 1}
+    out = launch(x, eps, t.to(DEVICE), table, clip_x0=clip_x0, **kw).cpu()
+    nan = out.isnan().flatten(1)
+    good = [n for n in range(3) if n not in bad]
+    assert nan[bad].all() and not nan[good].any()
+    kw = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    ref = reference.ddpm_step(x.cpu(), eps.cpu(), t, table.to("cpu"), clip_x0=clip_x0, **kw)
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOLERANCE[torch.float32], equal_nan=True)
+
+
 def test_eps_and_noise_in_another_layout():
     """eps and noise in a different memory format from x_t: brought to x_t's; out follows x_t."""
     table = TABLES["fixedsmall"]
