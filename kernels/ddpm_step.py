@@ -28,7 +28,7 @@ import triton.language as tl
 
 from fastddpm.schedule import NUM_COEFS, StepTable
 
-from ._common import check_device, memory_format_of, next_pow2, num_sms
+from ._common import check_device, device_guard, memory_format_of, next_pow2, num_sms
 
 MASK32 = 0xFFFFFFFF
 
@@ -297,13 +297,14 @@ def ddpm_step(
         block_c = block_hw = 1
         n_c_tiles = 1
         tiles = triton.cdiv(C * HW, block)
-    _ddpm_step_kernel[(tiles, N)](
-        x_t, eps, noise if noise_mode == NOISE_TENSOR else x_t, out, coef, t_arg, t_scalar, coef.shape[0],
-        C, HW, seed, offset & MASK32, offset >> 32, seed_ptr, offset_ptr, n_c_tiles,
-        LAYOUT=layout, T_MODE=t_mode, NOISE=noise_mode, CLIP=clip_x0,
-        SEED_ON_DEVICE=seed_ptr is not coef, OFFSET_ON_DEVICE=offset_ptr is not coef,
-        BLOCK=block, BLOCK_HW=block_hw, BLOCK_C=block_c, NUM_COEF=NUM_COEFS, num_warps=_warps(block),
-    )  # fmt: skip
+    with device_guard(x_t.device):
+        _ddpm_step_kernel[(tiles, N)](
+            x_t, eps, noise if noise_mode == NOISE_TENSOR else x_t, out, coef, t_arg, t_scalar, coef.shape[0],
+            C, HW, seed, offset & MASK32, offset >> 32, seed_ptr, offset_ptr, n_c_tiles,
+            LAYOUT=layout, T_MODE=t_mode, NOISE=noise_mode, CLIP=clip_x0,
+            SEED_ON_DEVICE=seed_ptr is not coef, OFFSET_ON_DEVICE=offset_ptr is not coef,
+            BLOCK=block, BLOCK_HW=block_hw, BLOCK_C=block_c, NUM_COEF=NUM_COEFS, num_warps=_warps(block),
+        )  # fmt: skip
     return out
 
 
@@ -323,9 +324,10 @@ def philox_normal(
     numel = out.numel()
     if numel:
         block = block or _block(numel, device)
-        _philox_normal_kernel[(triton.cdiv(numel, block),)](
-            out, numel, int(seed), offset & MASK32, offset >> 32, BLOCK=block, num_warps=_warps(block)
-        )
+        with device_guard(device):
+            _philox_normal_kernel[(triton.cdiv(numel, block),)](
+                out, numel, int(seed), offset & MASK32, offset >> 32, BLOCK=block, num_warps=_warps(block)
+            )
     return out
 
 

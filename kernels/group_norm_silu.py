@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, memory_format_of, next_pow2, num_sms
+from ._common import check_device, device_guard, memory_format_of, next_pow2, num_sms
 
 # Largest tile (elements, padded to powers of two) one program holds on chip in one piece, and the
 # tile a looping program walks with.
@@ -379,24 +379,25 @@ def group_norm_silu(
     Cg = C // num_groups
     common = dict(BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, CHANNELS_LAST=channels_last, HAS_ADD=has_add)
     groups = N * num_groups
-    if p.split == 1:
-        _gn_fused_kernel[(groups,)](
-            x, weight, bias, add_arg, y, num_groups, C, HW, Cg, stride_add_n, stride_add_c,
-            p.n_hw_tiles, p.num_tiles, eps,
-            ONE_TILE=p.one_tile, SILU=silu, num_warps=p.num_warps, **common,
+    with device_guard(x.device):
+        if p.split == 1:
+            _gn_fused_kernel[(groups,)](
+                x, weight, bias, add_arg, y, num_groups, C, HW, Cg, stride_add_n, stride_add_c,
+                p.n_hw_tiles, p.num_tiles, eps,
+                ONE_TILE=p.one_tile, SILU=silu, num_warps=p.num_warps, **common,
+            )  # fmt: skip
+            return y
+        partial = torch.empty((groups, p.split, 3), device=x.device, dtype=torch.float32)
+        _gn_stats_kernel[(groups, p.split)](
+            x, add_arg, partial, num_groups, C, HW, Cg, stride_add_n, stride_add_c,
+            p.n_hw_tiles, p.num_tiles, p.tiles_per_split, p.split,
+            num_warps=p.num_warps, **common,
         )  # fmt: skip
-        return y
-    partial = torch.empty((groups, p.split, 3), device=x.device, dtype=torch.float32)
-    _gn_stats_kernel[(groups, p.split)](
-        x, add_arg, partial, num_groups, C, HW, Cg, stride_add_n, stride_add_c,
-        p.n_hw_tiles, p.num_tiles, p.tiles_per_split, p.split,
-        num_warps=p.num_warps, **common,
-    )  # fmt: skip
-    _gn_apply_kernel[(groups, p.split)](
-        x, weight, bias, add_arg, y, partial, num_groups, C, HW, Cg, stride_add_n, stride_add_c,
-        p.n_hw_tiles, p.num_tiles, p.tiles_per_split, p.split, eps,
-        BLOCK_SPLIT=next_pow2(p.split), SILU=silu, num_warps=p.num_warps, **common,
-    )  # fmt: skip
+        _gn_apply_kernel[(groups, p.split)](
+            x, weight, bias, add_arg, y, partial, num_groups, C, HW, Cg, stride_add_n, stride_add_c,
+            p.n_hw_tiles, p.num_tiles, p.tiles_per_split, p.split, eps,
+            BLOCK_SPLIT=next_pow2(p.split), SILU=silu, num_warps=p.num_warps, **common,
+        )  # fmt: skip
     return y
 
 

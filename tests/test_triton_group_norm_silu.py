@@ -5,6 +5,8 @@ compiled on a GPU when TRITON_INTERPRET=0. Shapes are small with odd sizes; the 
 looping paths are forced through the launcher's `split` and `tile` keywords.
 """
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from fastddpm.kernels.group_norm_silu import plan  # noqa: E402
 from fastddpm import ops, reference  # noqa: E402
 
 from .test_reference_ops import TOLERANCE  # noqa: E402  (DESIGN.md, "Equal means")
+from .test_triton_attention import NEEDS_TWO_GPUS, assert_launched_under, guarded_launches  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.skipif(
@@ -135,3 +138,29 @@ def test_ddpm_shapes_on_gpu(dtype, shape):
             xd, w.to(DEVICE, dtype), b.to(DEVICE, dtype), 32, add=add.to(DEVICE, dtype), backend="triton"
         )
         check(out, xd, w, b, add, 32, True, True)
+
+
+@pytest.mark.parametrize("split", [None, 3], ids=["fused", "split"])
+def test_launches_under_the_inputs_device(monkeypatch, split):
+    """Every kernel of the op is launched inside the device guard of x's device (kernels/_common.py)."""
+    xd, w, b, add = inputs((1, 24, 5, 7), torch.float32)
+    module = sys.modules[launch.__module__]
+    kernels = {"_gn_fused_kernel"} if split is None else {"_gn_stats_kernel", "_gn_apply_kernel"}
+    run = lambda: launch(xd, w.to(DEVICE), b.to(DEVICE), 4, split=split, tile=32 if split else None)  # noqa: E731
+    assert_launched_under(guarded_launches(monkeypatch, module, run), xd.device, kernels)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels need a CUDA device")
+@NEEDS_TWO_GPUS
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(2, 128, 16, 16), (1, 128, 128, 128)], ids=["fused", "split"])
+def test_runs_on_a_gpu_that_is_not_current(channels_last, shape):
+    xd, w, b, add = inputs(shape, torch.bfloat16, channels_last)
+    xd = xd.to("cuda:1")
+    with torch.cuda.device(0):
+        out = ops.group_norm_silu(
+            xd, w.to(xd.device, xd.dtype), b.to(xd.device, xd.dtype), 32, add=add.to(xd.device, xd.dtype),
+            backend="triton",
+        )  # fmt: skip
+    check(out, xd, w, b, add, 32, True, True)
