@@ -381,7 +381,8 @@ def _nhwc_refine(count, mean, m2, d, group, BLOCK_G: tl.constexpr):
     back to the mean and taken out of M2 and of the centred tile. Later tiles, centred about the
     first one's mean, are small and need no correction."""
     d_mean = _to_groups(tl.sum(d, axis=0), group, BLOCK_G) / count
-    return mean + d_mean, m2 - d_mean * d_mean * count, d - _to_columns(d_mean, group, BLOCK_G)[None, :]
+    m2 = tl.maximum(m2 - d_mean * d_mean * count, 0.0)  # >= 0 exactly; rounding may dip below
+    return mean + d_mean, m2, d - _to_columns(d_mean, group, BLOCK_G)[None, :]
 
 
 @triton.jit
