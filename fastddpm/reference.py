@@ -87,10 +87,14 @@ def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
 def _rows(table: StepTable, t: int | torch.Tensor) -> torch.Tensor:
     """Row t of the table, (NUM_COEFS,) for an int or a 0-d t, (N, NUM_COEFS) for an (N,) t. A
     tensor t is gathered on its device: `coef[t]` with a 0-d tensor would read it on the host,
-    which a CUDA graph capture cannot do."""
+    which a CUDA graph capture cannot do. An index of a tensor t outside the table gives a row of
+    NaN (never clamped, never read), so its samples come out NaN, as in every backend."""
     if not isinstance(t, torch.Tensor):
         return table.coef[t]
-    rows = table.coef.index_select(0, t.reshape(-1).to(device=table.coef.device, dtype=torch.int64))
+    coef = table.coef
+    index = t.reshape(-1).to(device=coef.device, dtype=torch.int64)
+    inside = (index >= 0) & (index < coef.shape[0])
+    rows = coef.index_select(0, index.clamp(0, coef.shape[0] - 1)).masked_fill(~inside[:, None], math.nan)
     return rows[0] if t.dim() == 0 else rows
 
 
@@ -129,6 +133,10 @@ def ddpm_step(
     clip_x0: mean = coef_x0 * clamp(x0, -1, 1) + coef_xt * x_t; otherwise the direct
     eps form mean = direct_xt * x_t - direct_eps * eps. z is `noise`, or
     `philox_normal(seed, offset)` when a seed is given (each an int or a 0-d int64 tensor).
+
+    A tensor t outside the table (a device t, which `fastddpm.ops` cannot check without a host
+    sync) is never clamped: the affected samples are NaN in every element (all of them for t of
+    shape () or (1,), sample n for a bad t[n] of shape (N,)), and nothing outside the table is read.
     """
     coef = _rows(table, t)
     if clip_x0:

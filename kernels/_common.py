@@ -1,7 +1,8 @@
-"""Helpers the kernel files share: interpreter mode, device checks, SM count, sizes."""
+"""Helpers the kernel files share: interpreter mode, device checks and guard, SM count, sizes."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -10,7 +11,7 @@ import triton
 
 from fastddpm.reference import memory_format_of
 
-__all__ = ["INTERPRET", "check_device", "memory_format_of", "next_pow2", "num_sms"]
+__all__ = ["INTERPRET", "check_device", "device_guard", "memory_format_of", "next_pow2", "num_sms"]
 
 # Triton decides at decoration time whether a kernel is interpreted, so read the flag once, at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -44,3 +45,10 @@ def check_device(op: str, **tensors: torch.Tensor | None) -> None:
             f"{op} (backend 'triton'): {name} is on {t.device}; the Triton kernels run on CUDA devices,"
             " or on the CPU only through Triton's interpreter (TRITON_INTERPRET=1 set before import)"
         )
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Where to launch for tensors on `device`: Triton launches on the current CUDA device (and its
+    stream), so a launch for tensors on another GPU runs under torch.cuda.device(device); nothing
+    to enter off CUDA (the interpreter on the CPU, meta tensors)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

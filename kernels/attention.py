@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, next_pow2, num_sms
+from ._common import INTERPRET, check_device, device_guard, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -270,22 +270,23 @@ def attention(
         lse = torch.empty((p.kv_splits, B * H, Lq), device=q.device, dtype=torch.float32)
     else:
         part = lse = out  # dummies, never touched
-    grid = (triton.cdiv(Lq, p.block_m), B * H, p.kv_splits * num_dv)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, part, lse,
-        *q.stride(), *k.stride(), *v.stride(),
-        H, Lq, Lk, D, float(scale) * LOG2E, p.keys_per_split,
-        BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv,
-        NUM_DK=p.num_dk(D), NUM_DV=num_dv, SPLIT_KV=split,
-        # The interpreter's dot mishandles bf16: there, bf16 operands go to fp32 after rounding.
-        DOT_F32=INTERPRET and q.dtype == torch.bfloat16,
-        PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
-        num_warps=p.num_warps, num_stages=p.num_stages,
-    )  # fmt: skip
-    if split:
-        block_d = min(next_pow2(D), 128)
-        grid = (triton.cdiv(Lq, 32), B * H, triton.cdiv(D, block_d))
-        _attn_combine_kernel[grid](part, lse, out, B * H, Lq, D, p.kv_splits, BLOCK_M=32, BLOCK_D=block_d)
+    with device_guard(q.device):
+        grid = (triton.cdiv(Lq, p.block_m), B * H, p.kv_splits * num_dv)
+        _attn_fwd_kernel[grid](
+            q, k, v, out, part, lse,
+            *q.stride(), *k.stride(), *v.stride(),
+            H, Lq, Lk, D, float(scale) * LOG2E, p.keys_per_split,
+            BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv,
+            NUM_DK=p.num_dk(D), NUM_DV=num_dv, SPLIT_KV=split,
+            # The interpreter's dot mishandles bf16: there, bf16 operands go to fp32 after rounding.
+            DOT_F32=INTERPRET and q.dtype == torch.bfloat16,
+            PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+            num_warps=p.num_warps, num_stages=p.num_stages,
+        )  # fmt: skip
+        if split:
+            block_d = min(next_pow2(D), 128)
+            grid = (triton.cdiv(Lq, 32), B * H, triton.cdiv(D, block_d))
+            _attn_combine_kernel[grid](part, lse, out, B * H, Lq, D, p.kv_splits, BLOCK_M=32, BLOCK_D=block_d)
     return out
 
 

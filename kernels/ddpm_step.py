@@ -3,6 +3,8 @@
 x_t, eps (N, C, H, W), fp32/fp16/bf16, contiguous or channels_last. One row of the step table
 (S, 7) (columns: fastddpm.schedule) is read on the device at t, which is a scalar argument, a
 shared device tensor t[0] or a per-sample one t[n]; so a step can be captured in a CUDA graph.
+A t outside the table is never clamped: every element of the affected samples is NaN (all of
+them for a shared t, sample n for a bad t[n]), and nothing outside the table is read.
 
     clipped-x0:  x0 = clamp(sqrt(1/abar) x_t - sqrt(1/abar - 1) eps, -1, 1)
                  mean = coef_x0 x0 + coef_xt x_t
@@ -26,7 +28,7 @@ import triton.language as tl
 
 from fastddpm.schedule import NUM_COEFS, StepTable
 
-from ._common import check_device, memory_format_of, next_pow2, num_sms
+from ._common import check_device, device_guard, memory_format_of, next_pow2, num_sms
 
 MASK32 = 0xFFFFFFFF
 
@@ -158,20 +160,22 @@ def _ddpm_step_kernel(
     n = tl.program_id(1)
     CHW = C * HW
     if T_MODE == 0:
-        t = t_scalar
+        t = t_scalar.to(tl.int64)
     elif T_MODE == 1:
-        t = tl.load(t_ptr).to(tl.int32)
+        t = tl.load(t_ptr).to(tl.int64)
     else:
-        t = tl.load(t_ptr + n).to(tl.int32)
-    t = tl.minimum(tl.maximum(t, 0), num_steps - 1)  # a bad device-side t never reads outside the table
-    row = coef_ptr + t.to(tl.int64) * NUM_COEF
-    a = tl.load(row + 0)
-    b = tl.load(row + 1)
-    c_x0 = tl.load(row + 2)
-    c_xt = tl.load(row + 3)
-    d_xt = tl.load(row + 4)
-    d_eps = tl.load(row + 5)
-    sigma = tl.load(row + 6)
+        t = tl.load(t_ptr + n).to(tl.int64)
+    # A t outside the table is never clamped: its coefficients are NaN (the row is not read), so
+    # every element of the sample comes out NaN.
+    t_ok = (t >= 0) & (t < num_steps)
+    row = coef_ptr + tl.where(t_ok, t, 0) * NUM_COEF
+    a = tl.load(row + 0, mask=t_ok, other=float("nan"))
+    b = tl.load(row + 1, mask=t_ok, other=float("nan"))
+    c_x0 = tl.load(row + 2, mask=t_ok, other=float("nan"))
+    c_xt = tl.load(row + 3, mask=t_ok, other=float("nan"))
+    d_xt = tl.load(row + 4, mask=t_ok, other=float("nan"))
+    d_eps = tl.load(row + 5, mask=t_ok, other=float("nan"))
+    sigma = tl.load(row + 6, mask=t_ok, other=float("nan"))
     sample = n.to(tl.int64) * CHW  # first element of sample n, in memory and in logical order
 
     if LAYOUT == 0:
@@ -293,13 +297,14 @@ def ddpm_step(
         block_c = block_hw = 1
         n_c_tiles = 1
         tiles = triton.cdiv(C * HW, block)
-    _ddpm_step_kernel[(tiles, N)](
-        x_t, eps, noise if noise_mode == NOISE_TENSOR else x_t, out, coef, t_arg, t_scalar, coef.shape[0],
-        C, HW, seed, offset & MASK32, offset >> 32, seed_ptr, offset_ptr, n_c_tiles,
-        LAYOUT=layout, T_MODE=t_mode, NOISE=noise_mode, CLIP=clip_x0,
-        SEED_ON_DEVICE=seed_ptr is not coef, OFFSET_ON_DEVICE=offset_ptr is not coef,
-        BLOCK=block, BLOCK_HW=block_hw, BLOCK_C=block_c, NUM_COEF=NUM_COEFS, num_warps=_warps(block),
-    )  # fmt: skip
+    with device_guard(x_t.device):
+        _ddpm_step_kernel[(tiles, N)](
+            x_t, eps, noise if noise_mode == NOISE_TENSOR else x_t, out, coef, t_arg, t_scalar, coef.shape[0],
+            C, HW, seed, offset & MASK32, offset >> 32, seed_ptr, offset_ptr, n_c_tiles,
+            LAYOUT=layout, T_MODE=t_mode, NOISE=noise_mode, CLIP=clip_x0,
+            SEED_ON_DEVICE=seed_ptr is not coef, OFFSET_ON_DEVICE=offset_ptr is not coef,
+            BLOCK=block, BLOCK_HW=block_hw, BLOCK_C=block_c, NUM_COEF=NUM_COEFS, num_warps=_warps(block),
+        )  # fmt: skip
     return out
 
 
@@ -319,9 +324,10 @@ def philox_normal(
     numel = out.numel()
     if numel:
         block = block or _block(numel, device)
-        _philox_normal_kernel[(triton.cdiv(numel, block),)](
-            out, numel, int(seed), offset & MASK32, offset >> 32, BLOCK=block, num_warps=_warps(block)
-        )
+        with device_guard(device):
+            _philox_normal_kernel[(triton.cdiv(numel, block),)](
+                out, numel, int(seed), offset & MASK32, offset >> 32, BLOCK=block, num_warps=_warps(block)
+            )
     return out
 
 

@@ -6,30 +6,62 @@ about it) and tiles are merged with Chan's parallel formula, about a shift (the 
 so the running mean stays small; no E[x^2] - E[x]^2 anywhere. The output is (h - mean) * rstd * w
 + b, centred before scaling, so a mean far from zero costs no precision.
 
-A group is Cg = C / G channels by HW = H * W positions, walked in tiles of BLOCK_C x BLOCK_HW.
-Three ways to run it, picked by `_plan` from the shape:
+NCHW: a group is Cg = C / G channels by HW = H * W positions, contiguous, walked by one program
+per (n, g) in tiles of BLOCK_C x BLOCK_HW.
 
-- fused, one tile: one program per (n, g) holds the whole group on chip; x is read once.
-- fused, looped: one program per (n, g) loops over the tiles twice (statistics, then apply).
-- split: when N * G programs cannot fill the GPU and a group is larger than one tile, each group's
-  tiles are dealt to SPLIT programs: `_gn_stats_kernel` writes per-chunk (count, mean, M2), and
-  `_gn_apply_kernel` merges them and normalizes its chunk.
+NHWC (channels_last): a group's channels are Cg of the C contiguous channels of every position,
+so one program covers GPP whole groups side by side, GPP * Cg channels chosen to span a multiple
+of 16 bytes: its tiles are [BLOCK_HW positions, BLOCK_CH channels], channels fastest, each row
+one contiguous run that the compiler loads 16 bytes per thread (given 16-byte aligned pointers
+and C * itemsize a multiple of 16). Column sums are reduced per group (channel j belongs to
+group j // Cg of the program) and the groups' statistics broadcast back to their channels.
+
+Three ways to run either layout, picked by `plan` from the shape:
+
+- fused, one tile: one program holds its groups whole on chip; x is read once.
+- fused, looped: one program loops over its tiles twice (statistics, then apply).
+- split: when the programs cannot fill the GPU and a group is larger than one tile, each
+  program's tiles are dealt to SPLIT programs: a statistics kernel writes per-chunk (count,
+  mean, M2) of each group, and an apply kernel merges them and normalizes its chunk.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, memory_format_of, next_pow2, num_sms
+from ._common import check_device, device_guard, memory_format_of, next_pow2, num_sms
 
 # Largest tile (elements, padded to powers of two) one program holds on chip in one piece, and the
 # tile a looping program walks with.
 ONE_TILE_MAX = 16384
 LOOP_TILE = 4096
+# Bytes of each NHWC tile row the plan aims for (two 32-byte sectors), where the groups allow.
+ROW_BYTES = 64
+
+
+@triton.jit
+def _merge(count, mean, m2, count_b, mean_b, m2_b):
+    """Chan et al.'s pairwise update of (count, mean, M2) with another chunk's."""
+    total = count + count_b
+    delta = mean_b - mean
+    mean = mean + delta * (count_b / total)
+    m2 = m2 + m2_b + delta * delta * (count * count_b / total)
+    return total, mean, m2
+
+
+@triton.jit
+def _silu(y, SILU: tl.constexpr):
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    return y
+
+
+# --- NCHW: one program per group ----------------------------------------------------------------
 
 
 @triton.jit
@@ -43,10 +75,8 @@ def _tile(
     n_hw_tiles,
     Cg,
     HW,
-    C,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
     HAS_ADD: tl.constexpr,
 ):
     """Tile `tile` of a group: h = x + add (fp32, 0 where masked), its mask, offsets and channels."""
@@ -54,10 +84,7 @@ def _tile(
     hw = (tile % n_hw_tiles) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_ok = c < Cg
     mask = c_ok[:, None] & (hw < HW)[None, :]
-    if CHANNELS_LAST:
-        offs = hw[None, :] * C + c[:, None]
-    else:
-        offs = c[:, None] * HW + hw[None, :]
+    offs = c[:, None] * HW + hw[None, :]
     h = tl.load(x_ptr + x_base + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
         a = tl.load(add_ptr + add_base + c * stride_add_c, mask=c_ok, other=0.0).to(tl.float32)
@@ -76,16 +103,6 @@ def _tile_stats(h, mask):
 
 
 @triton.jit
-def _merge(count, mean, m2, count_b, mean_b, m2_b):
-    """Chan et al.'s pairwise update of (count, mean, M2) with another chunk's."""
-    total = count + count_b
-    delta = mean_b - mean
-    mean = mean + delta * (count_b / total)
-    m2 = m2 + m2_b + delta * delta * (count * count_b / total)
-    return total, mean, m2
-
-
-@triton.jit
 def _chunk_stats(
     x_ptr,
     add_ptr,
@@ -97,24 +114,22 @@ def _chunk_stats(
     n_hw_tiles,
     Cg,
     HW,
-    C,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
     HAS_ADD: tl.constexpr,
 ):
     """(count, mean, M2) over tiles [first, last) of a group. The first tile's mean is the shift the
     later tiles are reduced and merged about, so the running mean stays small and exact in fp32."""
     h, mask, offs, c = _tile(
-        x_ptr, add_ptr, x_base, add_base, stride_add_c, first, n_hw_tiles, Cg, HW, C,
-        BLOCK_C, BLOCK_HW, CHANNELS_LAST, HAS_ADD,
+        x_ptr, add_ptr, x_base, add_base, stride_add_c, first, n_hw_tiles, Cg, HW,
+        BLOCK_C, BLOCK_HW, HAS_ADD,
     )  # fmt: skip
     count, shift, m2 = _tile_stats(h, mask)
     mean = 0.0
     for tile in range(first + 1, last):
         h, mask, offs, c = _tile(
-            x_ptr, add_ptr, x_base, add_base, stride_add_c, tile, n_hw_tiles, Cg, HW, C,
-            BLOCK_C, BLOCK_HW, CHANNELS_LAST, HAS_ADD,
+            x_ptr, add_ptr, x_base, add_base, stride_add_c, tile, n_hw_tiles, Cg, HW,
+            BLOCK_C, BLOCK_HW, HAS_ADD,
         )  # fmt: skip
         count_b, mean_b, m2_b = _tile_stats(tl.where(mask, h - shift, 0.0), mask)
         count, mean, m2 = _merge(count, mean, m2, count_b, mean_b, m2_b)
@@ -142,22 +157,17 @@ def _apply_tile(
     w = tl.load(w_ptr + c0 + c, mask=c_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + c0 + c, mask=c_ok, other=0.0).to(tl.float32)
     scale = w * rstd
-    y = (h - mean) * scale[:, None] + b[:, None]  # centred first: no cancellation when |mean| >> std
-    if SILU:
-        y = y / (1.0 + tl.exp(-y))
+    y = _silu((h - mean) * scale[:, None] + b[:, None], SILU)  # centred first: no cancellation
     tl.store(y_ptr + y_base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bases(pid_group, G, C, HW, Cg, stride_add_n, CHANNELS_LAST: tl.constexpr):
+def _bases(pid_group, G, C, HW, Cg, stride_add_n):
     """Offsets of group pid_group = n * G + g: into x/y, into add, and its first channel."""
     n = pid_group // G
     g = pid_group % G
     c0 = g * Cg
-    if CHANNELS_LAST:
-        x_base = n.to(tl.int64) * C * HW + c0
-    else:
-        x_base = n.to(tl.int64) * C * HW + c0.to(tl.int64) * HW
+    x_base = n.to(tl.int64) * C * HW + c0.to(tl.int64) * HW
     add_base = n.to(tl.int64) * stride_add_n + c0
     return x_base, add_base, c0
 
@@ -181,31 +191,29 @@ def _gn_fused_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     ONE_TILE: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
     HAS_ADD: tl.constexpr,
     SILU: tl.constexpr,
 ):
     """One program per (n, g). Grid: (N * G,)."""
     pid = tl.program_id(0)
-    x_base, add_base, c0 = _bases(pid, G, C, HW, Cg, stride_add_n, CHANNELS_LAST)
+    x_base, add_base, c0 = _bases(pid, G, C, HW, Cg, stride_add_n)
     if ONE_TILE:
         h, mask, offs, c = _tile(
-            x_ptr, add_ptr, x_base, add_base, stride_add_c, 0, 1, Cg, HW, C,
-            BLOCK_C, BLOCK_HW, CHANNELS_LAST, HAS_ADD,
-        )  # fmt: skip
+            x_ptr, add_ptr, x_base, add_base, stride_add_c, 0, 1, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+        )
         count, mean, m2 = _tile_stats(h, mask)
         rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
         _apply_tile(h, mask, offs, c, y_ptr, x_base, w_ptr, b_ptr, c0, Cg, mean, rstd, SILU)
     else:
         count, mean, m2 = _chunk_stats(
-            x_ptr, add_ptr, x_base, add_base, stride_add_c, 0, num_tiles, n_hw_tiles, Cg, HW, C,
-            BLOCK_C, BLOCK_HW, CHANNELS_LAST, HAS_ADD,
+            x_ptr, add_ptr, x_base, add_base, stride_add_c, 0, num_tiles, n_hw_tiles, Cg, HW,
+            BLOCK_C, BLOCK_HW, HAS_ADD,
         )  # fmt: skip
         rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
         for tile in range(0, num_tiles):
             h, mask, offs, c = _tile(
-                x_ptr, add_ptr, x_base, add_base, stride_add_c, tile, n_hw_tiles, Cg, HW, C,
-                BLOCK_C, BLOCK_HW, CHANNELS_LAST, HAS_ADD,
+                x_ptr, add_ptr, x_base, add_base, stride_add_c, tile, n_hw_tiles, Cg, HW,
+                BLOCK_C, BLOCK_HW, HAS_ADD,
             )  # fmt: skip
             _apply_tile(h, mask, offs, c, y_ptr, x_base, w_ptr, b_ptr, c0, Cg, mean, rstd, SILU)
 
@@ -227,18 +235,17 @@ def _gn_stats_kernel(
     SPLIT,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
     HAS_ADD: tl.constexpr,
 ):
     """(count, mean, M2) of chunk s of group (n, g) -> partial[n * G + g, s, :]. Grid: (N * G, SPLIT)."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
-    x_base, add_base, c0 = _bases(pid, G, C, HW, Cg, stride_add_n, CHANNELS_LAST)
+    x_base, add_base, c0 = _bases(pid, G, C, HW, Cg, stride_add_n)
     first = s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     count, mean, m2 = _chunk_stats(
-        x_ptr, add_ptr, x_base, add_base, stride_add_c, first, last, n_hw_tiles, Cg, HW, C,
-        BLOCK_C, BLOCK_HW, CHANNELS_LAST, HAS_ADD,
+        x_ptr, add_ptr, x_base, add_base, stride_add_c, first, last, n_hw_tiles, Cg, HW,
+        BLOCK_C, BLOCK_HW, HAS_ADD,
     )  # fmt: skip
     out = partial_ptr + (pid.to(tl.int64) * SPLIT + s) * 3
     tl.store(out, count)
@@ -268,14 +275,13 @@ def _gn_apply_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
     HAS_ADD: tl.constexpr,
     SILU: tl.constexpr,
 ):
     """Merge the group's SPLIT partials, then normalize chunk s. Grid: (N * G, SPLIT)."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
-    x_base, add_base, c0 = _bases(pid, G, C, HW, Cg, stride_add_n, CHANNELS_LAST)
+    x_base, add_base, c0 = _bases(pid, G, C, HW, Cg, stride_add_n)
     k = tl.arange(0, BLOCK_SPLIT)
     parts = partial_ptr + (pid.to(tl.int64) * SPLIT + k) * 3
     k_ok = k < SPLIT
@@ -291,18 +297,281 @@ def _gn_apply_kernel(
     last = tl.minimum(first + tiles_per_split, num_tiles)
     for tile in range(first, last):
         h, mask, offs, c = _tile(
-            x_ptr, add_ptr, x_base, add_base, stride_add_c, tile, n_hw_tiles, Cg, HW, C,
-            BLOCK_C, BLOCK_HW, CHANNELS_LAST, HAS_ADD,
+            x_ptr, add_ptr, x_base, add_base, stride_add_c, tile, n_hw_tiles, Cg, HW,
+            BLOCK_C, BLOCK_HW, HAS_ADD,
         )  # fmt: skip
         _apply_tile(h, mask, offs, c, y_ptr, x_base, w_ptr, b_ptr, c0, Cg, mean, rstd, SILU)
 
 
+# --- NHWC: one program per GPP groups side by side ----------------------------------------------
+
+
+@triton.jit
+def _nhwc_columns(pid, G, C, HW, CG: tl.constexpr, GPP: tl.constexpr, BLOCK_CH: tl.constexpr):
+    """Program pid = n * cdiv(G, GPP) + block covers groups [block * GPP, +GPP) of sample n: its
+    channels c, their mask, each column's group within the program, x's offset of sample n, and
+    the program's first group in n * G + g numbering."""
+    blocks = tl.cdiv(G, GPP)
+    n = pid // blocks
+    block = pid % blocks
+    j = tl.arange(0, BLOCK_CH)
+    c = block * (GPP * CG) + j
+    c_ok = (j < GPP * CG) & (c < C)
+    x_base = n.to(tl.int64) * HW * C
+    return n, c, c_ok, j // CG, x_base, n * G + block * GPP
+
+
+@triton.jit
+def _nhwc_column(ptr, c, c_ok):
+    """The program's columns of a per-channel vector (weight, bias, a row of add), fp32."""
+    return tl.load(ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _nhwc_add(add_ptr, n, c, c_ok, stride_add_n, stride_add_c, HAS_ADD: tl.constexpr):
+    """add[n] at the program's columns (0 without add), fp32: loaded once, added to every tile."""
+    if HAS_ADD:
+        return _nhwc_column(add_ptr + n.to(tl.int64) * stride_add_n, c * stride_add_c, c_ok)
+    return tl.zeros(c.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _nhwc_tile(x_ptr, x_base, tile, c, c_ok, a, HW, C, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr):
+    """Tile `tile` (positions tile * BLOCK_HW + [0, BLOCK_HW)): h = x + add (fp32, 0 where masked),
+    its mask, offsets, and its number of valid positions."""
+    hw = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = (hw < HW)[:, None] & c_ok[None, :]
+    offs = x_base + hw[:, None] * C + c[None, :]  # each row: the program's channels, contiguous
+    h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        h = tl.where(mask, h + a[None, :], 0.0)
+    return h, mask, offs, tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW).to(tl.float32)
+
+
+@triton.jit
+def _to_groups(v, group, BLOCK_G: tl.constexpr):
+    """Per-group sums [BLOCK_G] of per-column values v [BLOCK_CH] (column j in group[j])."""
+    k = tl.arange(0, BLOCK_G)
+    return tl.sum(tl.where(group[:, None] == k[None, :], v[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _to_columns(g, group, BLOCK_G: tl.constexpr):
+    """Each column's value [BLOCK_CH] of its group's g [BLOCK_G]."""
+    k = tl.arange(0, BLOCK_G)
+    return tl.sum(tl.where(group[:, None] == k[None, :], g[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _nhwc_tile_stats(h, mask, rows, group, CG: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Per group of the program: count, mean and M2 of the tile's valid elements, each [BLOCK_G],
+    and the tile centred on its groups' means (0 where masked). Groups past the program's
+    (padding, or past G) count like a full one and hold zeros."""
+    count = tl.zeros([BLOCK_G], dtype=tl.float32) + rows * CG
+    mean = _to_groups(tl.sum(h, axis=0), group, BLOCK_G) / count
+    d = tl.where(mask, h - _to_columns(mean, group, BLOCK_G)[None, :], 0.0)
+    m2 = _to_groups(tl.sum(d * d, axis=0), group, BLOCK_G)
+    return count, mean, m2, d
+
+
+@triton.jit
+def _nhwc_refine(count, mean, m2, d, group, BLOCK_G: tl.constexpr):
+    """Corrected two-pass (Chan, Golub and LeVeque) for a tile of raw values: the deviations' own
+    mean is the first mean's rounding error (at mean 1e3 over 512 elements, about 1e-4), added
+    back to the mean and taken out of M2 and of the centred tile. Later tiles, centred about the
+    first one's mean, are small and need no correction."""
+    d_mean = _to_groups(tl.sum(d, axis=0), group, BLOCK_G) / count
+    m2 = tl.maximum(m2 - d_mean * d_mean * count, 0.0)  # >= 0 exactly; rounding may dip below
+    return mean + d_mean, m2, d - _to_columns(d_mean, group, BLOCK_G)[None, :]
+
+
+@triton.jit
+def _nhwc_chunk_stats(
+    x_ptr,
+    x_base,
+    first,
+    last,
+    c,
+    c_ok,
+    a,
+    group,
+    HW,
+    C,
+    CG: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+):
+    """Per group: (count, mean, M2) over tiles [first, last), merged about the first tile's means."""
+    h, mask, offs, rows = _nhwc_tile(x_ptr, x_base, first, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD)
+    count, shift, m2, d = _nhwc_tile_stats(h, mask, rows, group, CG, BLOCK_G)
+    shift, m2, d = _nhwc_refine(count, shift, m2, d, group, BLOCK_G)
+    shift_c = _to_columns(shift, group, BLOCK_G)
+    mean = tl.zeros_like(shift)
+    for tile in range(first + 1, last):
+        h, mask, offs, rows = _nhwc_tile(x_ptr, x_base, tile, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD)
+        h = tl.where(mask, h - shift_c[None, :], 0.0)
+        count_b, mean_b, m2_b, _ = _nhwc_tile_stats(h, mask, rows, group, CG, BLOCK_G)
+        count, mean, m2 = _merge(count, mean, m2, count_b, mean_b, m2_b)
+    return count, shift + mean, m2
+
+
+@triton.jit
+def _nhwc_apply_tile(centred, mask, offs, y_ptr, scale_c, b, SILU: tl.constexpr):
+    """y = (h - mean) * (rstd * w) + b per column from the centred tile h - mean, then SiLU;
+    stored in y's dtype."""
+    y = _silu(centred * scale_c[None, :] + b[None, :], SILU)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_nhwc_fused_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    add_ptr,
+    y_ptr,
+    G,
+    C,
+    HW,
+    stride_add_n,
+    stride_add_c,
+    num_tiles,
+    eps,
+    CG: tl.constexpr,
+    GPP: tl.constexpr,
+    BLOCK_CH: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    ONE_TILE: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    SILU: tl.constexpr,
+):
+    """One program per (n, GPP groups). Grid: (N * cdiv(G, GPP),)."""
+    n, c, c_ok, group, x_base, _ = _nhwc_columns(tl.program_id(0), G, C, HW, CG, GPP, BLOCK_CH)
+    a = _nhwc_add(add_ptr, n, c, c_ok, stride_add_n, stride_add_c, HAS_ADD)
+    w, b = _nhwc_column(w_ptr, c, c_ok), _nhwc_column(b_ptr, c, c_ok)
+    if ONE_TILE:
+        h, mask, offs, rows = _nhwc_tile(x_ptr, x_base, 0, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD)
+        count, mean, m2, d = _nhwc_tile_stats(h, mask, rows, group, CG, BLOCK_G)
+        mean, m2, centred = _nhwc_refine(count, mean, m2, d, group, BLOCK_G)
+        rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
+        _nhwc_apply_tile(centred, mask, offs, y_ptr, _to_columns(rstd, group, BLOCK_G) * w, b, SILU)
+    else:
+        count, mean, m2 = _nhwc_chunk_stats(
+            x_ptr, x_base, 0, num_tiles, c, c_ok, a, group, HW, C, CG, BLOCK_HW, BLOCK_G, HAS_ADD
+        )
+        rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
+        mean_c, scale_c = _to_columns(mean, group, BLOCK_G), _to_columns(rstd, group, BLOCK_G) * w
+        for tile in range(0, num_tiles):
+            h, mask, offs, rows = _nhwc_tile(x_ptr, x_base, tile, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD)
+            _nhwc_apply_tile(h - mean_c[None, :], mask, offs, y_ptr, scale_c, b, SILU)
+
+
+@triton.jit
+def _gn_nhwc_stats_kernel(
+    x_ptr,
+    add_ptr,
+    partial_ptr,
+    G,
+    C,
+    HW,
+    stride_add_n,
+    stride_add_c,
+    num_tiles,
+    tiles_per_split,
+    SPLIT,
+    CG: tl.constexpr,
+    GPP: tl.constexpr,
+    BLOCK_CH: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+):
+    """(count, mean, M2) of chunk s of each of the program's groups n * G + g -> partial[n * G + g,
+    s, :]. Grid: (N * cdiv(G, GPP), SPLIT)."""
+    s = tl.program_id(1)
+    n, c, c_ok, group, x_base, first_group = _nhwc_columns(tl.program_id(0), G, C, HW, CG, GPP, BLOCK_CH)
+    a = _nhwc_add(add_ptr, n, c, c_ok, stride_add_n, stride_add_c, HAS_ADD)
+    first = s * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, num_tiles)
+    count, mean, m2 = _nhwc_chunk_stats(
+        x_ptr, x_base, first, last, c, c_ok, a, group, HW, C, CG, BLOCK_HW, BLOCK_G, HAS_ADD
+    )
+    k = tl.arange(0, BLOCK_G)
+    k_ok = (k < GPP) & (first_group % G + k < G)
+    out = partial_ptr + ((first_group + k).to(tl.int64) * SPLIT + s) * 3
+    tl.store(out, count, mask=k_ok)
+    tl.store(out + 1, mean, mask=k_ok)
+    tl.store(out + 2, m2, mask=k_ok)
+
+
+@triton.jit
+def _gn_nhwc_apply_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    add_ptr,
+    y_ptr,
+    partial_ptr,
+    G,
+    C,
+    HW,
+    stride_add_n,
+    stride_add_c,
+    num_tiles,
+    tiles_per_split,
+    SPLIT,
+    eps,
+    CG: tl.constexpr,
+    GPP: tl.constexpr,
+    BLOCK_CH: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    SILU: tl.constexpr,
+):
+    """Merge each of the program's groups' SPLIT partials, then normalize chunk s.
+    Grid: (N * cdiv(G, GPP), SPLIT)."""
+    s = tl.program_id(1)
+    n, c, c_ok, group, x_base, first_group = _nhwc_columns(tl.program_id(0), G, C, HW, CG, GPP, BLOCK_CH)
+    a = _nhwc_add(add_ptr, n, c, c_ok, stride_add_n, stride_add_c, HAS_ADD)
+    w, b = _nhwc_column(w_ptr, c, c_ok), _nhwc_column(b_ptr, c, c_ok)
+    k = tl.arange(0, BLOCK_G)
+    part = tl.arange(0, BLOCK_SPLIT)
+    ok = (part < SPLIT)[:, None] & ((k < GPP) & (first_group % G + k < G))[None, :]
+    parts = partial_ptr + ((first_group + k[None, :]).to(tl.int64) * SPLIT + part[:, None]) * 3
+    counts = tl.load(parts, mask=ok, other=0.0)
+    means = tl.load(parts + 1, mask=ok, other=0.0)
+    m2s = tl.load(parts + 2, mask=ok, other=0.0)
+    count = tl.maximum(tl.sum(counts, axis=0), 1.0)  # >= 1 already, but for the padding groups
+    mean = tl.sum(counts * means, axis=0) / count
+    d = means - mean[None, :]
+    m2 = tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)
+    rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
+    mean_c, scale_c = _to_columns(mean, group, BLOCK_G), _to_columns(rstd, group, BLOCK_G) * w
+    first = s * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, num_tiles)
+    for tile in range(first, last):
+        h, mask, offs, rows = _nhwc_tile(x_ptr, x_base, tile, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD)
+        _nhwc_apply_tile(h - mean_c[None, :], mask, offs, y_ptr, scale_c, b, SILU)
+
+
+# --- launch ----------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Plan:
-    """How one call runs: tile shape, path (split = 1: fused) and warps."""
+    """How one call runs: tile shape, groups per program (1 in NCHW), path (split = 1: fused), warps.
+
+    NCHW tiles are [block_c channels of one group, block_hw]; NHWC tiles [block_hw, block_c
+    channels of groups_per_program groups], and a program's tiles run along the positions only.
+    """
 
     block_c: int
     block_hw: int
+    groups_per_program: int
     split: int
     tiles_per_split: int
     num_tiles: int
@@ -314,6 +583,25 @@ class Plan:
         return self.num_tiles == 1
 
 
+def groups_per_program(N: int, C: int, HW: int, num_groups: int, itemsize: int, sms: int) -> int:
+    """NHWC: how many groups one program covers. A multiple of the fewest whole groups spanning a
+    multiple of 16 bytes (so every row of a tile starts 16-byte aligned), as wide as ROW_BYTES;
+    narrower, down to that minimum, while it keeps a program to one tile with N * G / GPP programs
+    under the SM count, or while a program's groups would not fit one tile though fewer would."""
+    Cg = C // num_groups
+    vec = 16 // itemsize  # channels per 16-byte load
+    fewest = vec // math.gcd(vec, Cg)  # a power of two
+    gpp = fewest * next_pow2(triton.cdiv(ROW_BYTES, fewest * Cg * itemsize))
+
+    def fits(g: int) -> bool:
+        return next_pow2(HW) * next_pow2(g * Cg) <= ONE_TILE_MAX
+
+    if fits(fewest):
+        while gpp > fewest and (not fits(gpp) or N * triton.cdiv(num_groups, gpp) < sms):
+            gpp //= 2
+    return min(gpp, num_groups)
+
+
 def plan(
     N: int,
     C: int,
@@ -321,29 +609,40 @@ def plan(
     num_groups: int,
     device: torch.device,
     *,
+    channels_last: bool = False,
+    itemsize: int = 4,
     split: int | None = None,
     tile: int | None = None,
+    groups: int | None = None,
 ) -> Plan:
-    """The launch for a shape: one tile per group when it fits, else LOOP_TILE-sized tiles; split
-    groups over programs when N * G programs cannot fill the GPU (at least one program per SM).
+    """The launch for a shape: one tile per program when its groups fit, else LOOP_TILE-sized tiles;
+    split the tiles over programs when the programs (N * G, or N * G / GPP in NHWC) cannot fill
+    the GPU (at least one program per SM).
 
-    `split` and `tile` (elements per tile, a power of two) override the heuristic, for tests.
+    `split`, `tile` (elements per tile, a power of two) and, in NHWC, `groups` (per program)
+    override the heuristic, for tests.
     """
     Cg = C // num_groups
-    one_tile = next_pow2(Cg) * next_pow2(HW)
+    if channels_last:
+        gpp = groups or groups_per_program(N, C, HW, num_groups, itemsize, num_sms(device))
+        block_c = next_pow2(gpp * Cg)
+    else:
+        gpp, block_c = 1, next_pow2(Cg)
+    one_tile = block_c * next_pow2(HW)
     tile = tile or (one_tile if one_tile <= ONE_TILE_MAX else LOOP_TILE)
-    block_c = min(next_pow2(Cg), tile)
+    block_c = block_c if channels_last else min(block_c, tile)  # an NHWC row holds whole groups
     block_hw = min(next_pow2(HW), max(tile // block_c, 1))
     n_hw_tiles = triton.cdiv(HW, block_hw)
-    num_tiles = triton.cdiv(Cg, block_c) * n_hw_tiles
-    groups = N * num_groups
+    num_tiles = (1 if channels_last else triton.cdiv(Cg, block_c)) * n_hw_tiles
+    programs = N * triton.cdiv(num_groups, gpp)
     if split is None:
-        split = 1 if num_tiles == 1 or groups >= num_sms(device) else triton.cdiv(2 * num_sms(device), groups)
+        sms = num_sms(device)
+        split = 1 if num_tiles == 1 or programs >= sms else triton.cdiv(2 * sms, programs)
     split = max(1, min(split, num_tiles))
     tiles_per_split = triton.cdiv(num_tiles, split)
     split = triton.cdiv(num_tiles, tiles_per_split)  # every chunk gets at least one tile
     num_warps = min(16, max(2, block_c * block_hw // 512))  # 16 elements per thread up to 16 warps
-    return Plan(block_c, block_hw, split, tiles_per_split, num_tiles, n_hw_tiles, num_warps)
+    return Plan(block_c, block_hw, gpp, split, tiles_per_split, num_tiles, n_hw_tiles, num_warps)
 
 
 def group_norm_silu(
@@ -357,10 +656,12 @@ def group_norm_silu(
     add: torch.Tensor | None = None,
     split: int | None = None,
     tile: int | None = None,
+    groups: int | None = None,
 ) -> torch.Tensor:
     """Launch the kernels; x (N, C, H, W) -> y of x's shape, dtype and memory format.
 
-    Inputs are assumed checked by `fastddpm.ops` (and `check_group_norm_silu`).
+    Inputs are assumed checked by `fastddpm.ops` (and `check_group_norm_silu`). `split`, `tile`
+    and `groups` (per program, channels_last only) override the plan, for tests.
     """
     N, C, H, W = x.shape
     HW = H * W
@@ -371,33 +672,71 @@ def group_norm_silu(
     y = torch.empty_like(x, memory_format=fmt)
     if x.numel() == 0:
         return y
-    weight, bias = weight.contiguous(), bias.contiguous()
+    p = plan(
+        N, C, HW, num_groups, x.device, channels_last=channels_last, itemsize=x.element_size(),
+        split=split, tile=tile, groups=groups,
+    )  # fmt: skip
+    launch = _launch_nhwc if channels_last else _launch_nchw
+    with device_guard(x.device):
+        launch(x, weight.contiguous(), bias.contiguous(), add, y, p, num_groups, eps, silu)
+    return y
+
+
+def _add_args(add: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """add's pointer and (N, C) strides; without add, x as a dummy pointer (never read)."""
+    return (x, 0, 0) if add is None else (add, *add.stride())
+
+
+def _launch_nchw(x, weight, bias, add, y, p: Plan, G: int, eps: float, silu: bool) -> None:
+    N, C, H, W = x.shape
+    HW, Cg, groups = H * W, C // G, N * G
     has_add = add is not None
-    add_arg = add if has_add else x  # a dummy pointer, never read
-    stride_add_n, stride_add_c = add.stride() if has_add else (0, 0)
-    p = plan(N, C, HW, num_groups, x.device, split=split, tile=tile)
-    Cg = C // num_groups
-    common = dict(BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, CHANNELS_LAST=channels_last, HAS_ADD=has_add)
-    groups = N * num_groups
+    add, stride_add_n, stride_add_c = _add_args(add, x)
+    common = dict(BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, HAS_ADD=has_add, num_warps=p.num_warps)
     if p.split == 1:
         _gn_fused_kernel[(groups,)](
-            x, weight, bias, add_arg, y, num_groups, C, HW, Cg, stride_add_n, stride_add_c,
-            p.n_hw_tiles, p.num_tiles, eps,
-            ONE_TILE=p.one_tile, SILU=silu, num_warps=p.num_warps, **common,
+            x, weight, bias, add, y, G, C, HW, Cg, stride_add_n, stride_add_c,
+            p.n_hw_tiles, p.num_tiles, eps, ONE_TILE=p.one_tile, SILU=silu, **common,
         )  # fmt: skip
-        return y
+        return
     partial = torch.empty((groups, p.split, 3), device=x.device, dtype=torch.float32)
     _gn_stats_kernel[(groups, p.split)](
-        x, add_arg, partial, num_groups, C, HW, Cg, stride_add_n, stride_add_c,
-        p.n_hw_tiles, p.num_tiles, p.tiles_per_split, p.split,
-        num_warps=p.num_warps, **common,
+        x, add, partial, G, C, HW, Cg, stride_add_n, stride_add_c,
+        p.n_hw_tiles, p.num_tiles, p.tiles_per_split, p.split, **common,
     )  # fmt: skip
     _gn_apply_kernel[(groups, p.split)](
-        x, weight, bias, add_arg, y, partial, num_groups, C, HW, Cg, stride_add_n, stride_add_c,
+        x, weight, bias, add, y, partial, G, C, HW, Cg, stride_add_n, stride_add_c,
         p.n_hw_tiles, p.num_tiles, p.tiles_per_split, p.split, eps,
-        BLOCK_SPLIT=next_pow2(p.split), SILU=silu, num_warps=p.num_warps, **common,
+        BLOCK_SPLIT=next_pow2(p.split), SILU=silu, **common,
     )  # fmt: skip
-    return y
+
+
+def _launch_nhwc(x, weight, bias, add, y, p: Plan, G: int, eps: float, silu: bool) -> None:
+    N, C, H, W = x.shape
+    HW, gpp = H * W, p.groups_per_program
+    programs = N * triton.cdiv(G, gpp)
+    has_add = add is not None
+    add, stride_add_n, stride_add_c = _add_args(add, x)
+    common = dict(
+        CG=C // G, GPP=gpp, BLOCK_CH=p.block_c, BLOCK_HW=p.block_hw, BLOCK_G=next_pow2(gpp),
+        HAS_ADD=has_add, num_warps=p.num_warps,
+    )  # fmt: skip
+    if p.split == 1:
+        _gn_nhwc_fused_kernel[(programs,)](
+            x, weight, bias, add, y, G, C, HW, stride_add_n, stride_add_c, p.num_tiles, eps,
+            ONE_TILE=p.one_tile, SILU=silu, **common,
+        )  # fmt: skip
+        return
+    partial = torch.empty((N * G, p.split, 3), device=x.device, dtype=torch.float32)
+    _gn_nhwc_stats_kernel[(programs, p.split)](
+        x, add, partial, G, C, HW, stride_add_n, stride_add_c, p.num_tiles, p.tiles_per_split, p.split,
+        **common,
+    )  # fmt: skip
+    _gn_nhwc_apply_kernel[(programs, p.split)](
+        x, weight, bias, add, y, partial, G, C, HW, stride_add_n, stride_add_c,
+        p.num_tiles, p.tiles_per_split, p.split, eps,
+        BLOCK_SPLIT=next_pow2(p.split), SILU=silu, **common,
+    )  # fmt: skip
 
 
 def check_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add) -> None:

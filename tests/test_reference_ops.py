@@ -126,6 +126,32 @@ def test_ddpm_step_per_sample_t_and_device_tensor_t():
         torch.testing.assert_close(per_sample[n : n + 1], single, rtol=0, atol=0)
 
 
+def test_ddpm_step_tensor_t_outside_the_table_gives_nan_samples():
+    """A tensor t outside the table, passed to the reference itself (fastddpm.ops rejects it on
+    the CPU; on a GPU it cannot look without a host sync): never clamped, never an index error;
+    every element of exactly the affected samples is NaN."""
+    table = Schedule.from_name().step_table()
+    x, eps, z = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    for clip, kw in ((True, {"noise": z}), (False, {"noise": z}), (True, {"seed": 5, "offset": 2})):
+        out = reference.ddpm_step(x, eps, torch.tensor([5, 1000, -1]), table, clip_x0=clip, **kw)
+        assert out[1:].isnan().all()
+        assert torch.equal(out[:1], reference.ddpm_step(x, eps, 5, table, clip_x0=clip, **kw)[:1])
+        for t in (torch.tensor(1000), torch.tensor([-1]), torch.tensor(2**40)):
+            assert reference.ddpm_step(x, eps, t, table, clip_x0=clip, **kw).isnan().all()
+    with pytest.raises(ValueError, match="t out of range"):
+        ops.ddpm_step(x, eps, torch.tensor([5, 1000, -1]), table, noise=z)
+
+
+def test_ddpm_step_gathers_a_tensor_t_without_a_host_sync():
+    """On meta tensors any read of a value on the host raises: the gather (and its range mask)
+    stays on t's device, so a CUDA graph can capture the step."""
+    meta = torch.device("meta")
+    table = Schedule.from_name().step_table(device=meta)
+    x = torch.empty(3, 2, 4, 4, device=meta)
+    for t in (torch.empty((), dtype=torch.long, device=meta), torch.empty(3, dtype=torch.long, device=meta)):
+        assert reference.ddpm_step(x, x, t, table, noise=x).shape == x.shape
+
+
 def test_ddpm_step_seeded_noise_is_philox():
     table = Schedule.from_name().step_table()
     x, eps = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)

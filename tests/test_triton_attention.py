@@ -6,12 +6,15 @@ keywords so that every path (q k^T in D chunks, output column chunks, ragged tai
 combine) runs at interpreter-sized shapes.
 """
 
+import contextlib
+import sys
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from fastddpm.kernels._common import INTERPRET  # noqa: E402
+from fastddpm.kernels._common import INTERPRET, device_guard  # noqa: E402
 from fastddpm.kernels.attention import attention as launch  # noqa: E402
 from fastddpm.kernels.attention import plan  # noqa: E402
 
@@ -111,3 +114,78 @@ def test_ddpm_shapes_on_gpu(dtype, shape):
     B, H, L, D = shape
     q, k, v = qkv(B, H, L, L, D, dtype, "l_contiguous")
     check(ops.attention(q, k, v, backend="triton"), q, k, v)
+
+
+# --- the device guard (kernels/_common.py), shared by every launcher -----------------------------
+
+
+NEEDS_TWO_GPUS = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 CUDA devices: runs on cuda:1 while cuda:0 is current"
+)
+
+
+class _Recorder:
+    """Stands in for a kernel: kernel[grid](*args, **kwargs) logs ("launch", name), runs nothing."""
+
+    def __init__(self, name: str, events: list):
+        self.name, self.events = name, events
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.events.append(("launch", self.name))
+
+
+def guarded_launches(monkeypatch, module, run) -> list[tuple]:
+    """The events of run() with `module`'s kernels replaced by recorders and its device guard by
+    one that logs: ("enter", device), ("launch", kernel), ("exit",)."""
+    events: list[tuple] = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        events.append(("enter", device))
+        yield
+        events.append(("exit",))
+
+    monkeypatch.setattr(module, "device_guard", guard)
+    for name in dir(module):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(module, name, _Recorder(name, events))
+    run()
+    return events
+
+
+def assert_launched_under(events: list[tuple], device: torch.device, kernels: set[str]) -> None:
+    """Every launch (of exactly `kernels`) happened inside one guard entered for `device`."""
+    assert events[0] == ("enter", device) and events[-1] == ("exit",), events
+    assert {e[0] for e in events[1:-1]} == {"launch"} and {e[1] for e in events[1:-1]} == kernels, events
+
+
+def test_device_guard_is_the_tensors_gpu():
+    """On CUDA the guard makes the tensors' GPU current (built here without entering it); off CUDA
+    there is nothing to enter."""
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(device_guard(torch.device("meta")), contextlib.nullcontext)
+
+
+def test_launches_under_the_inputs_device(monkeypatch):
+    q, k, v = qkv(1, 2, 9, 40, 8, torch.float32)
+    module = sys.modules[launch.__module__]
+    events = guarded_launches(monkeypatch, module, lambda: ops.attention(q, k, v, backend="triton"))
+    assert_launched_under(events, q.device, {"_attn_fwd_kernel"})
+    run = lambda: launch(q, k, v, kv_splits=2, blocks=(16, 16, 16, 16))  # noqa: E731  (keys split, combined)
+    events = guarded_launches(monkeypatch, module, run)
+    assert_launched_under(events, q.device, {"_attn_fwd_kernel", "_attn_combine_kernel"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels need a CUDA device")
+@NEEDS_TWO_GPUS
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_runs_on_a_gpu_that_is_not_current(dtype):
+    q, k, v = (t.to("cuda:1") for t in qkv(1, 1, 256, 256, 64, dtype, "l_contiguous"))
+    with torch.cuda.device(0):
+        out = ops.attention(q, k, v, backend="triton")
+        split = launch(q, k, v, kv_splits=4)
+    check(out, q, k, v)
+    check(split, q, k, v)

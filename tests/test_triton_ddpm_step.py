@@ -7,6 +7,7 @@ channels_last, and the grouped (4 elements per Philox call) and per-element nois
 """
 
 import math
+import sys
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from fastddpm.kernels.ddpm_step import ddpm_step as launch  # noqa: E402
 
 from fastddpm import ops, reference  # noqa: E402
 from fastddpm.schedule import NUM_COEFS, SIGMA, Schedule, StepTable  # noqa: E402
+
+from .test_triton_attention import NEEDS_TWO_GPUS, assert_launched_under, guarded_launches  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.skipif(
@@ -99,6 +102,35 @@ def test_t_as_a_device_tensor(t):
     x, eps, noise = tensors((3, 3, 4, 4), torch.float32, seed=2)
     out = ops.ddpm_step(x, eps, t.to(DEVICE), table, noise=noise, backend="triton")
     check(out, x, eps, t, table, torch.float32, noise=noise)
+
+
+@pytest.mark.parametrize(
+    "t, bad",
+    [
+        (torch.tensor(1000), [0, 1, 2]),
+        (torch.tensor([-1]), [0, 1, 2]),
+        (torch.tensor([5, 1000, -3]), [1, 2]),
+        (torch.tensor([2**32 + 5, 7, 2**62]), [0, 2]),  # int64 past int32: not wrapped into the table
+    ],
+    ids=["shared", "one", "per-sample", "int64"],
+)
+@pytest.mark.parametrize("clip_x0", [True, False], ids=["clip", "direct"])
+@pytest.mark.parametrize("noise_from", ["tensor", "seed"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_t_outside_the_table_gives_nan_samples(t, bad, clip_x0, noise_from, channels_last):
+    """A device t outside the table (fastddpm.ops cannot see it without a host sync, so this calls
+    the launcher) is never clamped: every element of exactly the affected samples is NaN, the rest
+    equal the reference, which agrees."""
+    table = TABLES["fixedlarge"]
+    x, eps, noise = tensors((3, 3, 4, 4), torch.float32, channels_last, seed=4)
+    kw = {"noise": noise} if noise_from == "tensor" else {"seed": 3, "offset": 1}
+    out = launch(x, eps, t.to(DEVICE), table, clip_x0=clip_x0, **kw).cpu()
+    nan = out.isnan().flatten(1)
+    good = [n for n in range(3) if n not in bad]
+    assert nan[bad].all() and not nan[good].any()
+    kw = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    ref = reference.ddpm_step(x.cpu(), eps.cpu(), t, table.to("cpu"), clip_x0=clip_x0, **kw)
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOLERANCE[torch.float32], equal_nan=True)
 
 
 def test_eps_and_noise_in_another_layout():
@@ -237,3 +269,29 @@ def test_ddpm_shapes_on_gpu(shape):
               torch.float32, noise=noise)  # fmt: skip
         check(ops.ddpm_step(x, eps, 500, table, seed=3, offset=2, backend="triton"), x, eps, 500, table,
               torch.float32, seed=3, offset=2)  # fmt: skip
+
+
+def test_launches_under_the_inputs_device(monkeypatch):
+    """The step and the noise alone are launched inside the device guard of their tensors' device."""
+    x, eps, _ = tensors((2, 3, 4, 4), torch.float32)
+    module = sys.modules[launch.__module__]
+    run = lambda: ops.ddpm_step(x, eps, 5, TABLES["fixedlarge"], seed=1, backend="triton")  # noqa: E731
+    assert_launched_under(guarded_launches(monkeypatch, module, run), x.device, {"_ddpm_step_kernel"})
+    run = lambda: philox_normal(1, 2, (2, 3), DEVICE)  # noqa: E731
+    assert_launched_under(guarded_launches(monkeypatch, module, run), x.device, {"_philox_normal_kernel"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels need a CUDA device")
+@NEEDS_TWO_GPUS
+def test_runs_on_a_gpu_that_is_not_current():
+    table = TABLES["fixedlarge"].to("cuda:1")
+    x, eps, noise = (v.to("cuda:1") for v in tensors((4, 3, 32, 32), torch.float32, seed=6))
+    t = torch.tensor([999, 500, 1, 0], device="cuda:1")
+    with torch.cuda.device(0):
+        with_noise = ops.ddpm_step(x, eps, t, table, noise=noise, backend="triton")
+        seeded = ops.ddpm_step(x, eps, 500, table, seed=3, offset=2, backend="triton")
+        z = philox_normal(3, 2, x.shape, "cuda:1")
+    check(with_noise, x, eps, t, table, torch.float32, noise=noise)
+    check(seeded, x, eps, 500, table, torch.float32, seed=3, offset=2)
+    torch.testing.assert_close(z.cpu(), reference.philox_normal(3, 2, x.shape), rtol=0, atol=NOISE_TOLERANCE)
