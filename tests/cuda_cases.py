@@ -143,6 +143,17 @@ GROUP_NORM_SHAPES = [  # (N, C, H, W), groups: the launch path each takes
     pytest.param((1, 5, 80, 80), 1, id="split3"),  # one group over 3 blocks, the last shorter
     pytest.param((1, 3, 97, 95), 1, id="split-odd"),  # split, element-wise
 ]
+NHWC_GROUP_NORM_SHAPES = [  # channels_last tiles (plan_group_norm_nhwc): the U-Nets' channel counts, 32 groups
+    pytest.param((1, 128, 8, 8), 32, id="c128"),  # 4 channels per group: 4 (fp32) or 8 (16-bit) groups a block
+    pytest.param((2, 256, 4, 4), 32, id="c256"),
+    pytest.param((1, 384, 4, 4), 32, id="c384"),  # 12 per group: 16-bit tiles of 8 groups (96 channels)
+    pytest.param((1, 512, 4, 4), 32, id="c512"),
+    pytest.param((1, 1024, 2, 2), 32, id="c1024"),  # the 256x256 models' widest level
+    pytest.param((1, 128, 32, 32), 32, id="cifar-32x32"),  # the whole 32x32 level in one block per tile
+    pytest.param((1, 32, 48, 48), 8, id="split9"),  # 128-byte tiles split over 9 blocks of positions
+    pytest.param((2, 36, 5, 5), 12, id="c36"),  # 3 per group: fp32 tiles of 4 groups; 16-bit: C % 8 != 0
+    pytest.param((1, 6, 4, 4), 3, id="c6"),  # C % 4 != 0: no 16-byte layout, element-wise kernel
+]
 GPU_GROUP_NORM_SHAPES = [  # the DDPM networks' own sizes
     pytest.param((8, 128, 32, 32), 32, id="cifar-32x32"),
     pytest.param((64, 256, 16, 16), 32, id="cifar-16x16-b64"),
@@ -205,7 +216,9 @@ def check_group_norm_stable(run, split: bool):
 
 ATTENTION_SHAPES = [  # (B, heads, Lq, Lk, D)
     pytest.param((1, 1, 40, 70, 64), id="d64-masked"),  # Lq, Lk past the tiles' ends
-    pytest.param((2, 3, 33, 33, 8), id="d8-heads"),  # diffusers' CIFAR10 heads of dim 8 (padded to 16)
+    pytest.param((2, 3, 33, 33, 8), id="d8-heads"),  # diffusers' CIFAR10 heads of dim 8: the tile of 8
+    pytest.param((1, 2, 21, 70, 16), id="d16"),
+    pytest.param((1, 1, 19, 37, 12), id="d12"),  # tile 16; 16-bit rows of 24 bytes: element loads
     pytest.param((1, 2, 20, 37, 40), id="d40"),  # D not a multiple of 8: element loads
     pytest.param((1, 1, 17, 45, 136), id="d136"),  # D in (128, 256]: two warps share a row
     pytest.param((1, 1, 20, 40, 256), id="d256"),

@@ -9,6 +9,7 @@ Running the kernels needs a GPU: tests/test_cuda_ops.py.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import subprocess
@@ -366,6 +367,48 @@ def test_emulated_group_norm_silu(emulated, shape, groups, dtype, channels_last,
     cuda_cases.check_group_norm_silu(emulated, shape, groups, dtype, channels_last)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+@pytest.mark.parametrize("shape, groups", cuda_cases.NHWC_GROUP_NORM_SHAPES)
+def test_emulated_group_norm_silu_nhwc_tiles(emulated, shape, groups, dtype, schedule, monkeypatch):
+    monkeypatch.setenv("FASTDDPM_EMU_SCHEDULE", schedule)
+    cuda_cases.check_group_norm_silu(emulated, shape, groups, dtype, True)
+
+
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "variant",
+    [{"silu": False, "with_add": False}, {"misaligned": True}, {"param_dtype": torch.float32}],
+    ids=["nosilu-noadd", "misaligned", "fp32-params"],
+)
+@pytest.mark.parametrize("shape, groups", [((1, 128, 8, 8), 32), ((1, 384, 4, 4), 32), ((1, 32, 48, 48), 8)])
+def test_emulated_group_norm_silu_nhwc_tile_variants(emulated, shape, groups, variant, dtype):
+    cuda_cases.check_group_norm_silu(emulated, shape, groups, dtype, True, **variant)
+
+
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+def test_group_norm_nhwc_blocks_take_many_groups_in_16_byte_vectors(emulated, dtype):
+    """channels_last: a block normalizes several whole groups, loading 16 bytes along C (it took
+    one group of 4 channels, 8-byte loads at a stride of C in 16-bit, before); NCHW keeps one group
+    per block; where no 16-byte layout exists the element-wise kernel runs."""
+    plan = functools.partial(cuda.group_norm_silu_plan, emulated.lib, dtype=dtype)
+    elem = dtype.itemsize
+    cifar = plan((256, 128, 32, 32), 32, True)
+    assert cifar["vector_bytes"] == 16 and cifar["groups_per_block"] >= 4, cifar
+    assert cifar["groups_per_block"] * 4 * elem >= 32, "each tile row is at least a 32-byte sector"
+    assert cifar["blocks"] == 256 * 32 // cifar["groups_per_block"], "CIFAR10 at batch 256: no split"
+    for shape, groups in [((64, 256, 16, 16), 32), ((8, 512, 8, 8), 32), ((2, 1024, 16, 16), 32)]:
+        p, group_bytes = plan(shape, groups, True), shape[1] // groups * elem
+        assert p["vector_bytes"] == 16 and p["groups_per_block"] * group_bytes >= 32, (shape, p)
+        assert p["groups_per_block"] > 1 or group_bytes >= 128, "a group narrower than a line shares its block"
+    nchw = plan((256, 128, 32, 32), 32, False)
+    assert nchw["groups_per_block"] == 1 and nchw["vector_bytes"] == 16
+    assert plan((2, 36, 5, 5), 12, True)["vector_bytes"] == (16 if elem == 4 else elem)
+    assert plan((1, 6, 4, 4), 3, True)["vector_bytes"] == elem
+    with pytest.raises(ValueError, match="num_groups = 5 must be positive and divide C = 64"):
+        plan((1, 64, 4, 4), 5, True)
+
+
 @pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
 @pytest.mark.parametrize(
     "variant",
@@ -402,10 +445,25 @@ def test_emulated_attention(emulated, shape, dtype, cp_async, schedule, monkeypa
     cuda_cases.check_attention(emulated, shape, dtype)
 
 
+@pytest.mark.parametrize("D", [8, 16, 64])
 @pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
 @pytest.mark.parametrize("layout", cuda_cases.ATTENTION_LAYOUTS)
-def test_emulated_attention_layouts_and_scale(emulated, layout, dtype):
-    cuda_cases.check_attention(emulated, (2, 2, 24, 30, 64), dtype, layout, scale=0.3)
+def test_emulated_attention_layouts_and_scale(emulated, layout, dtype, D):
+    cuda_cases.check_attention(emulated, (2, 2, 24, 30, D), dtype, layout, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+def test_attention_head_dim_tile_follows_the_head_dim(emulated, dtype):
+    """The kernel's work scales with its head-dim tile: the smallest power of two >= max(D, 8).
+    diffusers' CIFAR10 heads (D = 8) ran fp32 at a tile of 32 and fp16/bf16 at 16 before."""
+    heads = (1, 8, 9, 12, 16, 17, 40, 64, 136, 256, 257, 512)
+    tiles = [cuda.attention_plan(emulated.lib, D, dtype)["head_dim_tile"] for D in heads]
+    assert tiles == [8, 8, 16, 16, 16, 32, 64, 64, 256, 256, 512, 512]
+    plan = cuda.attention_plan(emulated.lib, 8, dtype)
+    assert plan["rows_per_block"] >= 16 and plan["threads"] % 32 == 0
+    for bad in (0, 513):
+        with pytest.raises(ValueError, match=f"head dim D = {bad}; the kernels take 1 <= D <= 512"):
+            cuda.attention_plan(emulated.lib, bad, dtype)
 
 
 def test_emulated_attention_without_keys_is_zero(emulated):
