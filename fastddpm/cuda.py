@@ -248,7 +248,11 @@ def launch_group_norm_silu(
 
 
 def group_norm_silu_plan(
-    lib: ctypes.CDLL, shape: tuple[int, int, int, int], num_groups: int, channels_last: bool, dtype: torch.dtype
+    lib: ctypes.CDLL,
+    shape: tuple[int, int, int, int],
+    num_groups: int,
+    channels_last: bool,
+    dtype: torch.dtype,
 ) -> dict[str, int]:
     """What fastddpm_group_norm_silu launches for x of `shape` (N, C, H, W), 16-byte aligned:
     groups_per_block, blocks, threads (per block) and vector_bytes (of each access to x and y)."""

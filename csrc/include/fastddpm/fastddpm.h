@@ -98,7 +98,9 @@ FASTDDPM_API int fastddpm_attention_plan(int64_t D, int dtype, int64_t* head_dim
 /* One reverse step x_{t-1} = mean + sigma z at step index t, elementwise over (N, C, H, W).
  * x, eps, out: dtype, all contiguous or all channels_last. coef: the (num_steps, 7) float32
  * step table (columns as in fastddpm/schedule.py). t: int64 device array of t_numel = 1 or N
- * step indices, or NULL to use t_host. A device t outside [0, num_steps) gives NaN output.
+ * step indices, or NULL to use t_host (checked: outside [0, num_steps) is an error). A device t
+ * outside [0, num_steps) is never clamped: every element of its sample (of every sample, when
+ * t_numel = 1) is NaN, the table is not read for it, the other samples are unaffected.
  * noise_mode: FASTDDPM_NOISE_*; a noise tensor has the layout of x and noise_dtype.
  * FASTDDPM_NOISE_PHILOX draws at (seed, offset); seed_device / offset_device, where not NULL, are
  * int64 device scalars read by the kernel instead (their bits are the uint64 value), so a step

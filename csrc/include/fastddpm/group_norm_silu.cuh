@@ -421,26 +421,29 @@ __global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_nhwc_kernel(Gro
         p.partials[((n * p.G + g0 + g) * p.splits + split)] = make_float2(s_mean[g], s_rstd[g]);
       }
       return;
+    } else {
+      for (int g = threadIdx.x; g < Gb; g += blockDim.x) s_rstd[g] = rsqrtf(s_rstd[g] / count + p.eps);
+      __syncthreads();
     }
-    for (int g = threadIdx.x; g < Gb; g += blockDim.x) s_rstd[g] = rsqrtf(s_rstd[g] / count + p.eps);
-    __syncthreads();
   }
 
   if (!active) return;
-  float mean[VEC], rstd[VEC], weight[VEC], bias[VEC];
+  // y = (h - mean) rstd weight + bias = h scale + shift: two registers per channel, not four.
+  float scale[VEC], shift[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    mean[v] = s_mean[grp[v]];
-    rstd[v] = s_rstd[grp[v]];
-    weight[v] = load_as_float(p.weight, p.param_dtype, c + v);
-    bias[v] = load_as_float(p.bias, p.param_dtype, c + v);
+    scale[v] = s_rstd[grp[v]] * load_as_float(p.weight, p.param_dtype, c + v);
+    shift[v] = load_as_float(p.bias, p.param_dtype, c + v) - s_mean[grp[v]] * scale[v];
   }
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     if (!valid(i)) continue;
     float out[VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) out[v] = gn_output(h[i][v], mean[v], rstd[v], weight[v], bias[v], p.silu);
+    for (int v = 0; v < VEC; ++v) {
+      const float y = h[i][v] * scale[v] + shift[v];
+      out[v] = p.silu ? y / (1.0f + __expf(-y)) : y;
+    }
     store_vec<T, VEC>(static_cast<T*>(p.y) + first + i * item_stride, out);
   }
 }
