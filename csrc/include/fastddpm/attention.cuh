@@ -246,18 +246,19 @@ __global__ void __launch_bounds__(TcConfig<DMAX>::kThreads) attention_tc_kernel(
           ptx::mma_16816<T>(o[0], a, bv[2 * h], bv[2 * h + 1]);
         }
       }
-    }
+    } else {
 #pragma unroll
-    for (int kc = 0; kc < (kDt == 8 ? 0 : kBn / 16); ++kc) {
-      uint32_t a[4];
-      p_fragment<T>(a, s, kc);
+      for (int kc = 0; kc < kBn / 16; ++kc) {
+        uint32_t a[4];
+        p_fragment<T>(a, s, kc);
 #pragma unroll
-      for (int nd2 = 0; nd2 < kDt / 16; ++nd2) {
-        uint32_t bv[4];
-        ptx::ldmatrix_x4_trans(bv, s_v + (kc * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kStride + wd * kDt +
-                                       nd2 * 16 + (lane >> 4) * 8);
-        ptx::mma_16816<T>(o[2 * nd2], a, bv[0], bv[1]);
-        ptx::mma_16816<T>(o[2 * nd2 + 1], a, bv[2], bv[3]);
+        for (int nd2 = 0; nd2 < kDt / 16; ++nd2) {
+          uint32_t bv[4];
+          ptx::ldmatrix_x4_trans(bv, s_v + (kc * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kStride + wd * kDt +
+                                         nd2 * 16 + (lane >> 4) * 8);
+          ptx::mma_16816<T>(o[2 * nd2], a, bv[0], bv[1]);
+          ptx::mma_16816<T>(o[2 * nd2 + 1], a, bv[2], bv[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with V_j

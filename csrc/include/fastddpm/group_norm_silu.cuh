@@ -311,8 +311,8 @@ __global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_nhwc_kernel(Gro
   constexpr int kItems = kGnPerThread / VEC;
   const int Gb = static_cast<int>(p.tile_groups), rows = static_cast<int>(p.tile_rows);
   const int Cg = static_cast<int>(p.Cg), TC = Gb * Cg, tpr = TC / VEC;
-  FASTDDPM_DYNAMIC_SHARED(float, s_red);  // (rows, TC) per-channel partials; then the groups'
-  float* s_mean = s_red + rows * TC;      // mean and 1/std, Gb each
+  FASTDDPM_DYNAMIC_SHARED(float, s_red);  // (rows, TC) per-channel partials, rows 16-byte aligned; then
+  float* s_mean = s_red + rows * TC;      // the groups' mean and 1/std, Gb each
   float* s_rstd = s_mean + Gb;
 
   const int64_t tile = blockIdx.x / p.splits, split = blockIdx.x % p.splits;
@@ -348,9 +348,12 @@ __global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_nhwc_kernel(Gro
 
   // out[g] = sum over the block of `part` for group g's channels (out: s_mean or s_rstd).
   auto group_sums = [&](const float (&part)[VEC], float* out) {
-    if (active) {
+    if (active) {  // 16-byte stores, neighbouring threads in neighbouring bank quads
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) s_red[row * TC + col * VEC + v] = part[v];
+      for (int v = 0; v < VEC; v += 4) {
+        *reinterpret_cast<float4*>(s_red + row * TC + col * VEC + v) =
+            make_float4(part[v], part[v + 1], part[v + 2], part[v + 3]);
+      }
     }
     gn_sum_rows(s_red, rows, TC);
     for (int g = threadIdx.x; g < Gb; g += blockDim.x) {
