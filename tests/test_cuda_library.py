@@ -176,7 +176,7 @@ def test_group_norm_silu_rejects_bad_input(lib, changes, status, message):
 def test_group_norm_silu_workspace_size(lib):
     size = ctypes.c_size_t(1)
     assert lib.fastddpm_group_norm_silu_workspace_size(64, 128, 32, 32, 32, ctypes.byref(size)) == 0
-    assert size.value == 0, "CIFAR10 at batch 64: one block per group, no workspace"
+    assert size.value == 0, "CIFAR10 at batch 64: no group split over blocks, no workspace"
     assert lib.fastddpm_group_norm_silu_workspace_size(1, 128, 256, 256, 32, ctypes.byref(size)) == 0
     assert size.value > 0 and size.value % 8 == 0
     assert lib.fastddpm_group_norm_silu_workspace_size(1, 128, 256, 256, 32, None) == cuda.ERROR_INVALID_VALUE

@@ -39,6 +39,10 @@ constexpr int64_t kGnMaxGroupElements = 0x7fffffff;           // 32-bit indices 
 constexpr int kGnVecBytes = 16;                               // NHWC: bytes each thread loads along C
 constexpr int64_t kGnTileRowBytes = 128;                      // NHWC: a tile row of a cache line
 constexpr int64_t kGnMinTileRowBytes = 32;                    // NHWC: at least a whole sector
+// NHWC: blocks of up to 512 threads that keep an H100 busy (two per SM). A split does not add
+// threads (each holds 32 elements either way), it spreads them over more SMs and costs a
+// second read of x, so it pays only below this.
+constexpr int64_t kGnNhwcTargetBlocks = 264;
 
 struct GroupNormParams {
   const void* x;       // (N, C, H, W), dtype T
@@ -115,8 +119,8 @@ inline GroupNormNhwcPlan plan_group_norm_nhwc(int64_t N, int64_t C, int64_t HW, 
   const int64_t gb = capacity(wide) >= HW || fused == 0 ? wide : fused;
   const int64_t tiles = N * (G / gb);
   int64_t splits = ceil_div(HW, capacity(gb));
-  if (tiles * splits < kGnTargetBlocks) {  // too few blocks: split positions while chunks stay large
-    const int64_t want = ceil_div(kGnTargetBlocks, tiles), by_size = gb * Cg * HW / kGnMinSplitChunk;
+  if (tiles * splits < kGnNhwcTargetBlocks) {  // too few blocks: split positions, chunks staying large
+    const int64_t want = ceil_div(kGnNhwcTargetBlocks, tiles), by_size = gb * Cg * HW / kGnMinSplitChunk;
     const int64_t more = want < by_size ? want : by_size;
     if (more > splits) splits = more;
   }
