@@ -240,16 +240,18 @@ def group_norm_sm90(tmp_path_factory) -> Path:
 
 
 def check_nhwc_accesses(bodies: dict[str, str], load: str, stores: str, store: str, narrow_load: str) -> None:
-    """Each kernel: `items` 16-byte loads of x; fused and apply: every global store (mnemonics
-    starting with `stores`) is a 16-byte `store` of y; fused: no 8-byte `narrow_load`."""
+    """Each kernel: a 16-byte load of x per vector a thread holds (`items`, unrolled; the compiler
+    may duplicate a loop, e.g. one copy with SiLU and one without, so at least that many);
+    fused and apply: every global store (mnemonics starting with `stores`) is a 16-byte `store`
+    of y; fused: no 8-byte `narrow_load`."""
     assert len(bodies) == 9, f"expected 3 dtypes x 3 modes of {NHWC_KERNEL}: {sorted(bodies)}"
     for name, body in bodies.items():
         items, mode = nhwc_kernel_items(name)
-        assert body.count(load) == items, f"{name}: {body.count(load)} 16-byte loads of x, want {items}"
+        assert body.count(load) >= items, f"{name}: {body.count(load)} 16-byte loads of x, want {items}"
         if mode != 1:  # fused and apply write y; the statistics kernel writes (mean, M2) pairs
             found = [w for w in body.split() if w.startswith(stores)]
             assert all(w.startswith(store) for w in found), f"{name}: stores {set(found)}"
-            assert len(found) == items, f"{name}: {len(found)} stores of y, want {items}"
+            assert len(found) >= items, f"{name}: {len(found)} stores of y, want {items}"
         if mode == 0:  # nothing else in the fused kernel is 8 bytes wide: x never moves in halves
             assert narrow_load not in body, f"{name} loads 8 bytes at a time"
 

@@ -52,14 +52,15 @@ struct GroupNormParams {
   void* y;             // like x
   float2* partials;    // (N * G * splits) chunk (mean, M2), when splits > 1
   int64_t N, C, HW, G;
-  int64_t Cg, M;  // channels and elements per group
-  int64_t chunk;  // elements per block, a multiple of 8 (NHWC kernel: positions per block)
+  int64_t M;       // elements per group
+  int64_t chunk;   // elements per block, a multiple of 8 (NHWC kernel: positions per block)
   int64_t splits;  // blocks per group
-  int64_t tile_groups, tile_rows;  // NHWC kernel: groups per block; positions loaded at once
+  int Cg;           // channels per group (<= kGnMaxGroupChannels)
+  int tile_groups;  // NHWC kernel: groups per block
   float eps;
   bool silu;
   int add_dtype, param_dtype;
-};
+};  // 128 bytes: at 144 (two more int64 fields) ptxas 13.0 spilled the NCHW fp32 kernels for sm_90
 
 // How the groups are cut into blocks; a function of the sizes only, so the workspace size
 // is known before the launch and results do not depend on the device.
@@ -313,8 +314,8 @@ template <typename T, int MODE>
 __global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_nhwc_kernel(GroupNormParams p) {
   constexpr int VEC = kGnVecBytes / sizeof(T);
   constexpr int kItems = kGnPerThread / VEC;
-  const int Gb = static_cast<int>(p.tile_groups), rows = static_cast<int>(p.tile_rows);
-  const int Cg = static_cast<int>(p.Cg), TC = Gb * Cg, tpr = TC / VEC;
+  const int Gb = p.tile_groups, Cg = p.Cg, TC = Gb * Cg, tpr = TC / VEC;
+  const int rows = static_cast<int>(ceil_div(p.chunk, kItems));  // positions in flight
   FASTDDPM_DYNAMIC_SHARED(float, s_red);  // (rows, TC) per-channel partials, rows 16-byte aligned; then
   float* s_mean = s_red + rows * TC;      // the groups' mean and 1/std, Gb each
   float* s_rstd = s_mean + Gb;
@@ -522,8 +523,7 @@ template <typename T>
 cudaError_t launch_group_norm_silu_nhwc(GroupNormParams p, const GroupNormNhwcPlan& plan, cudaStream_t stream) {
   p.chunk = plan.positions;
   p.splits = plan.splits;
-  p.tile_groups = plan.groups_per_block;
-  p.tile_rows = plan.rows;
+  p.tile_groups = static_cast<int>(plan.groups_per_block);
   const unsigned blocks = static_cast<unsigned>(p.N * (p.G / plan.groups_per_block) * plan.splits);
   const size_t smem = (static_cast<size_t>(plan.rows) * plan.groups_per_block * p.Cg +
                        2 * static_cast<size_t>(plan.groups_per_block)) * sizeof(float);
@@ -564,7 +564,7 @@ template <typename T>
 cudaError_t launch_group_norm_silu(GroupNormParams p, bool channels_last, cudaStream_t stream) {
   const GroupNormPlan plan = plan_group_norm(p.N, p.C, p.HW, p.G);
   if (plan.splits == 0) return cudaSuccess;
-  p.Cg = p.C / p.G;
+  p.Cg = static_cast<int>(p.C / p.G);
   p.M = p.Cg * p.HW;
   p.chunk = plan.chunk;
   p.splits = plan.splits;
