@@ -75,3 +75,21 @@ extern "C" int fastddpm_attention(const void* q, const void* k, const void* v, v
   return fastddpm::abi::cuda_status(err, "attention launch");
   FASTDDPM_API_END
 }
+
+extern "C" int fastddpm_attention_plan(int64_t D, int dtype, int64_t* head_dim_tile, int64_t* rows_per_block,
+                                       int64_t* threads_per_block) {
+  FASTDDPM_API_BEGIN
+  FASTDDPM_CHECK_DTYPE(dtype);
+  FASTDDPM_CHECK(D >= 1 && D <= fastddpm::kAttentionMaxHeadDim, FASTDDPM_ERROR_NOT_SUPPORTED,
+                 "head dim D = %lld; the kernels take 1 <= D <= %d", static_cast<long long>(D),
+                 fastddpm::kAttentionMaxHeadDim);
+  FASTDDPM_CHECK_NOT_NULL(head_dim_tile);
+  FASTDDPM_CHECK_NOT_NULL(rows_per_block);
+  FASTDDPM_CHECK_NOT_NULL(threads_per_block);
+  const fastddpm::AttentionPlan plan = fastddpm::plan_attention(D, dtype);
+  *head_dim_tile = plan.head_dim_tile;
+  *rows_per_block = plan.rows_per_block;
+  *threads_per_block = plan.threads;
+  return FASTDDPM_SUCCESS;
+  FASTDDPM_API_END
+}

@@ -24,8 +24,7 @@ int check_sizes(int64_t N, int64_t C, int64_t H, int64_t W, int64_t num_groups) 
   int64_t numel = 0;
   FASTDDPM_CHECK(!__builtin_mul_overflow(N * C, H * W, &numel) && N * C >= 0 && H * W >= 0,
                  FASTDDPM_ERROR_INVALID_VALUE, "N * C * H * W overflows int64");
-  const fastddpm::GroupNormPlan plan = fastddpm::plan_group_norm(N, C, H * W, num_groups);
-  FASTDDPM_CHECK(N * num_groups * plan.splits <= 0x7fffffff, FASTDDPM_ERROR_NOT_SUPPORTED,
+  FASTDDPM_CHECK(fastddpm::group_norm_max_blocks(N, C, H * W, num_groups) <= 0x7fffffff, FASTDDPM_ERROR_NOT_SUPPORTED,
                  "N * num_groups = %lld groups need more blocks than a grid holds",
                  static_cast<long long>(N * num_groups));
   return FASTDDPM_SUCCESS;
@@ -39,7 +38,7 @@ extern "C" int fastddpm_group_norm_silu_workspace_size(int64_t N, int64_t C, int
   FASTDDPM_CHECK_NOT_NULL(bytes);
   const int status = check_sizes(N, C, H, W, num_groups);
   if (status != FASTDDPM_SUCCESS) return status;
-  *bytes = fastddpm::plan_group_norm(N, C, H * W, num_groups).workspace_bytes;
+  *bytes = fastddpm::group_norm_workspace_bytes(N, C, H * W, num_groups);
   return FASTDDPM_SUCCESS;
   FASTDDPM_API_END
 }
@@ -60,11 +59,11 @@ extern "C" int fastddpm_group_norm_silu(const void* x, const void* add, const vo
   FASTDDPM_CHECK_NOT_NULL(weight);
   FASTDDPM_CHECK_NOT_NULL(bias);
   FASTDDPM_CHECK_NOT_NULL(y);
-  const fastddpm::GroupNormPlan plan = fastddpm::plan_group_norm(N, C, H * W, num_groups);
-  if (plan.workspace_bytes > 0) {
-    FASTDDPM_CHECK(workspace != nullptr && workspace_bytes >= plan.workspace_bytes, FASTDDPM_ERROR_INVALID_VALUE,
+  const size_t needed = fastddpm::group_norm_workspace_bytes(N, C, H * W, num_groups);
+  if (needed > 0) {
+    FASTDDPM_CHECK(workspace != nullptr && workspace_bytes >= needed, FASTDDPM_ERROR_INVALID_VALUE,
                    "these sizes need a workspace of %zu bytes (fastddpm_group_norm_silu_workspace_size); got %zu",
-                   plan.workspace_bytes, workspace != nullptr ? workspace_bytes : static_cast<size_t>(0));
+                   needed, workspace != nullptr ? workspace_bytes : static_cast<size_t>(0));
     FASTDDPM_CHECK(fastddpm::is_aligned(workspace, 8), FASTDDPM_ERROR_INVALID_VALUE,
                    "workspace must be 8-byte aligned");
   }
@@ -98,5 +97,40 @@ extern "C" int fastddpm_group_norm_silu(const void* x, const void* add, const vo
       err = fastddpm::launch_group_norm_silu<float>(p, cl, s);
   }
   return fastddpm::abi::cuda_status(err, "group_norm_silu launch");
+  FASTDDPM_API_END
+}
+
+extern "C" int fastddpm_group_norm_silu_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t num_groups,
+                                             int channels_last, int dtype, int64_t* groups_per_block,
+                                             int64_t* blocks, int64_t* threads_per_block, int64_t* vector_bytes) {
+  FASTDDPM_API_BEGIN
+  const int status = check_sizes(N, C, H, W, num_groups);
+  if (status != FASTDDPM_SUCCESS) return status;
+  FASTDDPM_CHECK_DTYPE(dtype);
+  FASTDDPM_CHECK_NOT_NULL(groups_per_block);
+  FASTDDPM_CHECK_NOT_NULL(blocks);
+  FASTDDPM_CHECK_NOT_NULL(threads_per_block);
+  FASTDDPM_CHECK_NOT_NULL(vector_bytes);
+  const int elem = fastddpm::element_size(dtype);
+  const fastddpm::GroupNormPlan plan = fastddpm::plan_group_norm(N, C, H * W, num_groups);
+  *groups_per_block = 1;
+  *blocks = N * num_groups * plan.splits;
+  *threads_per_block = plan.threads;
+  *vector_bytes = fastddpm::kGnVecBytes;
+  switch (fastddpm::group_norm_path(N, C, H * W, num_groups, channels_last != 0, elem, true)) {
+    case fastddpm::GroupNormPath::kNhwcVec: {
+      const fastddpm::GroupNormNhwcPlan nhwc = fastddpm::plan_group_norm_nhwc(N, C, H * W, num_groups, elem);
+      *groups_per_block = nhwc.groups_per_block;
+      *blocks = N * (num_groups / nhwc.groups_per_block) * nhwc.splits;
+      *threads_per_block = nhwc.threads;
+      break;
+    }
+    case fastddpm::GroupNormPath::kScalar:
+      *vector_bytes = elem;
+      break;
+    default:
+      break;
+  }
+  return FASTDDPM_SUCCESS;
   FASTDDPM_API_END
 }

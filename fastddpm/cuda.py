@@ -31,7 +31,7 @@ LIBRARY_PATH = Path(__file__).parent / "_lib" / "libfastddpm_cuda.so"
 SUCCESS, ERROR_INVALID_VALUE, ERROR_NOT_SUPPORTED, ERROR_CUDA = 0, 1, 2, 3
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_HEAD_DIM = 512  # attention
 MAX_GROUP_CHANNELS = 2048  # group_norm_silu: channels per group
 MAX_QUERY_POSITIONS = 65535 * 16  # attention: Lq
@@ -49,7 +49,9 @@ _SIGNATURES = {  # name: (restype, argtypes)
         _int,
         [_ptr] * 6 + [ctypes.c_size_t] + [_i64] * 5 + [_f32] + [_int] * 5 + [_ptr],
     ),
+    "fastddpm_group_norm_silu_plan": (_int, [_i64] * 5 + [_int] * 2 + [ctypes.POINTER(_i64)] * 4),
     "fastddpm_attention": (_int, [_ptr] * 4 + [_i64] * 5 + [ctypes.POINTER(_i64)] * 3 + [_f32, _int, _ptr]),
+    "fastddpm_attention_plan": (_int, [_i64, _int] + [ctypes.POINTER(_i64)] * 3),
     "fastddpm_ddpm_step": (
         _int,
         [_ptr] * 5
@@ -245,6 +247,24 @@ def launch_group_norm_silu(
     return y
 
 
+def group_norm_silu_plan(
+    lib: ctypes.CDLL,
+    shape: tuple[int, int, int, int],
+    num_groups: int,
+    channels_last: bool,
+    dtype: torch.dtype,
+) -> dict[str, int]:
+    """What fastddpm_group_norm_silu launches for x of `shape` (N, C, H, W), 16-byte aligned:
+    groups_per_block, blocks, threads (per block) and vector_bytes (of each access to x and y)."""
+    values = [_i64() for _ in range(4)]
+    status = lib.fastddpm_group_norm_silu_plan(
+        *shape, num_groups, int(channels_last), DTYPE_CODES[dtype], *(ctypes.byref(v) for v in values)
+    )
+    _check_status(lib, status, "group_norm_silu_plan")
+    names = ("groups_per_block", "blocks", "threads", "vector_bytes")
+    return dict(zip(names, (v.value for v in values), strict=True))
+
+
 def _group_norm_silu_forward(x, weight, bias, num_groups, eps, silu, add):
     with torch.cuda.device(x.device):
         return launch_group_norm_silu(
@@ -300,6 +320,15 @@ def launch_attention(
     )
     _check_status(lib, status, "attention")
     return out
+
+
+def attention_plan(lib: ctypes.CDLL, D: int, dtype: torch.dtype) -> dict[str, int]:
+    """What fastddpm_attention launches for head dim D in dtype: head_dim_tile (the padded head dim
+    the kernel computes with), rows_per_block and threads (per block)."""
+    values = [_i64() for _ in range(3)]
+    status = lib.fastddpm_attention_plan(D, DTYPE_CODES[dtype], *(ctypes.byref(v) for v in values))
+    _check_status(lib, status, "attention_plan")
+    return dict(zip(("head_dim_tile", "rows_per_block", "threads"), (v.value for v in values), strict=True))
 
 
 def _attention_forward(q, k, v, scale):

@@ -143,6 +143,18 @@ GROUP_NORM_SHAPES = [  # (N, C, H, W), groups: the launch path each takes
     pytest.param((1, 5, 80, 80), 1, id="split3"),  # one group over 3 blocks, the last shorter
     pytest.param((1, 3, 97, 95), 1, id="split-odd"),  # split, element-wise
 ]
+# channels_last tiles of whole groups (plan_group_norm_nhwc) at the U-Nets' channel counts, 32 groups
+NHWC_GROUP_NORM_SHAPES = [
+    pytest.param((1, 128, 8, 8), 32, id="c128"),  # 4 channels per group: tiles of 8 (fp32) or 16 groups
+    pytest.param((2, 256, 4, 4), 32, id="c256"),
+    pytest.param((1, 384, 4, 4), 32, id="c384"),  # 12 per group: 16-bit tiles of 8 groups (96 channels)
+    pytest.param((1, 512, 4, 4), 32, id="c512"),
+    pytest.param((1, 1024, 2, 2), 32, id="c1024"),  # the 256x256 models' widest level
+    pytest.param((1, 128, 32, 32), 32, id="cifar-32x32"),  # tiles of 4 groups, split in 2 at batch 1
+    pytest.param((1, 32, 48, 48), 8, id="split9"),  # 128-byte tiles split over 9 blocks of positions
+    pytest.param((2, 36, 5, 5), 12, id="c36"),  # 3 per group: fp32 tiles of 4 groups; 16-bit: C % 8 != 0
+    pytest.param((1, 6, 4, 4), 3, id="c6"),  # C % 4 != 0: no 16-byte layout, element-wise kernel
+]
 GPU_GROUP_NORM_SHAPES = [  # the DDPM networks' own sizes
     pytest.param((8, 128, 32, 32), 32, id="cifar-32x32"),
     pytest.param((64, 256, 16, 16), 32, id="cifar-16x16-b64"),
@@ -205,7 +217,9 @@ def check_group_norm_stable(run, split: bool):
 
 ATTENTION_SHAPES = [  # (B, heads, Lq, Lk, D)
     pytest.param((1, 1, 40, 70, 64), id="d64-masked"),  # Lq, Lk past the tiles' ends
-    pytest.param((2, 3, 33, 33, 8), id="d8-heads"),  # diffusers' CIFAR10 heads of dim 8 (padded to 16)
+    pytest.param((2, 3, 33, 33, 8), id="d8-heads"),  # diffusers' CIFAR10 heads of dim 8: the tile of 8
+    pytest.param((1, 2, 21, 70, 16), id="d16"),
+    pytest.param((1, 1, 19, 37, 12), id="d12"),  # tile 16; 16-bit rows of 24 bytes: element loads
     pytest.param((1, 2, 20, 37, 40), id="d40"),  # D not a multiple of 8: element loads
     pytest.param((1, 1, 17, 45, 136), id="d136"),  # D in (128, 256]: two warps share a row
     pytest.param((1, 1, 20, 40, 256), id="d256"),
@@ -297,6 +311,40 @@ def check_ddpm_step(run, shape, dtype, channels_last, *, clip_x0=True, noise="fl
     assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
     assert_equal_within_tolerance(out, ref, dtype, STEP_FP32_TOLERANCE)
     return out, ref
+
+
+BAD_T_CASES = [  # (t, which samples are bad) for a device-side step index into a table of 100 rows
+    pytest.param([5, 100], [False, True], id="past-end"),  # t = num_steps
+    pytest.param([-1, 7], [True, False], id="negative"),
+    pytest.param([2**40, -(2**40)], [True, True], id="far"),
+    pytest.param(100, [True, True], id="0d-past-end"),  # a 0-d t applies to every sample
+    pytest.param(-1, [True, True], id="0d-negative"),
+    pytest.param([99, 0], [False, False], id="edges"),  # the table's first and last rows
+]
+
+
+def check_out_of_range_t(run, table: StepTable, t, bad, dtype, channels_last, noise):
+    """A step index outside the table, held on the device: every element of its sample (of every
+    sample, for a 0-d t) is NaN; the other samples are the reference's step. noise: "none" (the
+    table must be noiseless), "tensor" or "seed"."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(3)
+    x, eps, z = (
+        torch.randn(2, 3, 4, 4, generator=g).to(run.device, dtype).contiguous(memory_format=fmt)
+        for _ in range(3)
+    )
+    z, seed = (z, None) if noise == "tensor" else (None, 11 if noise == "seed" else None)
+    t = torch.tensor(t, device=run.device)
+    out = run.ddpm_step(x, eps, t, table, z, seed, 0, True).cpu()
+    bad = torch.tensor(bad)
+    assert out[bad].isnan().all(), f"a sample of t = {t.tolist()} is not all NaN"
+    if not bad.all():  # the others: the reference's step, with the bad indices made valid
+        t_ok = torch.where(bad, 0, t.cpu()) if t.dim() else t.cpu()
+        cpu_table = StepTable(table.coef.cpu(), table.timesteps.cpu(), table.stochastic)
+        ref = reference.ddpm_step(
+            x.cpu(), eps.cpu(), t_ok, cpu_table, noise=None if z is None else z.cpu(), seed=seed, offset=0
+        )
+        assert_equal_within_tolerance(out[~bad], ref[~bad], dtype, STEP_FP32_TOLERANCE)
 
 
 def noise_table(device) -> StepTable:

@@ -9,6 +9,8 @@ Running the kernels needs a GPU: tests/test_cuda_ops.py.
 from __future__ import annotations
 
 import ctypes
+import functools
+import mmap
 import os
 import shutil
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from fastddpm import cuda, ops, reference
+from fastddpm.schedule import StepTable
 
 from . import cuda_cases
 
@@ -173,11 +176,103 @@ def test_group_norm_silu_rejects_bad_input(lib, changes, status, message):
 def test_group_norm_silu_workspace_size(lib):
     size = ctypes.c_size_t(1)
     assert lib.fastddpm_group_norm_silu_workspace_size(64, 128, 32, 32, 32, ctypes.byref(size)) == 0
-    assert size.value == 0, "CIFAR10 at batch 64: one block per group, no workspace"
+    assert size.value == 0, "CIFAR10 at batch 64: no group split over blocks, no workspace"
     assert lib.fastddpm_group_norm_silu_workspace_size(1, 128, 256, 256, 32, ctypes.byref(size)) == 0
     assert size.value > 0 and size.value % 8 == 0
     assert lib.fastddpm_group_norm_silu_workspace_size(1, 128, 256, 256, 32, None) == cuda.ERROR_INVALID_VALUE
     assert "bytes is a null pointer" in last_error(lib)
+
+
+# --- the compiled sm_90 code: the channels_last GroupNorm moves 16 bytes per access ------------
+
+
+def disassembler() -> list[str] | None:
+    """A SASS dump command: cuobjdump beside nvcc or on PATH, else the one bundled with Triton."""
+    found = [os.path.join(os.path.dirname(nvcc_path() or ""), "cuobjdump"), shutil.which("cuobjdump")]
+    try:
+        from triton.backends.nvidia import __file__ as triton_nvidia
+
+        found.append(os.path.join(os.path.dirname(triton_nvidia), "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    tool = next((t for t in found if t and os.access(t, os.X_OK)), None)
+    return None if tool is None else [tool, "-sass"]
+
+
+def kernel_bodies(listing: str, start: str, name: str) -> dict[str, str]:
+    """The text of each function whose header line contains `start` and whose name contains
+    `name`, by mangled name."""
+    bodies, current = {}, None
+    for line in listing.splitlines():
+        if start in line:
+            current = next((w.strip("(") for w in line.split() if name in w), None)
+            if current is not None:
+                bodies[current] = ""
+        elif current is not None:
+            bodies[current] += line + "\n"
+    return bodies
+
+
+NHWC_KERNEL = "group_norm_silu_nhwc_kernel"
+ITEMS = {"If": 8, "I6__half": 4, "I13__nv_bfloat16": 4}  # 16-byte vectors per thread (32 elements)
+
+
+def nhwc_kernel_items(name: str) -> tuple[int, int]:
+    """(vectors per thread, mode) of a mangled group_norm_silu_nhwc_kernel<T, MODE> name."""
+    args = name.split(NHWC_KERNEL)[1]
+    items = next(n for prefix, n in ITEMS.items() if args.startswith(prefix + "Li"))
+    return items, int(args.split("Li")[1][0])
+
+
+@pytest.fixture(scope="module")
+def group_norm_sm90(tmp_path_factory) -> Path:
+    nvcc = nvcc_path()
+    if nvcc is None:
+        pytest.skip("no nvcc to compile csrc/group_norm_silu.cu for sm_90")
+    out = tmp_path_factory.mktemp("sm90")
+    flags = ["-std=c++17", "-O3", "-arch=sm_90", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc'}"]
+    for kind in ("-ptx", "-cubin"):
+        target = out / f"group_norm_silu.{kind[1:]}"
+        subprocess.run(
+            [nvcc, *flags, kind, str(ROOT / "csrc/group_norm_silu.cu"), "-o", str(target)], check=True
+        )
+    return out
+
+
+def check_nhwc_accesses(bodies: dict[str, str], load: str, stores: str, store: str, narrow_load: str) -> None:
+    """Each kernel: a 16-byte load of x per vector a thread holds (`items`, unrolled; the compiler
+    may duplicate a loop, e.g. one copy with SiLU and one without, so at least that many);
+    fused and apply: every global store (mnemonics starting with `stores`) is a 16-byte `store`
+    of y; fused: no 8-byte `narrow_load`."""
+    assert len(bodies) == 9, f"expected 3 dtypes x 3 modes of {NHWC_KERNEL}: {sorted(bodies)}"
+    for name, body in bodies.items():
+        items, mode = nhwc_kernel_items(name)
+        assert body.count(load) >= items, f"{name}: {body.count(load)} 16-byte loads of x, want {items}"
+        if mode != 1:  # fused and apply write y; the statistics kernel writes (mean, M2) pairs
+            found = [w for w in body.split() if w.startswith(stores)]
+            assert all(w.startswith(store) for w in found), f"{name}: stores {set(found)}"
+            assert len(found) >= items, f"{name}: {len(found)} stores of y, want {items}"
+        if mode == 0:  # nothing else in the fused kernel is 8 bytes wide: x never moves in halves
+            assert narrow_load not in body, f"{name} loads 8 bytes at a time"
+
+
+def test_nhwc_group_norm_loads_and_stores_16_bytes_in_sm90_ptx(group_norm_sm90):
+    ptx = (group_norm_sm90 / "group_norm_silu.ptx").read_text()
+    bodies = kernel_bodies(ptx, ".entry", NHWC_KERNEL)
+    bodies = {name: body.replace("ld.global.nc.v4", "ld.global.v4") for name, body in bodies.items()}
+    check_nhwc_accesses(bodies, "ld.global.v4.", "st.global", "st.global.v4.", "ld.global.v2.")
+
+
+def test_nhwc_group_norm_loads_and_stores_16_bytes_in_sm90_sass(group_norm_sm90):
+    tool = disassembler()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton) to read the SASS; the PTX test still runs")
+    sass = subprocess.run(
+        [*tool, str(group_norm_sm90 / "group_norm_silu.cubin")], capture_output=True, text=True, check=True
+    ).stdout
+    bodies = kernel_bodies(sass, "Function :", NHWC_KERNEL)
+    bodies = {name: body.replace("LDG.E.128.CONSTANT", "LDG.E.128") for name, body in bodies.items()}
+    check_nhwc_accesses(bodies, "LDG.E.128 ", "STG", "STG.E.128", "LDG.E.64 ")
 
 
 def attention(lib, **changes) -> int:
@@ -366,6 +461,50 @@ def test_emulated_group_norm_silu(emulated, shape, groups, dtype, channels_last,
     cuda_cases.check_group_norm_silu(emulated, shape, groups, dtype, channels_last)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+@pytest.mark.parametrize("shape, groups", cuda_cases.NHWC_GROUP_NORM_SHAPES)
+def test_emulated_group_norm_silu_nhwc_tiles(emulated, shape, groups, dtype, schedule, monkeypatch):
+    monkeypatch.setenv("FASTDDPM_EMU_SCHEDULE", schedule)
+    cuda_cases.check_group_norm_silu(emulated, shape, groups, dtype, True)
+
+
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "variant",
+    [{"silu": False, "with_add": False}, {"misaligned": True}, {"param_dtype": torch.float32}],
+    ids=["nosilu-noadd", "misaligned", "fp32-params"],
+)
+@pytest.mark.parametrize("shape, groups", [((1, 128, 8, 8), 32), ((1, 384, 4, 4), 32), ((1, 32, 48, 48), 8)])
+def test_emulated_group_norm_silu_nhwc_tile_variants(emulated, shape, groups, variant, dtype):
+    cuda_cases.check_group_norm_silu(emulated, shape, groups, dtype, True, **variant)
+
+
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+def test_group_norm_nhwc_blocks_take_many_groups_in_16_byte_vectors(emulated, dtype):
+    """channels_last: a block normalizes several whole groups, loading 16 bytes along C (it took
+    one group of 4 channels, 8-byte loads at a stride of C in 16-bit, before); NCHW keeps one group
+    per block; where no 16-byte layout exists the element-wise kernel runs."""
+    plan = functools.partial(cuda.group_norm_silu_plan, emulated.lib, dtype=dtype)
+    elem = dtype.itemsize
+    cifar = plan((256, 128, 32, 32), 32, True)
+    assert cifar["vector_bytes"] == 16 and cifar["groups_per_block"] >= 4, cifar
+    assert cifar["groups_per_block"] * 4 * elem >= 32, "each tile row is at least a 32-byte sector"
+    assert cifar["blocks"] == 256 * 32 // cifar["groups_per_block"], "CIFAR10 at batch 256: no split"
+    for shape, groups in [((64, 256, 16, 16), 32), ((8, 512, 8, 8), 32), ((2, 1024, 16, 16), 32)]:
+        p, group_bytes = plan(shape, groups, True), shape[1] // groups * elem
+        assert p["vector_bytes"] == 16 and p["groups_per_block"] * group_bytes >= 32, (shape, p)
+        assert p["groups_per_block"] > 1 or group_bytes >= 128, (
+            "a group narrower than a line shares its block"
+        )
+    nchw = plan((256, 128, 32, 32), 32, False)
+    assert nchw["groups_per_block"] == 1 and nchw["vector_bytes"] == 16
+    assert plan((2, 36, 5, 5), 12, True)["vector_bytes"] == (16 if elem == 4 else elem)
+    assert plan((1, 6, 4, 4), 3, True)["vector_bytes"] == elem
+    with pytest.raises(ValueError, match="num_groups = 5 must be positive and divide C = 64"):
+        plan((1, 64, 4, 4), 5, True)
+
+
 @pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
 @pytest.mark.parametrize(
     "variant",
@@ -402,10 +541,25 @@ def test_emulated_attention(emulated, shape, dtype, cp_async, schedule, monkeypa
     cuda_cases.check_attention(emulated, shape, dtype)
 
 
+@pytest.mark.parametrize("D", [8, 16, 64])
 @pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
 @pytest.mark.parametrize("layout", cuda_cases.ATTENTION_LAYOUTS)
-def test_emulated_attention_layouts_and_scale(emulated, layout, dtype):
-    cuda_cases.check_attention(emulated, (2, 2, 24, 30, 64), dtype, layout, scale=0.3)
+def test_emulated_attention_layouts_and_scale(emulated, layout, dtype, D):
+    cuda_cases.check_attention(emulated, (2, 2, 24, 30, D), dtype, layout, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+def test_attention_head_dim_tile_follows_the_head_dim(emulated, dtype):
+    """The kernel's work scales with its head-dim tile: the smallest power of two >= max(D, 8).
+    diffusers' CIFAR10 heads (D = 8) ran fp32 at a tile of 32 and fp16/bf16 at 16 before."""
+    heads = (1, 8, 9, 12, 16, 17, 40, 64, 136, 256, 257, 512)
+    tiles = [cuda.attention_plan(emulated.lib, D, dtype)["head_dim_tile"] for D in heads]
+    assert tiles == [8, 8, 16, 16, 16, 32, 64, 64, 256, 256, 512, 512]
+    plan = cuda.attention_plan(emulated.lib, 8, dtype)
+    assert plan["rows_per_block"] >= 16 and plan["threads"] % 32 == 0
+    for bad in (0, 513):
+        with pytest.raises(ValueError, match=f"head dim D = {bad}; the kernels take 1 <= D <= 512"):
+            cuda.attention_plan(emulated.lib, bad, dtype)
 
 
 def test_emulated_attention_without_keys_is_zero(emulated):
@@ -445,12 +599,38 @@ def test_emulated_ddpm_step_without_noise(emulated):
     torch.testing.assert_close(out, reference.ddpm_step(x, eps, 40, table), rtol=0, atol=0)
 
 
-def test_emulated_ddpm_step_out_of_range_t_gives_nan(emulated):
-    """A device-side t past the table cannot raise; it poisons its sample instead of reading out of bounds."""
-    table = cuda_cases.step_table("cpu")
-    x = torch.randn(2, 3, 4, 4)
-    out = emulated.ddpm_step(x, x, torch.tensor([5, 100]), table, None, 1, 0, True)
-    assert not out[0].isnan().any() and out[1].isnan().all()
+def guarded_copy(coef: torch.Tensor, at_end: bool) -> tuple[torch.Tensor, mmap.mmap]:
+    """coef's values in memory between two inaccessible pages, starting right after the first
+    (at_end=False) or ending right before the second: a read past either end of the table
+    faults. Returns the tensor and the mapping that holds it."""
+    page, nbytes = mmap.PAGESIZE, coef.numel() * coef.element_size()
+    data_pages = -(-nbytes // page)
+    region = mmap.mmap(-1, (data_pages + 2) * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for guard in (base, base + (data_pages + 1) * page):
+        assert libc.mprotect(guard, page, 0) == 0  # PROT_NONE, os.strerror(ctypes.get_errno())
+    start = base + (data_pages + 1) * page - nbytes if at_end else base + page
+    view = torch.frombuffer((ctypes.c_float * coef.numel()).from_address(start), dtype=torch.float32)
+    return view.view(coef.shape).copy_(coef), region
+
+
+@pytest.mark.parametrize("noise", ["none", "tensor", "seed"])
+@pytest.mark.parametrize("dtype", cuda_cases.DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("t, bad", cuda_cases.BAD_T_CASES)
+def test_emulated_ddpm_step_out_of_range_t_gives_nan(emulated, t, bad, channels_last, dtype, noise):
+    """A device-side t outside [0, num_steps) cannot raise: its samples are all NaN, the others
+    are the reference's, and nothing outside the table is read: the table sits against
+    inaccessible pages on either side, so a read past its start or end faults."""
+    table = cuda_cases.step_table("cpu", "ddim" if noise == "none" else "ddpm")
+    for at_end in (False, True):
+        coef, region = guarded_copy(table.coef, at_end)
+        guarded = StepTable(coef=coef, timesteps=table.timesteps, stochastic=table.stochastic)
+        cuda_cases.check_out_of_range_t(emulated, guarded, t, bad, dtype, channels_last, noise)
+        del coef, guarded  # the mapping outlives every view of it
+        region.close()
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 3, 5, 7)], ids=["vec", "odd"])

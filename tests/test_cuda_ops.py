@@ -59,6 +59,25 @@ def test_group_norm_silu_variants(variant, dtype, channels_last):
     cuda_cases.check_group_norm_silu(gpu, (2, 64, 4, 4), 16, dtype, channels_last, **variant)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, groups", cuda_cases.NHWC_GROUP_NORM_SHAPES)
+def test_group_norm_silu_nhwc_tiles(shape, groups, dtype):
+    cuda_cases.check_group_norm_silu(gpu, shape, groups, dtype, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "variant",
+    [{"silu": False, "with_add": False}, {"misaligned": True}, {"param_dtype": torch.float32}],
+    ids=["nosilu-noadd", "misaligned", "fp32-params"],
+)
+@pytest.mark.parametrize(
+    "shape, groups", [((8, 128, 32, 32), 32), ((4, 384, 16, 16), 32), ((1, 32, 48, 48), 8)]
+)
+def test_group_norm_silu_nhwc_tile_variants(shape, groups, variant, dtype):
+    cuda_cases.check_group_norm_silu(gpu, shape, groups, dtype, True, **variant)
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 def test_group_norm_statistics_are_stable_for_a_large_mean(split):
     cuda_cases.check_group_norm_stable(gpu, split)
@@ -73,10 +92,11 @@ def test_attention(shape, dtype):
     cuda_cases.check_attention(gpu, shape, dtype)
 
 
+@pytest.mark.parametrize("D", [8, 16, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", cuda_cases.ATTENTION_LAYOUTS)
-def test_attention_layouts_and_scale(layout, dtype):
-    cuda_cases.check_attention(gpu, (2, 2, 100, 130, 64), dtype, layout, scale=0.3)
+def test_attention_layouts_and_scale(layout, dtype, D):
+    cuda_cases.check_attention(gpu, (2, 2, 100, 130, D), dtype, layout, scale=0.3)
 
 
 def test_attention_refuses_a_head_dim_over_512():
@@ -110,11 +130,13 @@ def test_ddpm_step_float32_equals_the_reference_bit_for_bit():
     assert torch.equal(out.cpu(), ref)
 
 
-def test_ddpm_step_out_of_range_device_t_gives_nan():
-    table = cuda_cases.step_table("cuda")
-    x = torch.randn(2, 3, 4, 4, device="cuda")
-    out = ops.ddpm_step(x, x, torch.tensor([5, 100], device="cuda"), table, seed=1, backend="cuda")
-    assert not out[0].isnan().any() and out[1].isnan().all()
+@pytest.mark.parametrize("noise", ["none", "tensor", "seed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("t, bad", cuda_cases.BAD_T_CASES)
+def test_ddpm_step_out_of_range_device_t_gives_nan(t, bad, channels_last, dtype, noise):
+    table = cuda_cases.step_table("cuda", "ddim" if noise == "none" else "ddpm")
+    cuda_cases.check_out_of_range_t(gpu, table, t, bad, dtype, channels_last, noise)
 
 
 @pytest.mark.parametrize("shape", [(64, 3, 32, 32), (3, 3, 5, 7)], ids=["cifar-b64", "odd"])

@@ -5,8 +5,9 @@
 #   bash csrc/tools/sanitize.sh memcheck initcheck   # the tools named
 #
 # Each tool runs csrc/tools/exercise_kernels.py, which launches every kernel variant (each
-# group_norm_silu path, every attention head-dim class in fp32/fp16/bf16, each ddpm_step path and
-# noise source) on small inputs; only fastddpm's kernels are instrumented. Exits non-zero on the
+# group_norm_silu path incl. the channels_last tiles, every attention head-dim tile (8 .. 512) in
+# fp32/fp16/bf16, each ddpm_step path and noise source, and device step indices outside the
+# table) on small inputs; only fastddpm's kernels are instrumented. Exits non-zero on the
 # first tool that reports an error.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -9,11 +9,14 @@
 //   are summed through shared memory in a fixed order, so the warps of a row agree bit for
 //   bit), the online-softmax update, P = exp2(S - m) rounded to the input type as the A
 //   operand straight from registers, and O += P V. K and V tiles arrive by cp.async; V's load
-//   overlaps S, the next K's load overlaps P V.
+//   overlaps S, the next K's load overlaps P V. DMAX = 8 (diffusers' CIFAR10 heads): S by
+//   mma m16n8k8 and O in one 8-column tile, so nothing is spent on padding.
 // fp32: CUDA cores (tensor-core TF32 would miss the float32 tolerance). A block takes 16 query
-//   rows; 8 threads per row share the keys of S and the columns of O.
+//   rows; 8 threads per row share the keys of S, and the columns of O (DMAX >= 32) or, for
+//   DMAX < 32, the columns and the keys of P V, summed across the row's threads at the end.
 //
-// Head dims are padded with zeros to DMAX in {16, 32, 64, 128, 256, 512} (fp32: >= 32).
+// Head dims are padded with zeros to the head-dim tile DMAX in {8, 16, 32, 64, 128, 256, 512}
+// (attention_head_dim_tile): the work of S and of P V scales with DMAX, so at most 2x D.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -52,21 +55,23 @@ struct TcConfig {
   static constexpr int kBm = 16 * kWm;                                // query rows per block
   static constexpr int kBn = DMAX >= 256 ? 32 : 64;                   // keys per iteration
   static constexpr int kThreads = 32 * kWm * kWd;
-  static constexpr int kStride = DMAX + 8;  // shared row stride in elements (+16 bytes: no bank conflicts)
+  // Shared row stride in elements: +16 bytes, so ldmatrix's 8 rows fall in distinct banks; at
+  // DMAX = 8 the 16-byte rows are already 8 consecutive bank quads.
+  static constexpr int kStride = DMAX == 8 ? 8 : DMAX + 8;
   static constexpr int kXStride = kBn + 8;  // row stride of the partial-S exchange, floats
   static constexpr size_t kSmemBytes = static_cast<size_t>(kBm + 2 * kBn) * kStride * 2 +
                                        (kWd > 1 ? static_cast<size_t>(kWm * kWd) * 16 * kXStride * 4 : 0);
-  static_assert(kDt % 16 == 0 && kBn % 16 == 0, "mma tiles");
+  static_assert((kDt % 16 == 0 || kDt == 8) && kBn % 32 == 0, "mma tiles");
 };
 
-// Rows [row0, row0 + ROWS) of a (num_rows, D) matrix into shared memory (row stride DMAX + 8),
-// zero-filled past num_rows and past D. With vec_ok, 16-byte cp.async copies; otherwise
-// element loads (and the caller's __syncthreads makes them visible).
+// Rows [row0, row0 + ROWS) of a (num_rows, D) matrix into shared memory (row stride
+// TcConfig<DMAX>::kStride), zero-filled past num_rows and past D. With vec_ok, 16-byte
+// cp.async copies; otherwise element loads (and the caller's __syncthreads makes them visible).
 template <typename T, int DMAX, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t row_stride, int64_t row0,
                                                 int64_t num_rows, int64_t D, bool vec_ok) {
   constexpr int kChunks = DMAX / 8;
-  constexpr int kStride = DMAX + 8;
+  constexpr int kStride = TcConfig<DMAX>::kStride;
   for (int i = threadIdx.x; i < ROWS * kChunks; i += THREADS) {
     const int r = i / kChunks, c = (i % kChunks) * 8;
     T* d = dst + r * kStride + c;
@@ -81,6 +86,16 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t ro
       }
     }
   }
+}
+
+// The A operand of P V for keys 16 kc .. 16 kc + 15: P = the S tiles 2 kc and 2 kc + 1 (their C
+// fragments' rows and columns are A's), rounded to T.
+template <typename T, int NB>
+__device__ __forceinline__ void p_fragment(uint32_t (&a)[4], const float (&s)[NB][4], int kc) {
+  a[0] = ptx::pack2<T>(s[2 * kc][0], s[2 * kc][1]);
+  a[1] = ptx::pack2<T>(s[2 * kc][2], s[2 * kc][3]);
+  a[2] = ptx::pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+  a[3] = ptx::pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
 }
 
 template <typename T, int DMAX>
@@ -125,6 +140,17 @@ __global__ void __launch_bounds__(TcConfig<DMAX>::kThreads) attention_tc_kernel(
     float s[kBn / 8][4];
 #pragma unroll
     for (int nb = 0; nb < kBn / 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+    if constexpr (kDt == 8) {  // one k = 8 step: Q rows as A (x2), 32 keys per ldmatrix x4 of K
+      uint32_t a[2];
+      ptx::ldmatrix_x2(a, s_q + (wm * 16 + (lane & 15)) * kStride);
+#pragma unroll
+      for (int nb4 = 0; nb4 < kBn / 32; ++nb4) {
+        uint32_t bk[4];
+        ptx::ldmatrix_x4(bk, s_k + (nb4 * 32 + lane) * kStride);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ptx::mma_1688<T>(s[4 * nb4 + i], a, bk[i]);
+      }
+    }
 #pragma unroll
     for (int kc = 0; kc < kDt / 16; ++kc) {
       const int col = wd * kDt + kc * 16;
@@ -208,18 +234,31 @@ __global__ void __launch_bounds__(TcConfig<DMAX>::kThreads) attention_tc_kernel(
     ptx::cp_async_commit();  // group: K_{j+1} (maybe empty)
 
     // O += P V_j over this warp's head-dim columns; P comes from the S registers.
+    if constexpr (kDt == 8) {  // one 8-column tile; an x4 of V holds two key steps
 #pragma unroll
-    for (int kc = 0; kc < kBn / 16; ++kc) {
-      const uint32_t a[4] = {
-          ptx::pack2<T>(s[2 * kc][0], s[2 * kc][1]), ptx::pack2<T>(s[2 * kc][2], s[2 * kc][3]),
-          ptx::pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]), ptx::pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-#pragma unroll
-      for (int nd2 = 0; nd2 < kDt / 16; ++nd2) {
+      for (int kc2 = 0; kc2 < kBn / 32; ++kc2) {
         uint32_t bv[4];
-        ptx::ldmatrix_x4_trans(bv, s_v + (kc * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kStride + wd * kDt +
-                                       nd2 * 16 + (lane >> 4) * 8);
-        ptx::mma_16816<T>(o[2 * nd2], a, bv[0], bv[1]);
-        ptx::mma_16816<T>(o[2 * nd2 + 1], a, bv[2], bv[3]);
+        ptx::ldmatrix_x4_trans(bv, s_v + (kc2 * 32 + lane) * kStride);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          uint32_t a[4];
+          p_fragment<T>(a, s, 2 * kc2 + h);
+          ptx::mma_16816<T>(o[0], a, bv[2 * h], bv[2 * h + 1]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int kc = 0; kc < kBn / 16; ++kc) {
+        uint32_t a[4];
+        p_fragment<T>(a, s, kc);
+#pragma unroll
+        for (int nd2 = 0; nd2 < kDt / 16; ++nd2) {
+          uint32_t bv[4];
+          ptx::ldmatrix_x4_trans(bv, s_v + (kc * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kStride + wd * kDt +
+                                         nd2 * 16 + (lane >> 4) * 8);
+          ptx::mma_16816<T>(o[2 * nd2], a, bv[0], bv[1]);
+          ptx::mma_16816<T>(o[2 * nd2 + 1], a, bv[2], bv[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with V_j
@@ -266,9 +305,15 @@ struct SimtConfig {
   static constexpr int kBn = 4096 / DMAX < 8 ? 8 : (4096 / DMAX > 64 ? 64 : 4096 / DMAX);
   static constexpr int kStride = DMAX + 4;  // floats; rows 16 bytes apart in banks
   static constexpr int kPStride = kBn + 1;
+  // O's DMAX / 4 float4 column chunks over a row's 8 threads: kColThreads threads along the
+  // columns, kCols chunks each; with fewer than 8 chunks the kKeySplit thread groups also split
+  // the keys of P V (thread sub takes keys j with j % kKeySplit == sub / kColThreads).
+  static constexpr int kColThreads = DMAX / 4 < 8 ? DMAX / 4 : 8;
+  static constexpr int kCols = DMAX / 4 / kColThreads;
+  static constexpr int kKeySplit = 8 / kColThreads;
   static constexpr size_t kSmemBytes =
       (static_cast<size_t>(kBm + 2 * kBn) * kStride + static_cast<size_t>(kBm) * kPStride) * sizeof(float);
-  static_assert(DMAX >= 32 && kBn % 8 == 0, "8 threads per row, 4 columns each");
+  static_assert(DMAX >= 8 && kBn % 8 == 0 && kBn % kKeySplit == 0, "8 threads per row, 4 columns each");
 };
 
 template <int DMAX, int ROWS>
@@ -298,7 +343,7 @@ template <int DMAX>
 __global__ void __launch_bounds__(SimtConfig<DMAX>::kThreads) attention_simt_kernel(AttentionParams p) {
   using Cfg = SimtConfig<DMAX>;
   constexpr int kBm = Cfg::kBm, kBn = Cfg::kBn, kStride = Cfg::kStride, kPStride = Cfg::kPStride;
-  constexpr int kCols = DMAX / 32;  // float4 column chunks per thread
+  constexpr int kCols = Cfg::kCols, kColThreads = Cfg::kColThreads, kKeySplit = Cfg::kKeySplit;
 
   FASTDDPM_DYNAMIC_SHARED(float4, smem4);
   float* s_q = reinterpret_cast<float*>(smem4);
@@ -307,6 +352,7 @@ __global__ void __launch_bounds__(SimtConfig<DMAX>::kThreads) attention_simt_ker
   float* s_p = s_v + kBn * kStride;
 
   const int r = threadIdx.x / 8, sub = threadIdx.x % 8;  // query row in the block; lane in the row
+  const int col_lane = sub % kColThreads, key_lane = sub / kColThreads;
   const int64_t b = blockIdx.x / p.H, h = blockIdx.x % p.H;
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kBm;
   const float* q = static_cast<const float*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
@@ -314,7 +360,7 @@ __global__ void __launch_bounds__(SimtConfig<DMAX>::kThreads) attention_simt_ker
   const float* v = static_cast<const float*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
   load_tile_f32<DMAX, kBm>(s_q, q, p.q_stride[2], row0, p.Lq, p.D, p.vec_ok);
 
-  float acc[kCols][4];  // columns 32 i + 4 sub .. + 3 of row r
+  float acc[kCols][4];  // columns 4 (i kColThreads + col_lane) .. + 3 of row r
 #pragma unroll
   for (int i = 0; i < kCols; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
   float m = -INFINITY, l = 0.0f;
@@ -369,11 +415,11 @@ __global__ void __launch_bounds__(SimtConfig<DMAX>::kThreads) attention_simt_ker
       acc[i][3] *= alpha;
     }
 #pragma unroll 4
-    for (int j = 0; j < kBn; ++j) {
+    for (int j = key_lane; j < kBn; j += kKeySplit) {
       const float pj = s_p[r * kPStride + j];
 #pragma unroll
       for (int i = 0; i < kCols; ++i) {
-        const float4 vv = *reinterpret_cast<const float4*>(s_v + j * kStride + 32 * i + 4 * sub);
+        const float4 vv = *reinterpret_cast<const float4*>(s_v + j * kStride + 4 * (i * kColThreads + col_lane));
         acc[i][0] += pj * vv.x;
         acc[i][1] += pj * vv.y;
         acc[i][2] += pj * vv.z;
@@ -382,15 +428,23 @@ __global__ void __launch_bounds__(SimtConfig<DMAX>::kThreads) attention_simt_ker
     }
   }
 
+#pragma unroll
+  for (int mask = kColThreads; mask < 8; mask <<= 1) {  // sum the key groups' parts of O (DMAX < 32)
+#pragma unroll
+    for (int i = 0; i < kCols; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][e] += __shfl_xor_sync(0xffffffffu, acc[i][e], mask);
+    }
+  }
   const int64_t row = row0 + r;
-  if (row >= p.Lq) return;
+  if (row >= p.Lq || key_lane != 0) return;
   const float inv = 1.0f / l;
   float* out = static_cast<float*>(p.o) + (static_cast<int64_t>(blockIdx.x) * p.Lq + row) * p.D;
 #pragma unroll
   for (int i = 0; i < kCols; ++i) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int64_t col = 32 * i + 4 * sub + e;
+      const int64_t col = 4 * (i * kColThreads + col_lane) + e;
       if (col < p.D) out[col] = acc[i][e] * inv;
     }
   }
@@ -426,18 +480,64 @@ cudaError_t launch_attention_dim(const AttentionParams& p, cudaStream_t stream) 
 // The fewest query rows a block takes, whatever D: grid.y = ceil(Lq / 16) must be <= 65535.
 constexpr int kAttentionMinRowsPerBlock = 16;
 
+// The head-dim tile DMAX of a head dim D in [1, 512]: the smallest of 8, 16, ..., 512 >= D.
+inline int attention_head_dim_tile(int64_t D) {
+  int tile = 8;
+  while (tile < D) tile *= 2;
+  return tile;
+}
+
+// What launch_attention runs for head dim D in dtype (FASTDDPM_*): the head-dim tile, the
+// query rows and threads of a block.
+struct AttentionPlan {
+  int head_dim_tile, rows_per_block, threads;
+};
+
+template <int DMAX>
+AttentionPlan attention_plan_dim(int dtype) {
+  if (dtype == FASTDDPM_FLOAT32) return {DMAX, SimtConfig<DMAX>::kBm, SimtConfig<DMAX>::kThreads};
+  return {DMAX, TcConfig<DMAX>::kBm, TcConfig<DMAX>::kThreads};
+}
+
+inline AttentionPlan plan_attention(int64_t D, int dtype) {
+  switch (attention_head_dim_tile(D)) {
+    case 8:
+      return attention_plan_dim<8>(dtype);
+    case 16:
+      return attention_plan_dim<16>(dtype);
+    case 32:
+      return attention_plan_dim<32>(dtype);
+    case 64:
+      return attention_plan_dim<64>(dtype);
+    case 128:
+      return attention_plan_dim<128>(dtype);
+    case 256:
+      return attention_plan_dim<256>(dtype);
+    default:
+      return attention_plan_dim<512>(dtype);
+  }
+}
+
 // T is float, __half or __nv_bfloat16; p.D in [1, 512], p.Lk >= 1.
 template <typename T>
 cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream) {
   if (p.B * p.H == 0 || p.Lq == 0) return cudaSuccess;
-  if constexpr (!std::is_same_v<T, float>) {
-    if (p.D <= 16) return launch_attention_dim<T, 16>(p, stream);
+  switch (attention_head_dim_tile(p.D)) {
+    case 8:
+      return launch_attention_dim<T, 8>(p, stream);
+    case 16:
+      return launch_attention_dim<T, 16>(p, stream);
+    case 32:
+      return launch_attention_dim<T, 32>(p, stream);
+    case 64:
+      return launch_attention_dim<T, 64>(p, stream);
+    case 128:
+      return launch_attention_dim<T, 128>(p, stream);
+    case 256:
+      return launch_attention_dim<T, 256>(p, stream);
+    default:
+      return launch_attention_dim<T, 512>(p, stream);
   }
-  if (p.D <= 32) return launch_attention_dim<T, 32>(p, stream);
-  if (p.D <= 64) return launch_attention_dim<T, 64>(p, stream);
-  if (p.D <= 128) return launch_attention_dim<T, 128>(p, stream);
-  if (p.D <= 256) return launch_attention_dim<T, 256>(p, stream);
-  return launch_attention_dim<T, 512>(p, stream);
 }
 
 }  // namespace fastddpm

@@ -62,8 +62,21 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// The host emulator checks the alignment the hardware requires (a CPU would not fault).
+#ifdef FASTDDPM_HOST_EMULATION
+#define FASTDDPM_CHECK_VEC_ALIGNED(p, bytes)                                                   \
+  do {                                                                                         \
+    if (reinterpret_cast<uintptr_t>(p) % (bytes) != 0) ::emu::fail("misaligned vector access"); \
+  } while (0)
+#else
+#define FASTDDPM_CHECK_VEC_ALIGNED(p, bytes) \
+  do {                                       \
+  } while (0)
+#endif
+
 template <typename T, int N>
 __device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
+  FASTDDPM_CHECK_VEC_ALIGNED(p, sizeof(Vec<T, N>));
   const Vec<T, N> packed = *reinterpret_cast<const Vec<T, N>*>(p);
 #pragma unroll
   for (int i = 0; i < N; ++i) out[i] = to_float(packed.v[i]);
@@ -71,6 +84,7 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
 
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* p, const float (&in)[N]) {
+  FASTDDPM_CHECK_VEC_ALIGNED(p, sizeof(Vec<T, N>));
   Vec<T, N> packed;
 #pragma unroll
   for (int i = 0; i < N; ++i) packed.v[i] = from_float<T>(in[i]);

@@ -11,6 +11,12 @@
 // fastddpm.reference.ddpm_step bit for bit; z is `noise` or in-kernel Philox (philox.cuh) at
 // (seed, offset), each a launch argument or read from device memory (so a captured step can
 // replay with a new offset).
+//
+// A step index outside [0, num_steps) read from device memory cannot raise (the launch has
+// returned long before). It is never clamped to the table, which would silently run another
+// step: every element of its sample is NaN (of every sample, for one t shared by the batch),
+// the table is not read for it, and the other samples are computed as usual. The Triton
+// kernel and the reference do the same; a host-side t is checked before the launch.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -57,13 +63,19 @@ struct StepRow {
   bool valid;
 };
 
+// Row t of the table for sample n; an invalid t reads nothing and gives zeros (step_out then
+// writes NaN).
 __device__ __forceinline__ StepRow load_step_row(const DdpmStepParams& p, int64_t n) {
   int64_t row = p.t_host;
   if (p.t != nullptr) row = __ldg(p.t + (p.t_numel == 1 ? 0 : n));
   StepRow r;
   r.valid = row >= 0 && row < p.num_steps;
 #pragma unroll
-  for (int k = 0; k < kNumStepColumns; ++k) r.c[k] = r.valid ? __ldg(p.coef + row * kNumStepColumns + k) : 0.0f;
+  for (int k = 0; k < kNumStepColumns; ++k) r.c[k] = 0.0f;
+  if (r.valid) {
+#pragma unroll
+    for (int k = 0; k < kNumStepColumns; ++k) r.c[k] = __ldg(p.coef + row * kNumStepColumns + k);
+  }
   return r;
 }
 

@@ -20,7 +20,7 @@
 extern "C" {
 #endif
 
-#define FASTDDPM_ABI_VERSION 2
+#define FASTDDPM_ABI_VERSION 3
 
 /* The library is compiled with hidden visibility; only these entry points are exported. */
 #if defined(__GNUC__)
@@ -71,6 +71,15 @@ FASTDDPM_API int fastddpm_group_norm_silu(const void* x, const void* add, const 
                                           int channels_last, int dtype, int add_dtype, int param_dtype,
                                           void* stream);
 
+/* The launch fastddpm_group_norm_silu makes for these sizes, layout and dtype with 16-byte aligned
+ * x and y (else one element per access): the groups each block normalizes (channels_last tiles
+ * of several whole groups), the blocks (with a split, those of both kernels' grids each), the
+ * threads per block, and the bytes of each load and store of x and y (16, or one element).
+ * Touches no device. */
+FASTDDPM_API int fastddpm_group_norm_silu_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t num_groups,
+                                               int channels_last, int dtype, int64_t* groups_per_block,
+                                               int64_t* blocks, int64_t* threads_per_block, int64_t* vector_bytes);
+
 /* o = softmax(q k^T * scale) v. q: (B, heads, Lq, D); k, v: (B, heads, Lk, D); o: (B, heads, Lq, D)
  * contiguous. q_strides, k_strides, v_strides: 3 element strides each (batch, head, position);
  * the last dimension is contiguous. D <= 512. fp16/bf16 use tensor cores (sm_80+), fp32 CUDA
@@ -80,10 +89,18 @@ FASTDDPM_API int fastddpm_attention(const void* q, const void* k, const void* v,
                                     const int64_t* k_strides, const int64_t* v_strides, float scale, int dtype,
                                     void* stream);
 
+/* The launch fastddpm_attention makes for head dim D (1..512) in dtype: the head-dim tile its
+ * kernel computes with (the smallest of 8, 16, ..., 512 >= D: the work of q k^T and of p v is
+ * proportional to it), and the query rows and threads of each block. Touches no device. */
+FASTDDPM_API int fastddpm_attention_plan(int64_t D, int dtype, int64_t* head_dim_tile, int64_t* rows_per_block,
+                                         int64_t* threads_per_block);
+
 /* One reverse step x_{t-1} = mean + sigma z at step index t, elementwise over (N, C, H, W).
  * x, eps, out: dtype, all contiguous or all channels_last. coef: the (num_steps, 7) float32
  * step table (columns as in fastddpm/schedule.py). t: int64 device array of t_numel = 1 or N
- * step indices, or NULL to use t_host. A device t outside [0, num_steps) gives NaN output.
+ * step indices, or NULL to use t_host (checked: outside [0, num_steps) is an error). A device t
+ * outside [0, num_steps) is never clamped: every element of its sample (of every sample, when
+ * t_numel = 1) is NaN, the table is not read for it, the other samples are unaffected.
  * noise_mode: FASTDDPM_NOISE_*; a noise tensor has the layout of x and noise_dtype.
  * FASTDDPM_NOISE_PHILOX draws at (seed, offset); seed_device / offset_device, where not NULL, are
  * int64 device scalars read by the kernel instead (their bits are the uint64 value), so a step

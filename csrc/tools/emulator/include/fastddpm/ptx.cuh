@@ -1,8 +1,9 @@
 // Host emulation of csrc/include/fastddpm/ptx.cuh (found first on the emulator's include path):
-// cp.async, ldmatrix and mma.sync m16n8k16 with the fragment layouts of the PTX ISA,
+// cp.async, ldmatrix and mma.sync m16n8k16 / m16n8k8 with the fragment layouts of the PTX ISA,
 //   A (16x16, row-major): a0 = (g, 2q..2q+1), a1 = (g+8, 2q..), a2 = (g, 2q+8..), a3 = (g+8, 2q+8..)
 //   B (16x8, k x n):      b0 = (k 2q..2q+1, n g), b1 = (k 2q+8..2q+9, n g)
 //   C (16x8, fp32):       c0, c1 = (g, 2q..2q+1), c2, c3 = (g+8, 2q..2q+1)
+// (k = 8: A's a0, a1 and B's b0 alone)
 // with g = lane / 4, q = lane % 4, computed from the values the 32 lanes hold.
 #pragma once
 
@@ -54,16 +55,18 @@ inline const uint16_t* posted_row(const emu::Warp& w, int lane) {
   return row;
 }
 
-template <bool TRANS>
-inline void ldmatrix(uint32_t (&r)[4], const void* row_addr) {
-  if (!emu::in_shared(row_addr, 16) || reinterpret_cast<uintptr_t>(row_addr) % 16 != 0) {
-    emu::fail("ldmatrix row address outside dynamic shared memory or not 16-byte aligned");
-  }
+// COUNT matrices: lanes 0 .. 8 COUNT - 1 give the row addresses (the others are ignored).
+template <bool TRANS, int COUNT>
+inline void ldmatrix(uint32_t (&r)[COUNT], const void* row_addr) {
   emu::Warp& w = emu::full_warp("ldmatrix");
   const int lane = emu::current().lane, g = lane / 4, q = lane % 4;
+  if (lane < 8 * COUNT &&
+      (!emu::in_shared(row_addr, 16) || reinterpret_cast<uintptr_t>(row_addr) % 16 != 0)) {
+    emu::fail("ldmatrix row address outside dynamic shared memory or not 16-byte aligned");
+  }
   std::memcpy(w.slots[lane], &row_addr, sizeof row_addr);
   emu::barrier_wait(w.barrier);
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < COUNT; ++i) {
     uint16_t lo, hi;
     if (TRANS) {  // (rows 2q and 2q + 1, column g) of matrix i
       lo = posted_row(w, 8 * i + 2 * q)[g];
@@ -93,11 +96,15 @@ struct MmaFragments {
 
 }  // namespace detail
 
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) { detail::ldmatrix<false>(r, row_addr); }
-inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_addr) { detail::ldmatrix<true>(r, row_addr); }
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) { detail::ldmatrix<false, 4>(r, row_addr); }
+inline void ldmatrix_x2(uint32_t (&r)[2], const void* row_addr) { detail::ldmatrix<false, 2>(r, row_addr); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_addr) { detail::ldmatrix<true, 4>(r, row_addr); }
 
-template <typename T>
-inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+namespace detail {
+
+// d = a * b + d for one 16x8xK tile, K = 16 (a0..a3, b0, b1) or 8 (a0, a1, b0).
+template <typename T, int K>
+inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   static_assert(sizeof(detail::MmaFragments) <= 64, "one exchange slot per lane");
   emu::Warp& w = emu::full_warp("mma.sync");
   const int lane = emu::current().lane, g = lane / 4, q = lane % 4;
@@ -117,11 +124,24 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   for (int j = 0; j < 4; ++j) {
     const int row = g + 8 * (j / 2), col = 2 * q + j % 2;
     float acc = 0.0f;
-    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    for (int k = 0; k < K; ++k) acc += A(row, k) * B(k, col);
     out[j] = d[j] + acc;
   }
   emu::barrier_wait(w.barrier);
   for (int j = 0; j < 4; ++j) d[j] = out[j];
+}
+
+}  // namespace detail
+
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  detail::mma<T, 16>(d, a, b0, b1);
+}
+
+template <typename T>
+inline void mma_1688(float (&d)[4], const uint32_t (&a)[2], uint32_t b0) {
+  const uint32_t a4[4] = {a[0], a[1], 0u, 0u};  // a2, a3 (k >= 8) unused
+  detail::mma<T, 8>(d, a4, b0, 0u);
 }
 
 template <typename T>
