@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -253,12 +254,24 @@ def read_image(path: str | os.PathLike, channels: int, resolution: int) -> torch
     images.to_uint8). Converted to grey (channels 1) or RGB (3); never resized."""
     if channels not in (1, 3):
         raise ValueError(f"images can be read for 1 or 3 channels, not {channels}")
-    with Image.open(path) as image:
-        if image.size != (resolution, resolution):
-            w, h = image.size
-            raise ValueError(
-                f"{path} is {w}x{h}; the model takes {resolution}x{resolution} images: resize it first"
-            )
-        pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    if not Path(path).is_file():
+        what = (
+            "a directory"
+            if Path(path).is_dir()
+            else "not a regular file"
+            if Path(path).exists()
+            else "missing"
+        )
+        raise ValueError(f"{path} is {what}: interpolate takes two image files")
+    try:
+        with Image.open(path) as image:
+            if image.size != (resolution, resolution):
+                w, h = image.size
+                raise ValueError(
+                    f"{path} is {w}x{h}; the model takes {resolution}x{resolution} images: resize it first"
+                )
+            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors for a broken file
+        raise ValueError(f"{path} is not a readable image: {err}") from None
     x = torch.from_numpy(pixels.reshape(resolution, resolution, channels)).permute(2, 0, 1)
     return x / 127.5 - 1.0
