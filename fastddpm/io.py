@@ -40,9 +40,9 @@ def check_output(path: str | os.PathLike, option: str) -> Path:
     not a directory, its nearest existing ancestor is a writable directory, and every name to be
     made there, the temporary file's included, fits the file system's name limit. Writes nothing
     but a probe file, removed at once. Call it before the work whose result goes to `path`."""
-    path = Path(path)
     if str(path) == "":
         raise ValueError(f"{option} is empty: name the file to write")
+    path = Path(path)
     if path.is_dir():
         raise ValueError(f"{option} {path} is a directory, not a file")
     parent = path.parent
