@@ -106,7 +106,7 @@ def _check_sample_outputs(args: argparse.Namespace) -> None:
                 f"--out {args.out}: --out takes a FILE.png grid or a run directory;"
                 " for an .npz of the samples use --npz FILE.npz"
             )
-        if out.exists() and not out.is_dir():
+        if os.path.lexists(out) and not os.path.isdir(out):
             raise ValueError(f"--out {args.out} is a file, not a run directory")
         io.check_output(out / "run.json", "--out")
     elif args.out is not None:

@@ -31,6 +31,7 @@ from .schedule import Schedule
 
 DEFAULT_COLUMNS = 8
 DEFAULT_ROWS = 8
+MAX_LAMBDAS = 1000  # an interpolation row decodes each lambda: more is a typo, not a figure
 
 
 # --- progressive generation ---------------------------------------------------------------------
@@ -162,12 +163,13 @@ def start_step(sampler: Sampler, t: int, steps: int | str | None = None) -> int:
 def lambdas_from(spec: int | Sequence[float]) -> list[float]:
     """An int L >= 2: L evenly spaced values 0..1 (11 -> 0, 0.1, ..., 1); or the values themselves."""
     if isinstance(spec, int) and not isinstance(spec, bool):
-        if spec < 2:
-            raise ValueError(f"the number of lambdas must be at least 2, got {spec}")
+        if not 2 <= spec <= MAX_LAMBDAS:
+            raise ValueError(f"the number of lambdas must be in [2, {MAX_LAMBDAS}], got {spec}")
         return np.linspace(0.0, 1.0, spec).tolist()
     values = [float(v) for v in spec]
-    if not values or not all(0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"lambdas must be values in [0, 1], got {values}")
+    if not 1 <= len(values) <= MAX_LAMBDAS or not all(0.0 <= v <= 1.0 for v in values):
+        shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+        raise ValueError(f"lambdas must be values in [0, 1], 1 to {MAX_LAMBDAS} of them, got [{shown}]")
     return values
 
 

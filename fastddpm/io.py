@@ -43,14 +43,10 @@ def check_output(path: str | os.PathLike, option: str) -> Path:
     if str(path) == "":
         raise ValueError(f"{option} is empty: name the file to write")
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{option} {path} is a directory, not a file")
     parent = path.parent
-    while not parent.exists() and parent != parent.parent:
+    while not os.path.exists(parent) and parent != parent.parent:  # os.path: False for a too-long name
         parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{option} {path}: {parent} is not a directory")
-    name_max = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    name_max = os.pathconf(parent, "PC_NAME_MAX") if os.path.isdir(parent) else 255
     names = [*path.relative_to(parent).parts[:-1], _tmp_prefix(path) + "x" * _TMP_RANDOM + TMP_SUFFIX]
     for name in names:
         if len(name.encode()) > name_max:
@@ -58,6 +54,10 @@ def check_output(path: str | os.PathLike, option: str) -> Path:
                 f"{option} {path}: the name {name[:40]}... is longer than the {name_max} bytes"
                 f" the file system allows (the temporary file adds {_TMP_RANDOM + 6} to the file's name)"
             )
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a directory, not a file")
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: {parent} is not a directory")
     try:
         fd, probe = tempfile.mkstemp(dir=parent, prefix=".fastddpm-probe.", suffix=TMP_SUFFIX)
     except OSError as err:
