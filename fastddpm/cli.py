@@ -28,11 +28,16 @@ FILE_SUFFIXES = (
 )  # fmt: skip
 
 
+class UsageError(ValueError):
+    """A command line argparse refuses; main prints it as one line and returns 1."""
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr and exit status 1, like every other error."""
+    """argparse whose usage errors reach main as UsageError (one line, status 1, like every other
+    error) instead of a usage text and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(1, f"{self.prog}: error: {message}\n")
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
 def _steps(value: str) -> int | str:
@@ -704,7 +709,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; bad input (ValueError, KeyError, a missing backend) and a failing file system
     (OSError) print one line and return 1, Ctrl-C one line and 130. Any other exception is a bug in
     fastddpm and keeps its traceback."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(_one_line(str(err)), file=sys.stderr)
+        return 1
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -164,7 +164,9 @@ def lambdas_from(spec: int | Sequence[float]) -> list[float]:
     """An int L >= 2: L evenly spaced values 0..1 (11 -> 0, 0.1, ..., 1); or the values themselves."""
     if isinstance(spec, int) and not isinstance(spec, bool):
         if not 2 <= spec <= MAX_LAMBDAS:
-            raise ValueError(f"the number of lambdas must be in [2, {MAX_LAMBDAS}], got {spec}")
+            raise ValueError(
+                f"the number of lambdas must be at least 2 and at most {MAX_LAMBDAS}, got {spec}"
+            )
         return np.linspace(0.0, 1.0, spec).tolist()
     values = [float(v) for v in spec]
     if not 1 <= len(values) <= MAX_LAMBDAS or not all(0.0 <= v <= 1.0 for v in values):

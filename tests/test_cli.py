@@ -170,14 +170,11 @@ def test_usage_errors_are_one_line_and_exit_1():
 
 
 def in_process(capsys, *args: str) -> subprocess.CompletedProcess:
-    """fastddpm.cli.main(args), as run() returns it (argparse's exit included), without a new Python."""
+    """fastddpm.cli.main(args), as run() returns it, without a new Python."""
     from fastddpm.cli import main
 
     capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as exit:
-        code = exit.code
+    code = main(list(args))
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
 
