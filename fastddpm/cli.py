@@ -3,20 +3,80 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
-from . import __version__, checkpoints, figures, images, ops
+from . import __version__, checkpoints, figures, images, io, ops
+from .devices import check_device
 from .precision import MODES
-from .sampler import METHODS, Sampler
+from .sampler import METHODS, Sampler, check_steps
+
+SEED_LIMIT = 2**63  # seeds are ints in [0, 2**63): what a torch.Generator and a run's Philox seeds take
+DEFAULT_BATCH = 256  # images per network call when --batch-size is not given: min(n, 256)
+MAX_IN_MEMORY_BYTES = 4 * 2**30  # a grid's or --npz's samples (float32) beyond this need --out DIR
+# --out names that are files of another kind, not a run directory (a name ending .png is a grid).
+FILE_SUFFIXES = (
+    ".npz", ".npy", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp",
+    ".safetensors", ".onnx", ".engine", ".pt", ".pth", ".ckpt", ".bin", ".json", ".txt",
+)  # fmt: skip
+
+
+class UsageError(ValueError):
+    """A command line argparse refuses; main prints it as one line and returns 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors reach main as UsageError (one line, status 1, like every other
+    error) instead of a usage text and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
 def _steps(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
+    try:
+        return check_steps(int(value) if value.isdigit() else value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of steps or a spacing like 10,20 or ddim50, got {value!r}"
+        ) from None
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value!r}")
+    return number
+
+
+def _seed(value: str) -> int:
+    try:
+        seed = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {value!r}") from None
+    if not 0 <= seed < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {value}")
+    return seed
+
+
+def _eta(value: str) -> float:
+    try:
+        eta = float(value)
+    except ValueError:
+        eta = math.nan
+    if not math.isfinite(eta) or eta < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+    return eta
 
 
 def _load(args: argparse.Namespace, path: str) -> Sampler:
@@ -33,6 +93,59 @@ def _is_run_dir(out: str | None) -> bool:
     return out is not None and not out.lower().endswith(".png")
 
 
+def _check_eta(args: argparse.Namespace) -> float:
+    """--eta's value (0 when not given); refused with a sampler other than ddim."""
+    if args.eta is not None and args.sampler != "ddim":
+        raise ValueError(f"--eta applies to --sampler ddim, not --sampler {args.sampler}")
+    return 0.0 if args.eta is None else args.eta
+
+
+def _check_sample_outputs(args: argparse.Namespace) -> None:
+    """Refuse --out, --npz and --progress-strip names that cannot be written, before any work."""
+    if args.out == "":
+        raise ValueError("--out is empty: give a FILE.png grid or a run directory")
+    if _is_run_dir(args.out):
+        out = Path(args.out)
+        if out.suffix.lower() in FILE_SUFFIXES:
+            raise ValueError(
+                f"--out {args.out}: --out takes a FILE.png grid or a run directory;"
+                " for an .npz of the samples use --npz FILE.npz"
+            )
+        if os.path.lexists(out) and not os.path.isdir(out):
+            raise ValueError(f"--out {args.out} is a file, not a run directory")
+        io.check_output(out / "run.json", "--out")
+    elif args.out is not None:
+        io.check_output(args.out, "--out")
+    for option, path, suffix in (
+        ("--npz", args.npz, ".npz"),
+        ("--progress-strip", args.progress_strip, ".png"),
+    ):
+        if path is not None:
+            if not path.lower().endswith(suffix):
+                raise ValueError(f"{option} takes a file name ending in {suffix}, got {path!r}")
+            io.check_output(path, option)
+
+
+def _check_in_memory(args: argparse.Namespace, sampler) -> None:
+    """Refuse a grid or --npz whose samples would not fit in memory, and a PNG too large to write,
+    before sampling."""
+    cfg = sampler.unet.config
+    size = args.n * cfg.in_channels * cfg.resolution**2 * 4
+    if size > MAX_IN_MEMORY_BYTES:
+        raise ValueError(
+            f"-n {args.n} samples take {size / 2**30:.1f} GiB in memory, more than the"
+            f" {MAX_IN_MEMORY_BYTES // 2**30} GiB a grid or --npz may: sample into a run directory, --out DIR"
+        )
+    if args.out is not None:
+        images.grid_size(args.n, cfg.resolution, cfg.resolution, scale=args.png_scale)
+    if args.progress_strip is not None:
+        rows = min(args.n, figures.DEFAULT_ROWS) if args.strip_rows is None else args.strip_rows
+        columns = (
+            len(args.strip_steps) + 1 if args.strip_steps else args.strip_columns or figures.DEFAULT_COLUMNS
+        )
+        images.grid_size(rows * columns, cfg.resolution, cfg.resolution, columns, pad=0, scale=args.png_scale)
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from .distributed import TORCHRUN_ENV
 
@@ -43,6 +156,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise ValueError("under torchrun, fastddpm sample needs --out DIR, a run split over the ranks")
     if _is_run_dir(args.out) and args.npz:
         raise ValueError(f"a run directory gets its .npz at {args.out}/samples.npz: drop --npz")
+    eta = _check_eta(args)
+    check_device(args.device)
+    _check_sample_outputs(args)
     model = str(args.model or checkpoints.DEFAULT_MODEL)
     if model.endswith(".onnx"):  # a fastddpm ONNX export, run by onnxruntime
         from . import ort
@@ -60,8 +176,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
         sampler = Sampler(
             sampler.unet, sampler.diffusion, precision=args.precision, channels_last=args.channels_last
         )
+    if not _is_run_dir(args.out):
+        _check_in_memory(args, sampler)
     options = {
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size or min(args.n, DEFAULT_BATCH),
         "generator": torch.Generator().manual_seed(args.seed),
         "progress": not args.no_progress,
     }
@@ -70,8 +188,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise ValueError(f"{model} is a full-step export: it takes its noise as an input; drop --noise")
         options["seed"] = options.pop("generator").initial_seed()
     if isinstance(sampler, Sampler):
-        options |= {"steps": args.steps, "method": args.sampler, "eta": args.eta}
-    elif args.steps is not None or args.sampler != "ddpm" or args.eta:
+        options |= {"steps": args.steps, "method": args.sampler, "eta": eta}
+    elif args.steps is not None or args.sampler != "ddpm" or args.eta is not None:
         raise ValueError(
             f"{model} is a full-step export: its steps and sampler were fixed when it was exported"
         )
@@ -103,6 +221,8 @@ def _check_strip_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--{given[0].replace('_', '-')} needs --progress-strip FILE.png")
     if args.progress_strip is not None and _is_run_dir(args.out):
         raise ValueError("--progress-strip records one process's samples: not with --out DIR (a run)")
+    if args.shard_size is not None and not _is_run_dir(args.out):
+        raise ValueError("--shard-size applies to a run directory (--out DIR), not to a grid or an .npz")
 
 
 def _sample_with_strip(args: argparse.Namespace, sampler: Sampler, options: dict) -> torch.Tensor:
@@ -129,7 +249,7 @@ def _sample_run(args: argparse.Namespace, sampler: Sampler) -> None:
     """`fastddpm sample --out DIR`: a resumable sharded run, split over torchrun's ranks."""
     from . import distributed, runs
 
-    batch_size = args.batch_size or min(args.n, 256)
+    batch_size = args.batch_size or min(args.n, DEFAULT_BATCH)
     spec = runs.RunSpec(
         n=args.n,
         shard_size=args.shard_size or batch_size,
@@ -137,7 +257,7 @@ def _sample_run(args: argparse.Namespace, sampler: Sampler) -> None:
         seed=args.seed,
         steps=args.steps,
         method=args.sampler,
-        eta=args.eta,
+        eta=_check_eta(args),
     )
     world = distributed.init(args.device)
     try:
@@ -339,7 +459,7 @@ def _add_strip_options(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--strip-columns",
-        type=int,
+        type=_positive_int,
         help=f"strip columns at evenly spaced steps, the last the samples ({figures.DEFAULT_COLUMNS})",
     )
     s.add_argument(
@@ -351,7 +471,7 @@ def _add_strip_options(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--strip-rows",
-        type=int,
+        type=_positive_int,
         help=f"samples in the strip (default: all n, at most {figures.DEFAULT_ROWS})",
     )
 
@@ -362,15 +482,23 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
     seeds = args.seeds if args.seeds is not None else [0, 1]
     if len(seeds) != 2:
         raise ValueError(f"--seeds takes two seeds A,B, got {len(seeds)}")
-    if args.png_scale < 1:
-        raise ValueError(f"--png-scale must be a positive int, got {args.png_scale}")
+    if not all(0 <= seed < SEED_LIMIT for seed in seeds):
+        raise ValueError(f"--seeds must be in [0, 2**63), got {','.join(map(str, seeds))}")
+    options = {"steps": args.steps, "method": args.sampler, "eta": _check_eta(args)}
+    check_device(args.device)
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out takes a file name ending in .png, got {args.out!r}")
+    io.check_output(args.out, "--out")
+    lambdas = figures.lambdas_from(args.lambdas)
     sampler = _load(args, str(args.model or checkpoints.DEFAULT_MODEL))
     sampler.unet.to(args.device)
-    options = {"steps": args.steps, "method": args.sampler, "eta": args.eta}
     for t in args.t:  # check the options before drawing any source
         figures.start_step(sampler, t, args.steps)
-    figures.lambdas_from(args.lambdas)
     cfg = sampler.unet.config
+    columns = len(lambdas) + (0 if args.no_sources else 2)
+    images.grid_size(
+        len(args.t) * columns, cfg.resolution, cfg.resolution, columns, pad=0, scale=args.png_scale
+    )
     if args.images:
         sources = [figures.read_image(path, cfg.in_channels, cfg.resolution) for path in args.images]
     else:  # the images `fastddpm sample -n 1 --seed A` (and B) draws with the same steps
@@ -420,13 +548,15 @@ def _add_interpolate_parser(sub, model_options) -> None:
     )
     p.add_argument("--no-sources", action="store_true", help="leave the two source images off the ends")
     p.add_argument("--out", default="interpolation.png", help="PNG to write (default interpolation.png)")
-    p.add_argument("--png-scale", type=int, default=1, help="enlarge the pixels K times (default 1)")
+    p.add_argument(
+        "--png-scale", type=_positive_int, default=1, help="enlarge the pixels K times (default 1)"
+    )
     p.add_argument("--model", help="checkpoint (default: the bundled 8x8 digits model)")
     model_options(p)
     p.add_argument("--steps", type=_steps, default=None, help="reverse-process steps (default: all T)")
     p.add_argument("--sampler", choices=METHODS, default="ddpm")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the encoder's and the decoder's noise")
+    p.add_argument("--eta", type=_eta, default=None, help="with --sampler ddim: DDIM eta (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the encoder's and the decoder's noise")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", choices=ops.BACKENDS, default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -434,7 +564,7 @@ def _add_interpolate_parser(sub, model_options) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastddpm", description="Fast, faithful DDPM sampling.")
+    parser = _Parser(prog="fastddpm", description="Fast, faithful DDPM sampling.")
     parser.add_argument("--version", action="version", version=f"fastddpm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -457,8 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
         " or pytorch_diffusion file (default: the bundled 8x8 digits model)",
     )
     model_options(s)
-    s.add_argument("-n", type=int, default=16, help="number of images (default 16)")
-    s.add_argument("--batch-size", type=int, default=None, help="images per batch (default: all n)")
+    s.add_argument("-n", type=_positive_int, default=16, help="number of images (default 16)")
+    s.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help=f"images per batch (default min(n, {DEFAULT_BATCH}))",
+    )
     s.add_argument(
         "--steps",
         type=_steps,
@@ -466,8 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of steps, or a spacing like 'ddim50' (default: all T)",
     )
     s.add_argument("--sampler", choices=METHODS, default="ddpm")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eta", type=_eta, default=None, help="with --sampler ddim: DDIM eta (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="in [0, 2**63) (default 0)")
     s.add_argument(
         "--noise",
         choices=["generator", "philox"],
@@ -484,11 +619,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--shard-size",
-        type=int,
+        type=_positive_int,
         default=None,
         help="with --out DIR: images per shard file (default: the batch size, which defaults to min(n, 256))",
     )
-    s.add_argument("--png-scale", type=int, default=1, help="enlarge the grid's pixels K times (default 1)")
+    s.add_argument(
+        "--png-scale", type=_positive_int, default=1, help="enlarge the grid's pixels K times (default 1)"
+    )
     s.add_argument("--npz", help=".npz to write (N x H x W x 3 uint8 under arr_0)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", choices=ops.BACKENDS, default="auto")
@@ -555,15 +692,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C leaves, and how to go on."""
+    if args.func is cmd_sample and _is_run_dir(args.out):
+        return (
+            f"interrupted; the finished shards in {args.out} are kept: run the same command again to resume"
+        )
+    if args.func is cmd_train:
+        return (
+            f"interrupted; run the same command with --resume to continue from {args.out}'s last checkpoint"
+        )
+    return "interrupted; nothing was written (files are written whole or not at all)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; bad input (ValueError, KeyError, a missing backend) and a failing file system
+    (OSError) print one line and return 1, Ctrl-C one line and 130. Any other exception is a bug in
+    fastddpm and keeps its traceback."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(_one_line(str(err)), file=sys.stderr)
+        return 1
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, ops.BackendUnavailableError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"fastddpm: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"fastddpm: {_interrupted(args)}", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError, ops.BackendUnavailableError) as err:
+        if isinstance(err, KeyError) and err.args:
+            message = err.args[0]
+        elif isinstance(err, OSError) and err.strerror and not isinstance(err, FileNotFoundError):
+            message = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+        else:
+            message = err
+        print(f"fastddpm: error: {_one_line(str(message))}", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_line(message: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", message.strip())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from .schedule import Schedule
 
 DEFAULT_COLUMNS = 8
 DEFAULT_ROWS = 8
+MAX_LAMBDAS = 1000  # an interpolation row decodes each lambda: more is a typo, not a figure
 
 
 # --- progressive generation ---------------------------------------------------------------------
@@ -161,12 +163,15 @@ def start_step(sampler: Sampler, t: int, steps: int | str | None = None) -> int:
 def lambdas_from(spec: int | Sequence[float]) -> list[float]:
     """An int L >= 2: L evenly spaced values 0..1 (11 -> 0, 0.1, ..., 1); or the values themselves."""
     if isinstance(spec, int) and not isinstance(spec, bool):
-        if spec < 2:
-            raise ValueError(f"the number of lambdas must be at least 2, got {spec}")
+        if not 2 <= spec <= MAX_LAMBDAS:
+            raise ValueError(
+                f"the number of lambdas must be at least 2 and at most {MAX_LAMBDAS}, got {spec}"
+            )
         return np.linspace(0.0, 1.0, spec).tolist()
     values = [float(v) for v in spec]
-    if not values or not all(0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"lambdas must be values in [0, 1], got {values}")
+    if not 1 <= len(values) <= MAX_LAMBDAS or not all(0.0 <= v <= 1.0 for v in values):
+        shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+        raise ValueError(f"lambdas must be values in [0, 1], 1 to {MAX_LAMBDAS} of them, got [{shown}]")
     return values
 
 
@@ -253,12 +258,24 @@ def read_image(path: str | os.PathLike, channels: int, resolution: int) -> torch
     images.to_uint8). Converted to grey (channels 1) or RGB (3); never resized."""
     if channels not in (1, 3):
         raise ValueError(f"images can be read for 1 or 3 channels, not {channels}")
-    with Image.open(path) as image:
-        if image.size != (resolution, resolution):
-            w, h = image.size
-            raise ValueError(
-                f"{path} is {w}x{h}; the model takes {resolution}x{resolution} images: resize it first"
-            )
-        pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    if not Path(path).is_file():
+        what = (
+            "a directory"
+            if Path(path).is_dir()
+            else "not a regular file"
+            if Path(path).exists()
+            else "missing"
+        )
+        raise ValueError(f"{path} is {what}: interpolate takes two image files")
+    try:
+        with Image.open(path) as image:
+            if image.size != (resolution, resolution):
+                w, h = image.size
+                raise ValueError(
+                    f"{path} is {w}x{h}; the model takes {resolution}x{resolution} images: resize it first"
+                )
+            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors for a broken file
+        raise ValueError(f"{path} is not a readable image: {err}") from None
     x = torch.from_numpy(pixels.reshape(resolution, resolution, channels)).permute(2, 0, 1)
     return x / 127.5 - 1.0

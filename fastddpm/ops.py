@@ -8,6 +8,7 @@ U-Net and the samplers call only these functions.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from types import ModuleType
 
@@ -124,6 +125,8 @@ def group_norm_silu(
     _check_float("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x has shape {tuple(x.shape)}: group_norm_silu needs a non-empty (N, C, H, W)")
     N, C = x.shape[:2]
     if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups={num_groups} must be a positive int dividing the {C} channels")
@@ -163,6 +166,10 @@ def attention(
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim")
     _check_same("device", "q", q, k=k, v=v)
     _check_same("dtype", "q", q, k=k, v=v)
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"scale must be a finite number or None (D^-1/2), got {scale!r}")
     return _impl("attention", backend, q.device)(q, k, v, scale)
 
 

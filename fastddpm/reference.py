@@ -64,6 +64,8 @@ def group_norm_silu(
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v; q (B, h, Lq, D), k and v (B, h, Lk, D) -> (B, h, Lq, D).
 
+    NaN and Inf propagate as the formula propagates them (a NaN in q's row i: NaN in output row i).
+
     Runs as float32 `F.scaled_dot_product_attention` (on the CPU a fused kernel that never holds
     the (Lq, Lk) scores, given rows of unit stride; equal to the explicit formula within 1e-6),
     except under torch.export (ONNX), which gets the explicit MatMul, Softmax, MatMul: opset 23
@@ -75,7 +77,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
         return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
     q32, k32, v32 = (_unit_stride_rows(t.float()) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q32, k32, v32, scale=scale).to(q.dtype)
+    out = F.scaled_dot_product_attention(q32, k32, v32, scale=scale)
+    # SDPA's fused CPU kernel gives zeros for a query row holding NaN; the formula (and every fused
+    # backend) gives NaN there. One pass over q, O(Lq D) beside the O(Lq Lk D) attention.
+    out = out.masked_fill(q32.isnan().any(dim=-1, keepdim=True), math.nan)
+    return out.to(q.dtype)
 
 
 def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:

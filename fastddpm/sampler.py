@@ -17,6 +17,8 @@ Noise comes from one of two sources:
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -31,6 +33,41 @@ from .schedule import VARIANCES, Schedule, StepTable
 from .unet import UNet
 
 METHODS = ("ddpm", "ddim")
+
+# A respacing string: "ddim50", or section counts "10,20,30" (fastddpm.schedule.space_timesteps).
+SPACING = re.compile(r"ddim[1-9][0-9]*|[1-9][0-9]*(,[1-9][0-9]*)*")
+
+
+class NonFiniteSamplesError(ValueError):
+    """A batch of samples holds NaN or Inf: the model or the schedule is broken."""
+
+
+def check_steps(steps: object) -> int | str | None:
+    """`steps` as Sampler.sample takes it: None, a positive int, or a spacing string; else a ValueError."""
+    if steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        return steps
+    if isinstance(steps, str) and SPACING.fullmatch(steps):
+        return int(steps) if steps.isdigit() else steps
+    raise ValueError(
+        f"steps must be None (all T), a positive int, or a spacing like '10,20' or 'ddim50', got {steps!r}"
+    )
+
+
+def check_eta(eta: object, method: str) -> float:
+    """DDIM's eta: a finite number >= 0, and nonzero only with method 'ddim'; else a ValueError."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if eta != 0 and method != "ddim":
+        raise ValueError(f"eta applies to method 'ddim' (--sampler ddim), not {method!r}; got eta={eta}")
+    return float(eta)
+
+
+def check_count(name: str, value: object) -> int:
+    """A positive int (not a bool), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
 
 # callback(step_index, t, x_t, x0_pred): x_t and x0_pred are float32 (N, C, H, W).
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -149,6 +186,8 @@ class Sampler:
         """The table for `steps` (None: all T; int or spacing string: respaced) on the U-Net's device."""
         if method not in METHODS:
             raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+        steps = check_steps(steps)
+        eta = check_eta(eta, method)
         schedule = self.diffusion.schedule()
         if steps is not None and steps != len(schedule):
             schedule = schedule.respace(steps)
@@ -186,13 +225,9 @@ class Sampler:
         at that step (e.g. a sample of q(x_t | x_0)). callback(i, t, x_t, x0_pred) runs
         every `callback_every` steps and at the last one.
         """
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        batch_size = batch_size or n
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if callback_every < 1:
-            raise ValueError(f"callback_every must be positive, got {callback_every}")
+        check_count("n", n)
+        batch_size = n if batch_size is None else check_count("batch_size", batch_size)
+        check_count("callback_every", callback_every)
         if seed is not None:
             if generator is not None:
                 raise ValueError("pass at most one of generator= and seed=")
@@ -228,7 +263,9 @@ class Sampler:
                 else:
                     x = philox_normal(seed, noise_offset(b, len(table)), (size, *shape[1:]), device)
                 with self.precision.scope(device):
-                    out.append(self._reverse(x, table, clip_x0, noise, bar, callback, callback_every))
+                    x0 = self._reverse(x, table, clip_x0, noise, bar, callback, callback_every)
+                _check_finite(x0, b, start)
+                out.append(x0)
         return torch.cat(out)
 
     def _reverse(
@@ -263,3 +300,14 @@ class Sampler:
             x = ops.ddpm_step(x, eps, i, table, clip_x0=clip_x0, backend=self.unet.backend, **noise)
             bar.update(1)
         return x
+
+
+def _check_finite(x0: torch.Tensor, b: int, start: int) -> None:
+    """Raise NonFiniteSamplesError if batch b's samples x0 (k, C, H, W), images start.., hold NaN or Inf:
+    one reduction and one host sync per batch."""
+    if not bool(torch.isfinite(x0).all()):
+        kind = "NaN" if bool(torch.isnan(x0).any()) else "Inf"
+        raise NonFiniteSamplesError(
+            f"batch {b} (images {start}..{start + x0.shape[0] - 1}) produced non-finite values ({kind});"
+            " the model or the schedule is broken"
+        )

@@ -146,3 +146,94 @@ def test_philox_noise_option_gives_the_seeded_sampler_images(tiny_diffusers, tmp
     out = run(*common, "--npz", str(tmp_path / "g.npz"))  # the default: a torch.Generator
     with np.load(tmp_path / "g.npz") as f:
         assert not np.array_equal(f["arr_0"], fastddpm.to_uint8(expected))
+
+
+def one_line_error(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    return out.stderr
+
+
+def test_usage_errors_are_one_line_and_exit_1():
+    """argparse's usage errors too: one line naming the option, status 1 like every other error."""
+    err = one_line_error(run("sample", "--steps", "abc"))
+    assert "argument --steps: expected a number of steps or a spacing like 10,20 or ddim50, got 'abc'" in err
+    assert "argument --seed: a seed must be in [0, 2**63)" in one_line_error(
+        run("sample", "--seed", str(2**70))
+    )
+    assert "argument --batch-size: expected a positive int, got '0'" in one_line_error(
+        run("sample", "--batch-size", "0")
+    )
+    assert "argument --eta: expected a finite number >= 0, got 'nan'" in one_line_error(
+        run("sample", "--sampler", "ddim", "--eta", "nan")
+    )
+
+
+def in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """fastddpm.cli.main(args), as run() returns it, without a new Python."""
+    from fastddpm.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_sample_refuses_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    cases = {
+        ("--eta", "0.5"): "--eta applies to --sampler ddim, not --sampler ddpm",
+        (
+            "--out",
+            "x.npz",
+        ): "--out takes a FILE.png grid or a run directory; for an .npz of the samples use --npz",
+        ("--out", "x.jpg"): "--out takes a FILE.png grid or a run directory",
+        ("--out", ""): "--out is empty",
+        ("--out", str(tmp_path / "file" / "x.png")): "is not a directory",
+        ("--out", str(tmp_path / "file")): "is a file, not a run directory",
+        ("--shard-size", "4"): "--shard-size applies to a run directory",
+        ("--png-scale", "1000000"): "the PNG would be 42000000x42000000 pixels",
+        ("--device", "meta"): "--device 'meta': fastddpm runs on cpu, cuda, mps, not meta",
+    }
+    for args, message in cases.items():
+        assert message in one_line_error(in_process(capsys, "sample", "--steps", "2", *args)), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_grid_samples_in_batches_of_at_most_256(tmp_path):
+    calls = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: calls.append(args[0].shape[0]) if isinstance(m, fastddpm.UNet) else None
+    )
+    try:
+        from fastddpm.cli import main
+
+        assert (
+            main(["sample", "-n", "300", "--steps", "1", "--no-progress", "--out", str(tmp_path / "g.png")])
+            == 0
+        )
+    finally:
+        hook.remove()
+    assert calls == [256, 44]
+
+
+def test_interpolate_refuses_directories_and_broken_images(tmp_path, capsys):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ok.png")
+    cases = {
+        (
+            str(tmp_path),
+            str(tmp_path / "ok.png"),
+        ): f"{tmp_path} is a directory: interpolate takes two image files",
+        (str(tmp_path / "broken.png"), str(tmp_path / "ok.png")): "broken.png is not a readable image",
+        (str(tmp_path / "ok.png"), str(tmp_path / "none.png")): "none.png is missing",
+    }
+    for images, message in cases.items():
+        out = in_process(
+            capsys, "interpolate", *images, "--steps", "2", "--t", "0", "--out", str(tmp_path / "i.png")
+        )
+        assert message in one_line_error(out), images
+    ok_png = str(tmp_path / "ok.png")
+    ok = in_process(capsys, "interpolate", ok_png, ok_png, "--steps", "2", "--t", "0",
+                    "--out", str(tmp_path / "i.png"), "--no-progress")  # fmt: skip
+    assert ok.returncode == 0, ok.stderr

@@ -216,3 +216,110 @@ def test_a_safetensors_file_without_config_needs_a_preset(tmp_path):
 def test_unsupported_diffusers_configs(change, message):
     with pytest.raises(ValueError, match=message):
         unet_config_from_diffusers({**TINY_DIFFUSERS_UNET, **change})
+
+
+# --- issue 14: empty batches, non-finite attention, devices, images ------------------------------
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 4, 4), (2, 8, 0, 4), (2, 0, 4, 4)])
+def test_group_norm_refuses_an_empty_x(shape):
+    C = shape[1]
+    with pytest.raises(ValueError, match=r"group_norm_silu needs a non-empty \(N, C, H, W\)"):
+        ops.group_norm_silu(torch.randn(shape), torch.ones(C), torch.zeros(C), 4, backend="torch")
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), True, "0.5"])
+def test_attention_refuses_a_non_finite_scale_on_every_backend(scale):
+    q = torch.randn(1, 1, 4, 8)
+    for backend in ("torch", "triton", "auto"):
+        with pytest.raises(ValueError, match="scale must be a finite number or None"):
+            ops.attention(q, q, q, scale, backend=backend)
+
+
+def test_a_nan_query_row_gives_nan_on_the_torch_backend_as_on_triton():
+    """SDPA's CPU kernel gave zeros for a query row holding NaN; the formula, and Triton, give NaN."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    q[0, 1, 3, 5] = float("nan")
+    ours = ops.attention(q, k, v, backend="torch")
+    formula = (q @ k.transpose(-1, -2) * 0.25).softmax(-1) @ v
+    triton = ops.attention(q, k, v, backend="triton")
+    for out in (formula, triton):
+        assert torch.equal(ours.isnan(), out.isnan())
+    assert ours[0, 1, 3].isnan().all() and ours.isnan().sum() == 16
+    torch.testing.assert_close(ours.nan_to_num(), formula.nan_to_num(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("meta", "fastddpm runs on cpu, cuda, mps, not meta"),
+        ("xpu", "fastddpm runs on cpu, cuda, mps, not xpu"),
+        ("foo", "'foo' is not a device"),
+        ("", "'' is not a device"),
+        ("cuda:-1", "is not a device"),
+        (3, "must be a device name"),
+    ],
+)
+def test_devices_are_checked_before_any_work(device, message):
+    from fastddpm.devices import check_device
+
+    with pytest.raises(ValueError, match=message):
+        check_device(device)
+
+
+def test_only_the_accelerators_this_machine_has_are_accepted():
+    from fastddpm.devices import check_device
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    absent = "torch sees no CUDA device here" if count == 0 else f"this machine has {count} CUDA device"
+    with pytest.raises(ValueError, match=rf"--device 'cuda:{count}': {absent}"):
+        check_device(f"cuda:{count}")
+    if count == 0:
+        with pytest.raises(ValueError, match="--device 'cuda': torch sees no CUDA device here"):
+            check_device("cuda")
+    else:
+        assert check_device("cuda") == torch.device("cuda")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="torch sees no Metal"):
+            check_device("mps")
+    assert check_device("cpu") == torch.device("cpu")
+
+
+def test_images_refuse_what_they_cannot_write(tmp_path):
+    from fastddpm import images
+
+    with pytest.raises(ValueError, match="a grid needs at least one image, got 0"):
+        images.save_grid(tmp_path / "g.png", torch.zeros(0, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"1 of 2 images hold non-finite values \(NaN\)"):
+        images.to_uint8(torch.tensor([0.0, float("nan")]).view(2, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"images hold non-finite values \(Inf\)"):
+        images.save_grid(tmp_path / "g.png", torch.full((1, 3, 8, 8), float("inf")))
+    with pytest.raises(ValueError, match="the PNG would be 12000000x12000000 pixels"):
+        images.save_grid(tmp_path / "g.png", torch.zeros(1, 3, 8, 8), scale=10**6)
+    for scale in (0, 1.5, True):
+        with pytest.raises(ValueError, match="scale must be an int >= 1"):
+            images.save_grid(tmp_path / "g.png", torch.zeros(1, 3, 8, 8), scale=scale)
+    with pytest.raises(ValueError, match="expected float images"):
+        images.to_uint8(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    assert not list(tmp_path.iterdir())
+
+
+def test_output_locations_are_checked_before_work(tmp_path):
+    from fastddpm.io import check_output
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*file/x.png: .*file is not a directory"):
+        check_output(tmp_path / "file" / "x.png", "--out")
+    with pytest.raises(ValueError, match=r"longer than the 255 bytes the file system allows"):
+        check_output(tmp_path / ("a" * 245 + ".png"), "--out")  # fits alone, not with the temp prefix
+    with pytest.raises(ValueError, match="cannot write in /proc"):
+        check_output("/proc/x.png", "--out")
+    with pytest.raises(ValueError, match="--npz is empty"):
+        check_output("", "--npz")
+    with pytest.raises(ValueError, match="is a directory, not a file"):
+        check_output(tmp_path, "--out")
+    assert (
+        check_output(tmp_path / "new" / "deeper" / "x.png", "--out") == tmp_path / "new" / "deeper" / "x.png"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

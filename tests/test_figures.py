@@ -327,7 +327,7 @@ def test_cli_interpolate_from_seeds_and_from_images(digits, tmp_path):
         (["interpolate", "--steps", "10", "--t", "500"], "t = 500 is not among the 10 timesteps"),
         (["interpolate", "--t", "1000"], "t = 1000 is not among the 1000 timesteps"),
         (["interpolate", "--lambdas", "1"], "the number of lambdas must be at least 2"),
-        (["interpolate", "--png-scale", "0"], "--png-scale must be a positive int, got 0"),
+        (["interpolate", "--png-scale", "0"], "argument --png-scale: expected a positive int, got '0'"),
     ],
 )
 def test_cli_errors(args, message, tmp_path, monkeypatch, capsys):

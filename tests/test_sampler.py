@@ -111,3 +111,62 @@ def test_bad_sample_arguments(sampler):
     for bad in (-1, 2**64, 1.5, True):
         with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
             sampler.sample(1, seed=bad)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"steps": 5.0}, "steps must be None"),
+        ({"steps": [5]}, "steps must be None"),
+        ({"steps": True}, "steps must be None"),
+        ({"steps": 0}, "steps must be None"),
+        ({"steps": "abc"}, "steps must be None"),
+        ({"steps": "ddimx"}, "steps must be None"),
+        ({"steps": "10,"}, "steps must be None"),
+        ({"batch_size": 0}, "batch_size must be a positive int, got 0"),
+        ({"batch_size": True}, "batch_size must be a positive int, got True"),
+        ({"batch_size": 1.5}, "batch_size must be a positive int"),
+        ({"eta": float("nan"), "method": "ddim"}, "eta must be a finite number >= 0, got nan"),
+        ({"eta": float("inf"), "method": "ddim"}, "eta must be a finite number >= 0, got inf"),
+        ({"eta": -0.5, "method": "ddim"}, "eta must be a finite number >= 0"),
+        ({"eta": "1", "method": "ddim"}, "eta must be a finite number >= 0"),
+        ({"eta": 0.5}, "eta applies to method 'ddim'"),
+        ({"callback_every": 0}, "callback_every must be a positive int"),
+    ],
+)
+def test_bad_steps_eta_and_counts_are_refused(sampler, options, message):
+    with pytest.raises(ValueError, match=message):
+        sampler.sample(2, progress=False, **options)
+
+
+@pytest.mark.parametrize("n", [True, 2.0, "2", None, -1])
+def test_n_must_be_a_positive_int(sampler, n):
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        sampler.sample(n, progress=False)
+
+
+def test_a_spacing_string_of_digits_is_a_step_count(sampler):
+    x_T = torch.randn(1, 3, 16, 16)
+    a = sampler.sample(1, x_T=x_T, steps="4", method="ddim", progress=False)
+    torch.testing.assert_close(a, sampler.sample(1, x_T=x_T, steps=4, method="ddim", progress=False))
+
+
+def test_non_finite_samples_name_their_batch(sampler):
+    """A NaN anywhere in batch 1 (images 2..3) is reported, naming it, never returned."""
+    x_T = torch.randn(5, 3, 16, 16)
+    x_T[3, 0, 0, 0] = float("nan")
+    with pytest.raises(fastddpm.sampler.NonFiniteSamplesError, match=r"^batch 1 \(images 2..3\) produced"):
+        sampler.sample(5, x_T=x_T, steps=3, method="ddim", batch_size=2, progress=False)
+    x_T[3, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"batch 1 \(images 2..3\) produced non-finite values \((NaN|Inf)\)"):
+        sampler.sample(5, x_T=x_T, steps=3, method="ddim", batch_size=2, progress=False, clip_x0=False)
+
+
+def test_a_nan_weight_is_caught_with_or_without_clipping():
+    unet = UNet(PRESETS["tiny"]).eval()
+    with torch.no_grad():
+        unet.conv_out.weight[0, 0, 0, 0] = float("nan")
+    broken = fastddpm.Sampler(unet, fastddpm.DiffusionConfig(num_timesteps=10))
+    for clip in (True, False):
+        with pytest.raises(ValueError, match=r"batch 0 \(images 0..1\) produced non-finite values \(NaN\)"):
+            broken.sample(2, steps=2, seed=0, clip_x0=clip, progress=False)
