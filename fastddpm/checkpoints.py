@@ -476,11 +476,13 @@ def load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(
-            f"{path}: refused: the pickle holds objects other than tensors and plain containers,"
-            " which fastddpm does not unpickle"
-        ) from None
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" in str(err).lower():
+            raise ValueError(
+                f"{path}: refused: the pickle holds objects other than tensors and plain containers,"
+                " which fastddpm does not unpickle"
+            ) from None
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (a damaged pickle)") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
@@ -597,9 +599,10 @@ def load_pytorch_diffusion(
     return Sampler(unet.eval(), DiffusionConfig(variance=variance))
 
 
-def save_native(sampler: Sampler, path: str | os.PathLike) -> None:
-    """One .safetensors file: the weights plus both configs as metadata."""
+def save_native(sampler: Sampler, path: str | os.PathLike, *, extra: dict[str, str] | None = None) -> None:
+    """One .safetensors file: the weights plus both configs as metadata (and `extra` entries)."""
     metadata = {
+        **(extra or {}),
         "format": NATIVE_FORMAT,
         "fastddpm_version": __version__,
         "unet_config": json.dumps(sampler.unet.config.to_dict()),

@@ -150,37 +150,50 @@ def _sample_run(args: argparse.Namespace, sampler: Sampler) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from . import distributed, train
+    from . import config_schema, distributed, train
+    from .devices import resolve_device
     from .sampler import DiffusionConfig
     from .unet import preset
 
-    world = distributed.init(args.device)  # under torchrun: join the job (DDP training)
+    given = {name: getattr(args, name) for name in train.TrainConfig.__dataclass_fields__}
+    for name, value in given.items():  # each flag's type and range, named as the flag
+        if value is not None:
+            config_schema.value(
+                config_schema.TRAIN[name], value, "fastddpm train", "--" + name.replace("_", "-")
+            )
+    if args.preset is not None:
+        preset(args.preset)
+    device = resolve_device(args.device)
+    if not args.resume:
+        train.check_fresh(args.out)  # on every rank; rank 0 checks again under the folder's lock
+    world = distributed.init(device)  # under torchrun: join the job (DDP training)
     trainer = None
     try:
         if args.resume:
             trainer = train.Trainer.resume(
-                args.out, world.device, args.backend, steps=args.steps, world=world
+                args.out,
+                world.device,
+                args.backend,
+                steps=args.steps,
+                world=world,
+                given=given | {"preset": args.preset},
             )
+            if trainer.repaired and world.is_main:
+                print(f"fastddpm: {trainer.repaired}", file=sys.stderr)
         else:
-            if train.has_checkpoint(args.out):
-                raise ValueError(
-                    f"{args.out} already holds a training checkpoint: pass --resume to continue it,"
-                    " or choose another --out"
-                )
             defaults = train.TrainConfig()
             config = train.TrainConfig(
-                **{
-                    name: getattr(args, name) if getattr(args, name) is not None else getattr(defaults, name)
-                    for name in defaults.__dataclass_fields__
-                }
+                **{name: getattr(defaults, name) if value is None else value for name, value in given.items()}
             )
-            unet = train.new_unet(preset(args.preset), config.seed, args.backend)
+            unet = train.new_unet(preset(args.preset or "digits"), config.seed, args.backend)
             trainer = train.Trainer(unet, DiffusionConfig(), config, args.out, world.device, world)
         trainer.run(progress=not args.no_progress)
         done = f"trained to step {trainer.step}; EMA model in {trainer.out_dir / train.MODEL}"
     finally:
         # Free DDP's reducer, which holds the gloo group, before the group is destroyed: freed
         # after it (at exit), ~ProcessGroupGloo joined a thread that never ended (seen, torch 2.13).
+        if trainer is not None:
+            trainer.close()
         trainer = None
         distributed.finish(world)
     if world.is_main:
@@ -516,17 +529,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--resume",
         action="store_true",
-        help="continue --out's checkpoint; every setting then comes from it, except --steps"
-        " (and the number of torchrun ranks: see docs/design-notes.md)",
+        help="continue --out's checkpoint; every setting then comes from it: --steps may extend the"
+        " run, any other flag that differs from the checkpoint is refused (the number of torchrun"
+        " ranks may change: see docs/design-notes.md)",
     )
-    tr.add_argument("--preset", default="digits", help="network preset (default digits)")
+    tr.add_argument("--preset", help="network preset (default digits)")
     tr.add_argument("--data", help="'digits' (default), an .npz of uint8 images, or an image folder")
     tr.add_argument("--steps", type=int, help="total optimizer steps (default 10000)")
     tr.add_argument(
         "--batch-size", type=int, help="global batch, split evenly over torchrun's ranks (default 128)"
     )
     tr.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
-    tr.add_argument("--warmup", type=int, help="learning-rate warm-up steps (default 5000)")
+    tr.add_argument("--warmup", type=int, help="learning-rate warm-up steps, 0 for none (default 5000)")
     tr.add_argument("--grad-clip", type=float, help="max gradient norm (default 1.0)")
     tr.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999)")
     tr.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")

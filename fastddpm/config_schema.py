@@ -95,8 +95,11 @@ def value(field: Field, v: object, source: str, key: str) -> object:
 
 
 def _range(field: Field) -> str:
-    lo = "" if field.lo is None else f"{'>' if field.lo_open else '>='} {field.lo:g}"
-    hi = "" if field.hi is None else f"{'<' if field.hi_open else '<='} {field.hi:g}"
+    def text(x: float) -> str:
+        return str(int(x)) if field.kind == "int" else f"{x:g}"
+
+    lo = "" if field.lo is None else f"{'>' if field.lo_open else '>='} {text(field.lo)}"
+    hi = "" if field.hi is None else f"{'<' if field.hi_open else '<='} {text(field.hi)}"
     return f"a{'n int' if field.kind == 'int' else ' number'} {' and '.join(p for p in (lo, hi) if p)}"
 
 
