@@ -109,10 +109,12 @@ def native_to_diffusers(unet: UNet) -> dict[str, torch.Tensor]:
     }
 
 
-def _raise_on_key_mismatch(source: str, missing: list[str], unexpected: list[str]) -> None:
+def _raise_on_key_mismatch(
+    source: str, missing: list[str], unexpected: list[str], path: str | None = None
+) -> None:
     if missing or unexpected:
         raise KeyError(
-            f"{source} checkpoint does not fit the model: "
+            f"{path + ': ' if path else ''}{source} checkpoint does not fit the model: "
             f"{len(missing)} missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
             f"{len(unexpected)} unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
         )
@@ -307,8 +309,13 @@ def diffusion_config_from_diffusers(cfg: dict, source: str = "DDPMScheduler conf
 
 
 def diffusion_config_from_dict(d: dict, source: str = "diffusion config") -> DiffusionConfig:
-    """A DiffusionConfig from a dict, every field checked by config_schema.DIFFUSION first."""
-    return DiffusionConfig(**schema.check_diffusion(d, source))
+    """A DiffusionConfig from a dict, every field checked by config_schema.DIFFUSION first; errors
+    name `source`."""
+    values = schema.check_diffusion(d, source)
+    try:
+        return DiffusionConfig(**values)
+    except ValueError as err:  # the schedule's own checks: its name, a schedule that ends at abar = 0
+        raise schema.ConfigError(f"{source}: {err}") from None
 
 
 def diffusion_config_to_diffusers(cfg: DiffusionConfig) -> dict:
@@ -425,7 +432,9 @@ def _check_tensors(
     expected: dict[str, tuple[int, ...]],
 ) -> None:
     """Keys (KeyError listing them), then dtypes and shapes, of `found` against `expected`."""
-    _raise_on_key_mismatch(kind, sorted(set(expected) - set(found)), sorted(set(found) - set(expected)))
+    _raise_on_key_mismatch(
+        kind, sorted(set(expected) - set(found)), sorted(set(found) - set(expected)), source
+    )
     for name, (dtype, _) in found.items():
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"{source}: {name} is {dtype}; weights must be one of {', '.join(FLOAT_DTYPES)}")

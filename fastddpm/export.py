@@ -110,6 +110,8 @@ class StepSpec:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown sampling method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.eta != 0 and self.method != "ddim":
+            raise ValueError(f"eta={self.eta} applies to the ddim method only, not {self.method}")
 
     @classmethod
     def from_dict(cls, d: object, source: str) -> StepSpec:

@@ -77,7 +77,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Every field's type and range (config_schema.TRAIN): ConfigError, a ValueError, naming it."""
-        schema.check(schema.TRAIN, asdict(self), "training config")
+        for name, value in schema.check(schema.TRAIN, asdict(self), "training config").items():
+            object.__setattr__(self, name, value)  # as checked: an int given for a float is a float
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "training config") -> TrainConfig:
