@@ -215,7 +215,26 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("cuda library:", f"{lib['info']} ({lib['path']})" if lib["error"] is None else lib["error"])
 
 
+def _check_output_file(path: str | os.PathLike, option: str) -> None:
+    """Before any work: `path` must name a file (not a folder) whose nearest existing folder is
+    writable and not a file, with room in its name for the temporary-file prefix and suffix."""
+    path = Path(path)
+    if not path.name or path.is_dir():
+        raise ValueError(f"{option} {path}: a file name is needed, not a folder")
+    if len(os.fsencode(path.name)) + 16 > 255:  # atomic_write's ".NAME.XXXXXXXX.tmp"
+        raise ValueError(f"{option} {path}: the file name is too long")
+    folder = next(p for p in (path.parent.absolute(), *path.parent.absolute().parents) if p.exists())
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {folder} is not writable")
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
+    if args.to == "native":
+        _check_output_file(args.dst, "DST")
+    elif args.dst.exists() and not args.dst.is_dir():
+        raise ValueError(f"DST {args.dst}: a diffusers checkpoint is a folder, and this is a file")
     sampler = _load(args, args.src)
     if args.to == "native":
         checkpoints.save_native(sampler, args.dst)
@@ -231,6 +250,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     from . import export
     from .unet import UNet, preset
 
+    _check_output_file(args.out, "--out")
     if args.model is None and args.preset is not None:
         torch.manual_seed(0)
         model = UNet(preset(args.preset))

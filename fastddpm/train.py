@@ -408,14 +408,16 @@ class Trainer:
         """Rewrite model.safetensors from the checkpoint's EMA if it is missing or from another step
         (a kill between the two renames); returns what was done, or None."""
         path = self.out_dir / MODEL
-        try:
-            found = read_header(path).metadata.get("train_step") if path.exists() else None
-        except ValueError:
-            found = "unreadable"
-        if found == str(self.step):
-            return None
+        was = "missing"
+        if path.exists():
+            try:
+                found = read_header(path).metadata.get("train_step")
+                was = f"from step {found}" if found else "of no recorded step"
+            except ValueError:
+                found, was = None, "unreadable"
+            if found == str(self.step):
+                return None
         self._write_model()
-        was = "missing" if found is None else f"from step {found}"
         return f"{path} was {was}; rewrote it from the checkpoint's EMA at step {self.step}"
 
     def _truncate_log(self) -> None:

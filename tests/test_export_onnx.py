@@ -277,3 +277,21 @@ def test_metadata_of_the_wrong_type_is_named(diffusers_export, tmp_path, key, va
     onnx.save(model, str(tmp_path / "bad.onnx"))
     with pytest.raises(export.ExportError, match=message):
         export.read_export(tmp_path / "bad.onnx")
+
+
+def test_export_and_convert_check_the_output_before_working(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    model = str(fastddpm.checkpoints.DEFAULT_MODEL)
+    for argv, message in (
+        (["export", "onnx", "--out", str(tmp_path / "file" / "x.onnx")], "is a file, not a folder"),
+        (["export", "onnx", "--out", str(tmp_path)], "a file name is needed, not a folder"),
+        (["export", "onnx", "--out", str(tmp_path / ("a" * 250 + ".onnx"))], "the file name is too long"),
+        (["convert", model, str(tmp_path / "file" / "m.safetensors"), "--to", "native"], "is a file"),
+        (
+            ["convert", model, str(tmp_path / "file"), "--to", "diffusers"],
+            "a diffusers checkpoint is a folder",
+        ),
+    ):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
