@@ -270,37 +270,49 @@ def _sample_run(args: argparse.Namespace, sampler: Sampler) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from . import distributed, train
+    from . import config_schema, distributed, train
     from .sampler import DiffusionConfig
     from .unet import preset
 
-    world = distributed.init(args.device)  # under torchrun: join the job (DDP training)
+    given = {name: getattr(args, name) for name in train.TrainConfig.__dataclass_fields__}
+    for name, value in given.items():  # each flag's type and range, named as the flag
+        if value is not None:
+            config_schema.value(
+                config_schema.TRAIN[name], value, "fastddpm train", "--" + name.replace("_", "-")
+            )
+    if args.preset is not None:
+        preset(args.preset)
+    device = check_device(args.device)
+    if not args.resume:
+        train.check_fresh(args.out)  # on every rank; rank 0 checks again under the folder's lock
+    world = distributed.init(device)  # under torchrun: join the job (DDP training)
     trainer = None
     try:
         if args.resume:
             trainer = train.Trainer.resume(
-                args.out, world.device, args.backend, steps=args.steps, world=world
+                args.out,
+                world.device,
+                args.backend,
+                steps=args.steps,
+                world=world,
+                given=given | {"preset": args.preset},
             )
+            if trainer.repaired and world.is_main:
+                print(f"fastddpm: {trainer.repaired}", file=sys.stderr)
         else:
-            if train.has_checkpoint(args.out):
-                raise ValueError(
-                    f"{args.out} already holds a training checkpoint: pass --resume to continue it,"
-                    " or choose another --out"
-                )
             defaults = train.TrainConfig()
             config = train.TrainConfig(
-                **{
-                    name: getattr(args, name) if getattr(args, name) is not None else getattr(defaults, name)
-                    for name in defaults.__dataclass_fields__
-                }
+                **{name: getattr(defaults, name) if value is None else value for name, value in given.items()}
             )
-            unet = train.new_unet(preset(args.preset), config.seed, args.backend)
+            unet = train.new_unet(preset(args.preset or "digits"), config.seed, args.backend)
             trainer = train.Trainer(unet, DiffusionConfig(), config, args.out, world.device, world)
         trainer.run(progress=not args.no_progress)
         done = f"trained to step {trainer.step}; EMA model in {trainer.out_dir / train.MODEL}"
     finally:
         # Free DDP's reducer, which holds the gloo group, before the group is destroyed: freed
         # after it (at exit), ~ProcessGroupGloo joined a thread that never ended (seen, torch 2.13).
+        if trainer is not None:
+            trainer.close()
         trainer = None
         distributed.finish(world)
     if world.is_main:
@@ -322,7 +334,26 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("cuda library:", f"{lib['info']} ({lib['path']})" if lib["error"] is None else lib["error"])
 
 
+def _check_output_file(path: str | os.PathLike, option: str) -> None:
+    """Before any work: `path` must name a file (not a folder) whose nearest existing folder is
+    writable and not a file, with room in its name for the temporary-file prefix and suffix."""
+    path = Path(path)
+    if not path.name or path.is_dir():
+        raise ValueError(f"{option} {path}: a file name is needed, not a folder")
+    if len(os.fsencode(path.name)) + 16 > 255:  # atomic_write's ".NAME.XXXXXXXX.tmp"
+        raise ValueError(f"{option} {path}: the file name is too long")
+    folder = next(p for p in (path.parent.absolute(), *path.parent.absolute().parents) if p.exists())
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {folder} is not writable")
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
+    if args.to == "native":
+        _check_output_file(args.dst, "DST")
+    elif args.dst.exists() and not args.dst.is_dir():
+        raise ValueError(f"DST {args.dst}: a diffusers checkpoint is a folder, and this is a file")
     sampler = _load(args, args.src)
     if args.to == "native":
         checkpoints.save_native(sampler, args.dst)
@@ -338,6 +369,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     from . import export
     from .unet import UNet, preset
 
+    _check_output_file(args.out, "--out")
     if args.model is None and args.preset is not None:
         torch.manual_seed(0)
         model = UNet(preset(args.preset))
@@ -653,17 +685,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--resume",
         action="store_true",
-        help="continue --out's checkpoint; every setting then comes from it, except --steps"
-        " (and the number of torchrun ranks: see docs/design-notes.md)",
+        help="continue --out's checkpoint; every setting then comes from it: --steps may extend the"
+        " run, any other flag that differs from the checkpoint is refused (the number of torchrun"
+        " ranks may change: see docs/design-notes.md)",
     )
-    tr.add_argument("--preset", default="digits", help="network preset (default digits)")
+    tr.add_argument("--preset", help="network preset (default digits)")
     tr.add_argument("--data", help="'digits' (default), an .npz of uint8 images, or an image folder")
     tr.add_argument("--steps", type=int, help="total optimizer steps (default 10000)")
     tr.add_argument(
         "--batch-size", type=int, help="global batch, split evenly over torchrun's ranks (default 128)"
     )
     tr.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
-    tr.add_argument("--warmup", type=int, help="learning-rate warm-up steps (default 5000)")
+    tr.add_argument("--warmup", type=int, help="learning-rate warm-up steps, 0 for none (default 5000)")
     tr.add_argument("--grad-clip", type=float, help="max gradient norm (default 1.0)")
     tr.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999)")
     tr.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")

@@ -6,6 +6,7 @@ Every source comes out as uint8 (N, C, H, W); `to_model_range` maps it to [-1, 1
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -53,31 +54,53 @@ def from_npz(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such data file: {path}")
-    with np.load(path) as f:
-        if "arr_0" not in f:
-            raise ValueError(f"{path} has no arr_0 array (keys: {list(f.keys())})")
-        images = f["arr_0"]
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "arr_0" not in f:
+                raise ValueError(f"{path} has no arr_0 array (keys: {list(f.keys())})")
+            images = f["arr_0"]
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a readable .npz file ({_first_line(err)})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+    if not len(images):
+        raise ValueError(f"{path}: arr_0 holds no images")
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def from_folder(path: str | os.PathLike, resolution: int, channels: int = 3) -> np.ndarray:
-    """Every image file in a folder (recursively), center-cropped square and resized -> uint8 (N, C, H, W)."""
+    """Every image file in a folder (recursively), center-cropped square and resized -> uint8 (N, C, H, W).
+    ValueError naming the first file that is not a readable image."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {path}")
     mode = {1: "L", 3: "RGB"}[channels]
     out = np.empty((len(files), channels, resolution, resolution), dtype=np.uint8)
     for i, file in enumerate(files):
-        with Image.open(file) as image:
-            image = image.convert(mode)
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-            out[i] = np.asarray(image).reshape(resolution, resolution, channels).transpose(2, 0, 1)
+        try:
+            with Image.open(file) as image:
+                image = image.convert(mode)
+                side = min(image.size)
+                left, top = (image.width - side) // 2, (image.height - side) // 2
+                image = image.crop((left, top, left + side, top + side))
+                image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+                out[i] = np.asarray(image).reshape(resolution, resolution, channels).transpose(2, 0, 1)
+        except (
+            OSError,
+            ValueError,
+            Image.DecompressionBombError,
+        ) as err:  # UnidentifiedImageError is an OSError
+            raise ValueError(f"{file}: not a readable image ({_first_line(err)})") from None
     return out
 
 

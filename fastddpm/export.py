@@ -18,8 +18,11 @@ TensorRT's parser maps to its native normalization layer; see docs/design-notes.
 Statistics, softmax and the timestep embedding stay float32 in a float16 export.
 
 Every file carries metadata (`metadata_props`) naming it a fastddpm export of a kind, with
-the U-Net and diffusion configs; `read_export` checks them, and the graph's inputs, before
-anything runs it.
+the U-Net and diffusion configs and a SHA-256 fingerprint of the graph (its nodes and its
+weights, `graph_sha256`). `read_export` checks them before anything runs it: the configs
+through fastddpm.config_schema, the graph's inputs and outputs, the fingerprint (flipped
+weight bytes, or another graph under copied metadata, are refused), and for a step export
+the step table inside the graph against the one its metadata's steps and method give.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import collections
 import contextlib
 import copy
 import functools
+import hashlib
 import importlib
 import io
 import json
@@ -43,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__, ops, reference
+from . import config_schema as schema
 from .io import atomic_write
 from .sampler import METHODS, DiffusionConfig, Sampler
 from .schedule import StepTable
@@ -83,6 +88,15 @@ def require(module: str, purpose: str, install: str | None = None, note: str = "
         ) from err
 
 
+_STEP_FIELDS = {
+    "steps": schema.Field("json", optional=True),
+    "method": schema.Field("str", choices=METHODS),
+    "eta": schema.Field("float", 0, None),
+    "variance": schema.Field("str", choices=("fixedlarge", "fixedsmall"), optional=True),
+    "clip_x0": schema.Field("bool"),
+}
+
+
 @dataclass(frozen=True)
 class StepSpec:
     """The reverse steps a step graph holds: as `Sampler.step_table` takes them."""
@@ -96,6 +110,19 @@ class StepSpec:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown sampling method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.eta != 0 and self.method != "ddim":
+            raise ValueError(f"eta={self.eta} applies to the ddim method only, not {self.method}")
+
+    @classmethod
+    def from_dict(cls, d: object, source: str) -> StepSpec:
+        """A StepSpec from metadata, every field's type checked."""
+        v = schema.check(_STEP_FIELDS, d, source)
+        steps = v["steps"]
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | str)):
+            raise schema.ConfigError(
+                f"{source}: steps must be null, an int or a spacing string, got {steps!r:.40}"
+            )
+        return cls(**v)
 
     def table(self, diffusion: DiffusionConfig, device: torch.device | str = "cpu") -> StepTable:
         return Sampler(_Placed(device), diffusion).step_table(
@@ -116,6 +143,7 @@ class OnnxExport:
     step: StepSpec | None = None
     path: Path | None = None
     max_abs_error: float | None = field(default=None, compare=False)
+    graph_sha256: str | None = field(default=None, compare=False)  # graph_fingerprint of the file
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -143,6 +171,8 @@ class OnnxExport:
         }
         if self.step is not None:
             meta["fastddpm.step"] = json.dumps(self.step.__dict__)
+        if self.graph_sha256 is not None:
+            meta["fastddpm.graph_sha256"] = self.graph_sha256
         return meta
 
 
@@ -337,16 +367,29 @@ def to_onnx(
     program.model.producer_version = __version__
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    onnx = require("onnx", "ONNX export")
+
+    def fingerprinted(tmp: Path) -> None:  # the fingerprint of the graph as saved, added to its metadata
+        model = onnx.load(str(tmp), load_external_data=False)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "fastddpm.graph_sha256", graph_fingerprint(model, tmp.parent)
+        onnx.save(model, str(tmp))
+
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     if size > _EXTERNAL_DATA_BYTES:  # weights in a data file beside it, named after it
         program.save(path, external_data=True)
+        fingerprinted(path)
     else:
-        atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
 
-    onnx = require("onnx", "ONNX export")
+        def write(tmp: str) -> None:
+            program.save(tmp, external_data=False)
+            fingerprinted(Path(tmp))
+
+        atomic_write(path, write)
+
     onnx.checker.check_model(str(path), full_check=True)
     _check_standard_ops(path, unet)
-    read_export(path)  # the file reads back as what was written
+    info = read_export(path)  # the file reads back as what was written
     if verify:
         info = _verify(info, unet, path)
     return info
@@ -426,12 +469,15 @@ def _graph_signature(values) -> list[tuple[str, str, tuple[int | str, ...]]]:
     return out
 
 
-def read_export(path: str | os.PathLike, kind: str | None = None) -> OnnxExport:
-    """Read and check a fastddpm ONNX export's metadata and graph signature (weights not loaded).
+def read_export(path: str | os.PathLike, kind: str | None = None, *, verify_graph: bool = True) -> OnnxExport:
+    """Read and check a fastddpm ONNX export: its metadata, its graph signature and, with
+    verify_graph, its fingerprint (graph_sha256) and, for a step export, its step table.
 
     Raises FileNotFoundError for a missing file and ExportError, naming the problem, for a
-    file that is not ONNX, not a fastddpm export, not of `kind` (when given), or whose
-    inputs and outputs do not have the names, types and shapes its metadata implies.
+    file that is not ONNX, not a fastddpm export, not of `kind` (when given), whose inputs
+    and outputs do not have the names, types and shapes its metadata implies, whose nodes or
+    weights are not those it was exported with, or whose step table is not the one its
+    metadata describes.
     """
     onnx = require("onnx", "reading ONNX files")
     path = Path(path)
@@ -440,13 +486,17 @@ def read_export(path: str | os.PathLike, kind: str | None = None) -> OnnxExport:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and friends
-        raise ExportError(f"{path} is not an ONNX model: {err}") from err
+        raise ExportError(f"{path} is not an ONNX model: {_export_failure(err)}") from err
     meta = {p.key: p.value for p in model.metadata_props}
     if meta.get("fastddpm.format") != FORMAT:
         found = meta.get("fastddpm.format")
         raise ExportError(
             f"{path} is not a fastddpm export"
-            + (f" of a format this version reads (it says {found!r}, expected {FORMAT!r})" if found else "")
+            + (
+                f" of a format this version reads (it says {found!r:.40}, expected {FORMAT!r})"
+                if found
+                else ""
+            )
             + "; export one with `fastddpm export onnx` or fastddpm.export.to_onnx"
         )
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -457,29 +507,123 @@ def read_export(path: str | os.PathLike, kind: str | None = None) -> OnnxExport:
             f" ({' '.join(INPUTS[kind])} -> {' '.join(OUTPUTS[kind])})"
         )
     _check_signature(info, model.graph)
+    if verify_graph:
+        if info.graph_sha256 is None:
+            raise ExportError(
+                f"{path}: its metadata has no fastddpm.graph_sha256 fingerprint; export it again"
+            )
+        try:
+            found = graph_fingerprint(model, path.parent)
+        except Exception as err:  # a missing or short external data file, a damaged tensor
+            raise ExportError(f"{path}: its weights cannot be read: {_export_failure(err)}") from err
+        if found != info.graph_sha256:
+            raise ExportError(
+                f"{path}: its graph or weights are not the ones it was exported with (SHA-256"
+                f" {found[:12]}..., its metadata records {info.graph_sha256[:12]}...)"
+            )
+        if info.kind == "step":
+            _check_step_table(info, model, path)
     return info
+
+
+def graph_fingerprint(model, base_dir: str | os.PathLike) -> str:
+    """SHA-256 of an ONNX graph: every node (op, domain, inputs, outputs, attributes) in order and
+    every initializer (name, type, dims, values, wherever they are stored), by name."""
+    onnx = require("onnx", "reading ONNX files")
+    h = hashlib.sha256()
+    for node in model.graph.node:
+        h.update(json.dumps([node.op_type, node.domain, list(node.input), list(node.output)]).encode())
+        for attribute in node.attribute:
+            h.update(attribute.SerializeToString(deterministic=True))
+    for tensor in sorted(model.graph.initializer, key=lambda t: t.name):
+        values = onnx.numpy_helper.to_array(tensor, str(base_dir))
+        h.update(json.dumps([tensor.name, tensor.data_type, list(tensor.dims)]).encode())
+        h.update(values.astype(values.dtype.newbyteorder("<")).tobytes())
+    return h.hexdigest()
+
+
+def _check_step_table(info: OnnxExport, model, path: Path) -> None:
+    """The step graph's coefficient table ("coef", (S, NUM_COEFS)) and timesteps ((S,) int64) must
+    be the ones the metadata's diffusion config and steps give (a lie about steps or method)."""
+    onnx = require("onnx", "reading ONNX files")
+    try:
+        table = info.step.table(info.diffusion)
+    except ValueError as err:
+        raise ExportError(f"{path}: its metadata's steps do not make a step table: {err}") from None
+    coef, timesteps = table.coef.numpy(), table.timesteps.numpy()
+    arrays = {t.name: t for t in model.graph.initializer if len(t.dims) <= 2}
+    graph_coef = arrays.get("coef")
+    if graph_coef is None or tuple(graph_coef.dims) != coef.shape:
+        dims = None if graph_coef is None else tuple(graph_coef.dims)
+        raise ExportError(
+            f"{path}: its metadata gives a step table of shape {coef.shape}, its graph holds {dims}"
+            f" (steps {info.step.steps!r}, method {info.step.method!r} in its metadata)"
+        )
+    got = onnx.numpy_helper.to_array(graph_coef, str(path.parent))
+    steps_found = any(
+        tuple(t.dims) == timesteps.shape
+        and t.data_type == onnx.TensorProto.INT64
+        and (onnx.numpy_helper.to_array(t, str(path.parent)) == timesteps).all()
+        for t in arrays.values()
+    )
+    if not (abs(got - coef) <= 1e-6 * (1 + abs(coef))).all() or not steps_found:
+        raise ExportError(
+            f"{path}: its graph's step table is not the one its metadata describes (steps"
+            f" {info.step.steps!r}, method {info.step.method!r}, eta {info.step.eta})"
+        )
 
 
 def info_from_metadata(meta: dict[str, str], path: Path | None = None, opset: int = 0) -> OnnxExport:
-    """The OnnxExport that fastddpm metadata (OnnxExport.metadata()) describes; ExportError if invalid."""
+    """The OnnxExport that fastddpm metadata (OnnxExport.metadata()) describes; ExportError naming
+    the file and the key if any entry is missing, of the wrong type or out of range."""
+    from .checkpoints import diffusion_config_from_dict
+
+    source = f"{path or 'ONNX export'}: fastddpm metadata"
     try:
-        step = json.loads(meta["fastddpm.step"]) if "fastddpm.step" in meta else None
-        batch = meta["fastddpm.batch"]
-        info = OnnxExport(
-            kind=meta["fastddpm.kind"],
-            unet_config=UNetConfig.from_dict(json.loads(meta["fastddpm.unet_config"])),
-            diffusion=DiffusionConfig.from_dict(json.loads(meta["fastddpm.diffusion_config"])),
-            dtype=meta["fastddpm.dtype"],
+        for key in ("fastddpm.kind", "fastddpm.dtype", "fastddpm.batch", "fastddpm.unet_config"):
+            if key not in meta:
+                raise schema.ConfigError(f"{source} has no {key}")
+        kind, dtype, batch = meta["fastddpm.kind"], meta["fastddpm.dtype"], meta["fastddpm.batch"]
+        if kind not in KINDS or dtype not in DTYPES:
+            raise ExportError(f"{path}: unknown kind {kind!r:.40} or dtype {dtype!r:.40} in its metadata")
+        if (kind == "step") != ("fastddpm.step" in meta):
+            raise ExportError(
+                f"{path}: a {kind} export {'needs' if kind == 'step' else 'has no'} fastddpm.step"
+            )
+        if batch != "dynamic" and not (batch.isascii() and batch.isdecimal() and 1 <= int(batch) <= 2**20):
+            raise schema.ConfigError(
+                f"{source}: fastddpm.batch must be 'dynamic' or a positive int, got {batch!r:.40}"
+            )
+        entries = {}
+        for key in ("unet_config", "diffusion_config", "step"):
+            if f"fastddpm.{key}" in meta:
+                entries[key] = schema.parse_json(meta[f"fastddpm.{key}"], f"{source} fastddpm.{key}")
+        if "diffusion_config" not in entries:
+            raise schema.ConfigError(f"{source} has no fastddpm.diffusion_config")
+        fingerprint = meta.get("fastddpm.graph_sha256")
+        if fingerprint is not None and not (
+            len(fingerprint) == 64 and all(c in "0123456789abcdef" for c in fingerprint)
+        ):
+            raise schema.ConfigError(f"{source}: fastddpm.graph_sha256 must be 64 hex digits")
+        return OnnxExport(
+            kind=kind,
+            unet_config=UNetConfig.from_dict(entries["unet_config"], f"{source} fastddpm.unet_config"),
+            diffusion=diffusion_config_from_dict(
+                entries["diffusion_config"], f"{source} fastddpm.diffusion_config"
+            ),
+            dtype=dtype,
             batch=None if batch == "dynamic" else int(batch),
             opset=opset,
-            step=None if step is None else StepSpec(**step),
+            step=StepSpec.from_dict(entries["step"], f"{source} fastddpm.step")
+            if "step" in entries
+            else None,
             path=path,
+            graph_sha256=fingerprint,
         )
-    except (KeyError, ValueError, TypeError) as err:
-        raise ExportError(f"{path}: fastddpm metadata is incomplete or invalid: {err}") from err
-    if info.kind not in KINDS or info.dtype not in DTYPES or (info.kind == "step") != (step is not None):
-        raise ExportError(f"{path}: unknown kind {info.kind!r} or dtype {info.dtype!r} in its metadata")
-    return info
+    except ExportError:
+        raise
+    except ValueError as err:  # ConfigError, and a StepSpec or DiffusionConfig that refuses
+        raise ExportError(str(err) if str(err).startswith(source) else f"{source}: {err}") from None
 
 
 def _check_signature(info: OnnxExport, graph) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import config_schema
+
 BETA_SCHEDULES = ("linear", "cosine", "quad", "const", "jsd", "sigmoid")
 VARIANCES = ("fixedlarge", "fixedsmall")
 STEP_KINDS = ("ddpm", "ddim")
@@ -41,9 +43,13 @@ def beta_schedule(
     Dhariwal (2021) with s = 0.008 and betas capped at 0.999; sigmoid spans
     sigmoid(-6..6) between beta_start and beta_end.
     """
-    if not isinstance(num_timesteps, int) or num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
-    T = num_timesteps
+    T = config_schema.value(
+        config_schema.DIFFUSION["num_timesteps"], num_timesteps, "schedule", "num_timesteps"
+    )
+    for key, beta in (("beta_start", beta_start), ("beta_end", beta_end)):
+        config_schema.value(config_schema.DIFFUSION[key], beta, "schedule", key)
+    if beta_start > beta_end:
+        raise ValueError(f"schedule: beta_start {beta_start} is above beta_end {beta_end}")
     if name == "linear":
         betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
     elif name == "quad":
@@ -66,7 +72,14 @@ def beta_schedule(
         )
     else:
         raise ValueError(f"unknown beta schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+    _check_betas(betas)
     return betas
+
+
+def _check_betas(betas: np.ndarray) -> None:
+    """Betas must be a non-empty 1-D array, every value finite and in (0, 1]."""
+    if betas.ndim != 1 or not len(betas) or not np.all((betas > 0) & (betas <= 1)):
+        raise ValueError("betas must be a non-empty 1-D array with every value in (0, 1] (none NaN)")
 
 
 def space_timesteps(num_timesteps: int, spacing: int | str) -> list[int]:
@@ -125,8 +138,7 @@ class Schedule:
     @classmethod
     def from_betas(cls, betas: np.ndarray | list[float]) -> Schedule:
         betas = np.asarray(betas, dtype=np.float64)
-        if betas.ndim != 1 or not np.all((betas > 0) & (betas <= 1)):
-            raise ValueError("betas must be a 1-D array with every value in (0, 1]")
+        _check_betas(betas)
         return cls(betas=betas, timesteps=np.arange(len(betas)))
 
     def __post_init__(self) -> None:

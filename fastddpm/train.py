@@ -14,12 +14,18 @@ and writes the log and the files; the checkpoint holds every rank's generator st
 
 `out_dir` holds `checkpoint.safetensors` (the whole training state; no pickle),
 `model.safetensors` (the EMA network, loadable by `fastddpm.load`) and
-`train_log.jsonl`. Both files are rewritten atomically every `save_every` steps, so a
-crash or Ctrl-C at any moment leaves the last good ones intact.
+`train_log.jsonl`. Both files are rewritten atomically every `save_every` steps, the
+checkpoint first, and both record their step: a kill between the two renames leaves the
+checkpoint one save ahead, and `resume` rewrites the model from the checkpoint's EMA, so the
+pair is always the last good one. Each log line is one append, and `resume` drops a torn
+last line. A run holds an exclusive lock on `out_dir` (flock, released when the process
+ends, so a killed run leaves no stale lock), and a fresh run refuses a folder that already
+holds any of the three files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -29,11 +35,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from . import config_schema as schema
 from . import data as datasets
-from .checkpoints import save_native
+from .checkpoints import (
+    check_finite,
+    configs_from_metadata,
+    load_safetensors,
+    read_header,
+    save_native,
+)
 from .distributed import World
 from .io import atomic_write
 from .sampler import DiffusionConfig, Sampler
@@ -41,6 +54,8 @@ from .unet import UNet, UNetConfig
 
 TRAIN_FORMAT = "fastddpm-train-1"
 CHECKPOINT, MODEL, LOG = "checkpoint.safetensors", "model.safetensors", "train_log.jsonl"
+RUN_FILES = (CHECKPOINT, MODEL, LOG)
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")  # what torch.optim.Adam keeps per parameter
 
 
 @dataclass(frozen=True)
@@ -51,8 +66,8 @@ class TrainConfig:
     steps: int = 10_000
     batch_size: int = 128
     lr: float = 2e-4
-    warmup: int = 5000  # steps of linear learning-rate warm-up
-    grad_clip: float = 1.0  # max global gradient norm
+    warmup: int = 5000  # steps of linear learning-rate warm-up; 0: none
+    grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping
     ema_decay: float = 0.9999
     hflip: bool = False
     seed: int = 0
@@ -61,13 +76,13 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast where the device is CUDA; no effect on CPU
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be non-negative, got {self.seed}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        """Every field's type and range (config_schema.TRAIN): ConfigError, a ValueError, naming it."""
+        for name, value in schema.check(schema.TRAIN, asdict(self), "training config").items():
+            object.__setattr__(self, name, value)  # as checked: an int given for a float is a float
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "training config") -> TrainConfig:
+        return cls(**schema.check(schema.TRAIN, d, source))
 
 
 def new_unet(config: UNetConfig, seed: int, backend: str = "auto") -> UNet:
@@ -109,6 +124,9 @@ class Trainer:
         world: World | None = None,
     ) -> None:
         self.config, self.diffusion, self.out_dir = config, diffusion, Path(out_dir)
+        self._lock: int | None = None  # the run directory's lock, held while run() runs
+        self._continues = False  # whether run() continues this run's files (resumed, or run before)
+        self.repaired: str | None = None  # what resume() rewrote, if anything
         self.device = torch.device(device)
         self.world = World(device=self.device) if world is None else world
         if self.world.device != self.device:
@@ -168,11 +186,12 @@ class Trainer:
         """One Adam step with warm-up and clipping, then the EMA update; returns this rank's loss."""
         cfg = self.config
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup)
+            group["lr"] = cfg.lr * (min(1.0, (self.step + 1) / cfg.warmup) if cfg.warmup else 1.0)
         loss = self.loss(self.batch())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.grad_clip)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.grad_clip)
         self.optimizer.step()
         if self.ema is not None:
             decay = ema_decay_at(self.step, cfg.ema_decay)
@@ -185,9 +204,24 @@ class Trainer:
     def run(self, progress: bool = True) -> None:
         """Train up to config.steps, saving every save_every steps and at the end. The logged loss
         is the smoothed loss averaged over the ranks."""
-        cfg, start, main = self.config, time.time(), self.world.is_main
-        if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main and self._lock is None:
+            self._lock = lock_run_dir(self.out_dir)
+        try:
+            if self.world.is_main and not self._continues:  # fresh: never write over another run
+                check_fresh(self.out_dir)
+            self._continues = True
+            self._run(progress, time.time())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the run directory's lock (run() does, when it ends)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _run(self, progress: bool, start: float) -> None:
+        cfg, main = self.config, self.world.is_main
         smoothed = None
         with tqdm(total=cfg.steps, initial=self.step, disable=not (progress and main), unit="step") as bar:
             while self.step < cfg.steps:
@@ -210,8 +244,12 @@ class Trainer:
                     self.save()
 
     def _log(self, entry: dict) -> None:
-        with open(self.out_dir / LOG, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        """Append one line, in one write (a kill tears at most the last line; resume drops it)."""
+        fd = os.open(self.out_dir / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, (json.dumps(entry) + "\n").encode())
+        finally:
+            os.close(fd)
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -252,7 +290,13 @@ class Trainer:
         }
         tensors = self.state_tensors(rng_states)
         atomic_write(self.out_dir / CHECKPOINT, lambda p: save_file(tensors, p, metadata=metadata))
-        save_native(Sampler(self.ema, self.diffusion), self.out_dir / MODEL)
+        self._write_model()
+
+    def _write_model(self) -> None:
+        """The EMA network, with the step it is from (which the checkpoint records too)."""
+        save_native(
+            Sampler(self.ema, self.diffusion), self.out_dir / MODEL, extra={"train_step": str(self.step)}
+        )
 
     @classmethod
     def resume(
@@ -262,28 +306,63 @@ class Trainer:
         backend: str = "auto",
         steps: int | None = None,
         world: World | None = None,
+        given: dict[str, object] | None = None,
     ) -> Trainer:
         """Rebuild a Trainer from out_dir's checkpoint; `steps` may extend the run.
+
+        Every setting comes from the checkpoint: `given` (settings asked for, as TrainConfig
+        fields, and "preset", a UNet preset name) must match it, else ValueError naming each
+        that differs. The checkpoint is checked before anything is built: its metadata through
+        config_schema, its step, and every tensor's presence, dtype and shape from the header
+        (the network, the EMA, Adam's state of each parameter, the generators); then finiteness.
 
         With as many ranks as the run that saved it, every rank gets its generator states back
         and the run continues bit for bit. With another number of ranks, each rank re-seeds from
         rank_seed(seed, rank, step): a valid continuation (same weights, Adam state, EMA, step
         and global batch), but not the run that was never interrupted.
         """
-        path = Path(out_dir) / CHECKPOINT
+        out_dir = Path(out_dir)
+        world = World(device=torch.device(device)) if world is None else world
+        lock = lock_run_dir(out_dir) if world.is_main and out_dir.is_dir() else None
+        try:
+            trainer = cls._resume(out_dir, device, backend, steps, world, given or {})
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
+        trainer._lock, trainer._continues = lock, True
+        return trainer
+
+    @classmethod
+    def _resume(cls, out_dir, device, backend, steps, world, given) -> Trainer:
+        path = out_dir / CHECKPOINT
         if not path.exists():
             raise FileNotFoundError(f"no training checkpoint to resume: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        header = read_header(path)
+        meta, source = header.metadata, str(path)
         if meta.get("format") != TRAIN_FORMAT:
             raise ValueError(f"{path} is not a fastddpm training checkpoint")
-        config = TrainConfig(**json.loads(meta["train_config"]))
+        for key in ("step", "train_config", "param_groups"):
+            if key not in meta:
+                raise schema.ConfigError(f"{source}: its metadata has no {key}")
+        step = meta["step"]
+        if not (step.isascii() and step.isdecimal()) or int(step) > schema.MAX_STEPS:
+            raise schema.ConfigError(f"{source}: step must be a non-negative int, got {step!r:.40}")
+        step = int(step)
+        unet_config, diffusion = configs_from_metadata(meta, source)
+        config = TrainConfig.from_dict(
+            schema.json_object(meta["train_config"], f"{source}: train_config"), f"{source}: train_config"
+        )
+        _check_given(config, unet_config, given)
         if steps is not None:
+            if steps < step:
+                raise ValueError(f"--steps {steps} is below the checkpoint's step {step}")
             config = replace(config, steps=steps)
-        unet = UNet(UNetConfig.from_dict(json.loads(meta["unet_config"])), backend=backend)
-        diffusion = DiffusionConfig.from_dict(json.loads(meta["diffusion_config"]))
+        shapes = _checkpoint_shapes(header, unet_config, source)
+        unet = UNet(unet_config, backend=backend)
         trainer = cls(unet, diffusion, config, out_dir, device, world)
-        tensors = load_file(str(path))
+        tensors = load_safetensors(path)
+        check_finite(source, {k: v for k, v in tensors.items() if not k.startswith("rng.")})
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -295,29 +374,166 @@ class Trainer:
         for key, value in part("optim.").items():
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
-        trainer.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-        trainer.step = int(meta["step"])
+        for index, entry in state.items():
+            if entry["step"].item() != step:
+                found = entry["step"].item()
+                raise ValueError(
+                    f"{source}: optim.{index}.step is {found:g}; the checkpoint's step is {step}"
+                )
+        _check_param_groups(meta["param_groups"], len(shapes), source)
+        # The groups are rebuilt from config (lr is set every step); the file's were checked above.
+        groups = trainer.optimizer.state_dict()["param_groups"]
+        trainer.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        trainer.step = step
         # (ranks, state size); checkpoints written before distributed training hold one 1-D state.
         rng = {k: v if v.dim() == 2 else v[None] for k, v in part("rng.").items()}
         if len(rng["generator"]) == trainer.world.size:
             # A copy of the row: set_state reads a view from its storage's start (torch 2.13).
             mine = {name: states[trainer.world.rank].clone() for name, states in rng.items()}
-            trainer.generator.set_state(mine["generator"])
-            torch.set_rng_state(mine["torch"])
+            try:
+                trainer.generator.set_state(mine["generator"])
+                torch.set_rng_state(mine["torch"])
+            except RuntimeError:
+                raise ValueError(f"{source}: rng.generator or rng.torch is not a generator state") from None
             if "cuda" in mine and trainer.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["cuda"], trainer.device)
         else:
             trainer.seed_generators()
         if trainer.world.is_main:
             trainer._truncate_log()
+            trainer.repaired = trainer._repair_model()
         return trainer
 
-    def _truncate_log(self) -> None:
-        """Drop log lines past the checkpoint's step (written by the run that was interrupted)."""
-        path = self.out_dir / LOG
+    def _repair_model(self) -> str | None:
+        """Rewrite model.safetensors from the checkpoint's EMA if it is missing or from another step
+        (a kill between the two renames); returns what was done, or None."""
+        path = self.out_dir / MODEL
+        was = "missing"
         if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
-            atomic_write(path, lambda p: Path(p).write_text("".join(ln + "\n" for ln in lines)))
+            try:
+                found = read_header(path).metadata.get("train_step")
+                was = f"from step {found}" if found else "of no recorded step"
+            except ValueError:
+                found, was = None, "unreadable"
+            if found == str(self.step):
+                return None
+        self._write_model()
+        return f"{path} was {was}; rewrote it from the checkpoint's EMA at step {self.step}"
+
+    def _truncate_log(self) -> None:
+        """Drop log lines past the checkpoint's step (written by the run that was interrupted), and
+        a torn last line (a kill during its append); ValueError naming any other bad line."""
+        path = self.out_dir / LOG
+        if not path.exists():
+            return
+        lines = path.read_bytes().split(b"\n")
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                at = entry["step"]
+                if isinstance(at, bool) or not isinstance(at, int):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                if number >= len(lines) - 1:  # the last line, with or without its newline: torn
+                    continue
+                raise ValueError(
+                    f"{path}: line {number} is not a log entry (a JSON object with a step)"
+                ) from None
+            if at <= self.step:
+                kept.append(line.decode() + "\n")
+        atomic_write(path, lambda p: Path(p).write_text("".join(kept)))
+
+
+def _check_given(config: TrainConfig, unet_config: UNetConfig, given: dict[str, object]) -> None:
+    """ValueError naming every setting in `given` that differs from the checkpoint's."""
+    from .unet import preset
+
+    differ = []
+    for name, value in given.items():
+        if value is None or name == "steps":
+            continue
+        if name == "preset":
+            if preset(value) != unet_config:
+                differ.append(f"--preset {value} (the checkpoint's network is not that preset)")
+        elif value != getattr(config, name):
+            differ.append(f"--{name.replace('_', '-')} {value} (checkpoint: {getattr(config, name)})")
+    if differ:
+        raise ValueError(
+            "--resume continues the checkpoint's settings, and these differ from it: "
+            + "; ".join(differ)
+            + ". Drop them, or train into a new --out"
+        )
+
+
+def _checkpoint_shapes(header, unet_config: UNetConfig, source: str) -> list[tuple[int, ...]]:
+    """Check a training checkpoint's tensors from its header: model.* and ema.* as the network's,
+    Adam's step, exp_avg and exp_avg_sq for each parameter, the generator states. Returns the
+    network's parameter shapes in the optimizer's order."""
+    found = header.tensors
+    with torch.device("meta"):  # shapes only, nothing allocated
+        net = UNet(unet_config)
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    params = [tuple(p.shape) for p in net.parameters()]
+    want: dict[str, tuple[tuple[int, ...] | None, tuple[str, ...]]] = {}
+    floats = ("F16", "BF16", "F32", "F64")
+    for prefix in ("model.", "ema."):
+        want |= {prefix + k: (shape, floats) for k, shape in expected.items()}
+    for i, shape in enumerate(params):
+        want |= {f"optim.{i}.step": ((), floats), f"optim.{i}.exp_avg": (shape, floats)}
+        want[f"optim.{i}.exp_avg_sq"] = (shape, floats)
+    want |= {"rng.generator": (None, ("U8",)), "rng.torch": (None, ("U8",))}
+    for key, (shape, dtypes) in want.items():
+        if key not in found:
+            raise ValueError(
+                f"{source}: missing {key}" + (" (Adam's state)" if key.startswith("optim.") else "")
+            )
+        dtype, got = found[key]
+        if dtype not in dtypes or (shape is not None and got != shape):
+            raise ValueError(f"{source}: {key} is {dtype} {got}; expected {'/'.join(dtypes)} {shape or ''}")
+    unknown = sorted(set(found) - set(want) - {"rng.cuda"})
+    if unknown:
+        raise ValueError(f"{source}: unexpected tensors {unknown[:5]}")
+    return params
+
+
+def _check_param_groups(text: str, count: int, source: str) -> None:
+    groups = schema.parse_json(text, f"{source}: param_groups")
+    if not (
+        isinstance(groups, list)
+        and len(groups) == 1
+        and isinstance(groups[0], dict)
+        and groups[0].get("params") == list(range(count))
+    ):
+        raise schema.ConfigError(f"{source}: param_groups must be one group over the {count} parameters")
+
+
+def lock_run_dir(out_dir: Path) -> int:
+    """An exclusive lock (flock) on the folder `out_dir`, made if needed; the open descriptor,
+    whose closing (or the process's end, killed or not) releases it. ValueError if another
+    process holds it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(
+            f"{out_dir}: another process is training in this folder (it holds its lock)"
+        ) from None
+    return fd
+
+
+def check_fresh(out_dir: str | os.PathLike) -> None:
+    """ValueError if `out_dir` already holds a run's files (a fresh run would write over them)."""
+    found = [name for name in RUN_FILES if (Path(out_dir) / name).exists()]
+    if found:
+        raise ValueError(
+            f"{out_dir} already holds {', '.join(found)}: pass --resume to continue its training"
+            " checkpoint, or choose another --out"
+        )
 
 
 def has_checkpoint(out_dir: str | os.PathLike) -> bool:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from . import config_schema as schema
 from . import ops
 from .export import ExportError, MissingPackageError, OnnxExport, info_from_metadata, read_export, require
 from .io import atomic_write
@@ -109,10 +110,28 @@ class EngineHeader:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> EngineHeader:
-        d = json.loads(data)
-        d["compute_capability"] = tuple(d["compute_capability"])
+    def from_bytes(cls, data: bytes, source: str = "engine header") -> EngineHeader:
+        """The header's JSON, every field's type checked (config_schema); ValueError naming it."""
+        d = schema.check(_HEADER_FIELDS, schema.json_object(data.decode("utf-8"), source), source)
+        if len(d["compute_capability"]) != 2:
+            raise schema.ConfigError(f"{source}: compute_capability must be two ints")
+        if not isinstance(d["export"], dict) or not all(isinstance(v, str) for v in d["export"].values()):
+            raise schema.ConfigError(f"{source}: export must map metadata names to strings")
+        if not d["min_batch"] <= d["opt_batch"] <= d["max_batch"]:
+            raise schema.ConfigError(f"{source}: batches must satisfy min_batch <= opt_batch <= max_batch")
         return cls(**d)
+
+
+_HEADER_FIELDS = {
+    "tensorrt": schema.Field("str"),
+    "gpu": schema.Field("str"),
+    "compute_capability": schema.Field("ints", 0, 1000),
+    "export": schema.Field("json"),
+    "min_batch": schema.Field("int", 1, 2**20),
+    "opt_batch": schema.Field("int", 1, 2**20),
+    "max_batch": schema.Field("int", 1, 2**20),
+    "format": schema.Field("str"),
+}
 
 
 def write_engine(path: str | os.PathLike, header: EngineHeader, engine: bytes) -> None:
@@ -140,9 +159,9 @@ def read_engine(path: str | os.PathLike) -> tuple[EngineHeader, bytes]:
     (size,) = struct.unpack_from("<I", data, len(ENGINE_MAGIC))
     start = len(ENGINE_MAGIC) + 4
     try:
-        header = EngineHeader.from_bytes(data[start : start + size])
-    except (ValueError, TypeError, KeyError) as err:
-        raise EngineMismatchError(f"{path}: unreadable fastddpm engine header: {err}") from err
+        header = EngineHeader.from_bytes(data[start : start + size], f"{path}: engine header")
+    except ValueError as err:  # ConfigError, and UnicodeDecodeError
+        raise EngineMismatchError(f"{path}: unreadable fastddpm engine header: {err}") from None
     if header.format != ENGINE_FORMAT:
         raise EngineMismatchError(
             f"{path}: engine format {header.format!r}; this fastddpm reads {ENGINE_FORMAT!r}"

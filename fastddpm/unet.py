@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import config_schema, ops
 
 
 @dataclass(frozen=True)
@@ -40,28 +40,23 @@ class UNetConfig:
     attn_head_dim: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
-        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
-        for c in [self.ch * m for m in self.ch_mult]:
-            if c % self.num_groups:
-                raise ValueError(f"num_groups={self.num_groups} does not divide {c} channels")
-            if self.attn_head_dim is not None and c % self.attn_head_dim:
-                raise ValueError(f"attn_head_dim={self.attn_head_dim} does not divide {c} channels")
-        if self.resolution % 2 ** (len(self.ch_mult) - 1):
-            raise ValueError(
-                f"resolution {self.resolution} is not divisible by 2^{len(self.ch_mult) - 1}"
-                f" for {len(self.ch_mult)} levels"
-            )
+        """Types and ranges through fastddpm.config_schema; ConfigError (a ValueError) naming the field."""
+        object.__setattr__(self, "ch_mult", _as_tuple(self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", _as_tuple(self.attn_resolutions))
+        config_schema.check_unet(self.to_dict(), "U-Net config")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown U-Net config keys: {sorted(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str = "U-Net config") -> UNetConfig:
+        """Every field, checked (config_schema.UNET); errors name `source` (a file) and the key."""
+        return cls(**config_schema.check_unet(d, source))
+
+
+def _as_tuple(v: object) -> object:
+    """A list or tuple as a tuple; anything else as it is, for the schema to refuse."""
+    return tuple(v) if isinstance(v, list | tuple) else v
 
 
 PRESETS: dict[str, UNetConfig] = {

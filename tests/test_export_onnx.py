@@ -245,3 +245,53 @@ def test_export_command_errors_are_one_line(tmp_path, capsys):
         main(["export", "onnx", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.onnx")]) == 1
     )
     assert capsys.readouterr().err.startswith("fastddpm: error: no such checkpoint")
+
+
+def test_every_export_records_the_fingerprint_of_its_graph(diffusers_export, tmp_path):
+    _, info, path = diffusers_export
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["fastddpm.graph_sha256"] == info.graph_sha256 == export.graph_fingerprint(model, path.parent)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {k: v for k, v in meta.items() if k != "fastddpm.graph_sha256"})
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    with pytest.raises(export.ExportError, match="has no fastddpm.graph_sha256 fingerprint; export it again"):
+        ort.OnnxDenoiser(tmp_path / "old.onnx")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("fastddpm.unet_config", '{"ch": "32"}', "fastddpm.unet_config: unknown key|fastddpm.unet_config: "),
+        ("fastddpm.diffusion_config", "[1]", "fastddpm.diffusion_config: expected a JSON object, got list"),
+        ("fastddpm.batch", "-3", "fastddpm.batch must be 'dynamic' or a positive int"),
+        ("fastddpm.graph_sha256", "xyz", "fastddpm.graph_sha256 must be 64 hex digits"),
+    ],
+)
+def test_metadata_of_the_wrong_type_is_named(diffusers_export, tmp_path, key, value, message):
+    _, _, path = diffusers_export
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props} | {key: value}
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    with pytest.raises(export.ExportError, match=message):
+        export.read_export(tmp_path / "bad.onnx")
+
+
+def test_export_and_convert_check_the_output_before_working(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    model = str(fastddpm.checkpoints.DEFAULT_MODEL)
+    for argv, message in (
+        (["export", "onnx", "--out", str(tmp_path / "file" / "x.onnx")], "is a file, not a folder"),
+        (["export", "onnx", "--out", str(tmp_path)], "a file name is needed, not a folder"),
+        (["export", "onnx", "--out", str(tmp_path / ("a" * 250 + ".onnx"))], "the file name is too long"),
+        (["convert", model, str(tmp_path / "file" / "m.safetensors"), "--to", "native"], "is a file"),
+        (
+            ["convert", model, str(tmp_path / "file"), "--to", "diffusers"],
+            "a diffusers checkpoint is a folder",
+        ),
+    ):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

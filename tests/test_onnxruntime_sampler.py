@@ -5,6 +5,8 @@ PyTorch's by ~1e-6 (onnxruntime's kernels sum in another order); the clipped-x0 
 amplify that (measured: under 1e-6 after 30 ancestral steps).
 """
 
+import json
+
 import pytest
 import torch
 
@@ -103,3 +105,52 @@ def test_bad_arguments(step_sampler, onnx_sampler):
         step_sampler.step(torch.randn(1, 3, 16, 16), 10)
     with pytest.raises(ValueError, match="t must be an integer scalar or"):
         onnx_sampler.unet(torch.randn(2, 3, 16, 16), torch.tensor([0.5, 1.0]))
+
+
+def _with_metadata(path, out, **changes):
+    import onnx
+
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props} | changes
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, str(out))
+    return out
+
+
+def test_a_step_export_whose_metadata_lies_is_refused(step_sampler, tmp_path):
+    """The step table inside the graph is compared with the one the metadata's steps and method give."""
+    path = step_sampler.export.path
+    step = step_sampler.export.step.__dict__
+    for change, message in (
+        ({"steps": 20}, r"gives a step table of shape \(20, 7\), its graph holds \(10, 7\)"),
+        ({"method": "ddim"}, "its graph's step table is not the one its metadata describes"),
+        ({"variance": "fixedsmall"}, "its graph's step table is not the one its metadata describes"),
+        ({"eta": 1.0}, "eta=1.0 applies to the ddim method only"),
+    ):
+        lie = _with_metadata(path, tmp_path / "lie.onnx", **{"fastddpm.step": json.dumps({**step, **change})})
+        with pytest.raises(export.ExportError, match=message):
+            ort.load(lie)
+
+
+def test_flipped_weights_or_another_graph_under_copied_metadata_are_refused(step_sampler, tmp_path):
+    import onnx
+
+    model = onnx.load(str(step_sampler.export.path))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    raw = bytearray(tensor.raw_data)
+    raw[len(raw) // 2] ^= 0x01
+    tensor.raw_data = bytes(raw)
+    onnx.save(model, str(tmp_path / "flipped.onnx"))
+    with pytest.raises(
+        export.ExportError, match="its graph or weights are not the ones it was exported with"
+    ):
+        ort.load(tmp_path / "flipped.onnx")
+    del model.graph.node[:]
+    del model.graph.initializer[:]
+    model.graph.node.append(onnx.helper.make_node("Identity", ["x_t"], ["x_prev"]))
+    onnx.save(model, str(tmp_path / "identity.onnx"))
+    with pytest.raises(
+        export.ExportError, match="its graph or weights are not the ones it was exported with"
+    ):
+        ort.OnnxStepSampler(tmp_path / "identity.onnx")

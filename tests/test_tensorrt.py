@@ -150,3 +150,33 @@ def test_an_engine_whose_header_lies_is_refused(built, tmp_path):
     trt.write_engine(tmp_path / "corrupt.engine", head, engine[: len(engine) // 2])
     with pytest.raises(trt.EngineMismatchError, match="could not deserialize"):
         trt.TensorRTDenoiser(tmp_path / "corrupt.engine")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"min_batch": "1"}, "min_batch must be an int"),
+        ({"max_batch": 0}, "max_batch must be an int >= 1"),
+        ({"compute_capability": [9]}, "compute_capability must be two ints"),
+        ({"export": []}, "export must map metadata names to strings"),
+        ({"extra": 1}, "unknown key extra"),
+        ({"opt_batch": 32}, "min_batch <= opt_batch <= max_batch"),
+    ],
+)
+def test_an_engine_header_of_the_wrong_types_is_refused(tmp_path, change, message):
+    import json
+    import struct
+
+    head = json.dumps({**json.loads(header().to_bytes()), **change}).encode()
+    path = tmp_path / "e.engine"
+    path.write_bytes(trt.ENGINE_MAGIC + struct.pack("<I", len(head)) + head + b"engine")
+    with pytest.raises(trt.EngineMismatchError, match=f"unreadable fastddpm engine header: .*{message}"):
+        trt.read_engine(path)
+
+
+def test_an_engine_header_whose_export_metadata_lies_is_refused():
+    bad = header().export | {"fastddpm.diffusion_config": '{"clip_x0": "false"}'}
+    with pytest.raises(
+        export.ExportError, match="fastddpm.diffusion_config: unknown key|clip_x0|missing key"
+    ):
+        header(export=bad).info()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import fastddpm
 from fastddpm import data, train
@@ -193,9 +193,197 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
 def test_existing_checkpoint_needs_resume(tmp_path):
     trainer(tmp_path, steps=3).run(progress=False)
     out = subprocess.run(cli_train(tmp_path, "--steps", "5"), capture_output=True, text=True)
-    assert out.returncode == 1 and "already holds a training checkpoint: pass --resume" in out.stderr
+    assert out.returncode == 1 and "already holds checkpoint.safetensors" in out.stderr
+    assert "pass --resume" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run(cli_train(tmp_path / "none", "--resume"), capture_output=True, text=True)
     assert out.returncode == 1 and "no training checkpoint to resume" in out.stderr
+
+
+@pytest.mark.parametrize("name", train.RUN_FILES)
+def test_a_fresh_run_refuses_any_run_file(tmp_path, name):
+    """A model kept after its checkpoint was deleted, or a log alone, is not written over."""
+    (tmp_path / name).write_bytes(b"precious")
+    with pytest.raises(ValueError, match=f"already holds {name}: pass --resume"):
+        trainer(tmp_path, steps=1).run(progress=False)
+    assert (tmp_path / name).read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_one_process_at_a_time_in_a_run_folder(tmp_path):
+    """The folder's flock refuses a second run; a killed holder leaves no stale lock."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from pathlib import Path; from fastddpm import train; import time;"
+            f" train.lock_run_dir(Path({str(tmp_path)!r})); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match="another process is training in this folder"):
+            trainer(tmp_path, steps=1).run(progress=False)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    t = trainer(tmp_path, steps=1)
+    t.run(progress=False)
+    assert t.step == 1
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"grad_clip": -1.0}, "grad_clip must be a number > 0"),
+        ({"grad_clip": 0.0}, "grad_clip must be a number > 0"),
+        ({"lr": 0.0}, "lr must be a number > 0"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"ema_decay": 1.0}, r"ema_decay must be a number >= 0 and < 1"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1"),
+        ({"warmup": -1}, "warmup must be an int >= 0"),
+        ({"steps": True}, "steps must be an int, got True"),
+        ({"steps": 5.0}, "steps must be an int, got 5.0"),
+        ({"seed": 2**70}, "seed must be an int >= 0"),
+        ({"hflip": "false"}, "hflip must be true or false"),
+    ],
+)
+def test_training_settings_are_validated(setting, message):
+    with pytest.raises(ValueError, match=message):
+        train.TrainConfig(**setting)
+
+
+def test_bad_training_flags_name_the_flag(tmp_path):
+    for flags, message in (
+        (["--grad-clip", "-1"], "--grad-clip must be a number > 0, got -1.0"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--device", "foo"], "--device 'foo' is not a device"),
+        (["--device", "meta"], "--device 'meta': fastddpm runs on"),
+    ):
+        out = subprocess.run(
+            cli_train(tmp_path / "x", "--steps", "1", *flags), capture_output=True, text=True
+        )
+        assert out.returncode == 1 and message in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_warmup_0_is_none_and_grad_clip_none_does_not_clip(tmp_path):
+    t = trainer(tmp_path, steps=2, warmup=0, grad_clip=None)
+    t.train_step()
+    assert t.optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def tampered(src, dst, tensors=None, **meta):
+    """A copy of the training checkpoint `src` with metadata entries (and tensors) replaced; a
+    None entry is deleted."""
+    with safe_open(str(src), framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(src)
+    for store, changes in ((metadata, meta), (state, tensors or {})):
+        for key, value in changes.items():
+            if value is None:
+                del store[key]
+            else:
+                store[key] = value
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(state, dst / train.CHECKPOINT, metadata=metadata)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    """A run folder trained for 3 steps (a checkpoint at step 3)."""
+    out = tmp_path_factory.mktemp("three")
+    trainer(out, steps=3).run(progress=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    "meta, tensors, message",
+    [
+        ({"step": "-5"}, None, "step must be a non-negative int, got '-5'"),
+        ({"step": "three"}, None, "step must be a non-negative int, got 'three'"),
+        ({"step": "7"}, None, "optim.0.step is 3; the checkpoint's step is 7"),
+        ({"step": None}, None, "its metadata has no step"),
+        ({}, {"optim.5.exp_avg": None}, r"missing optim.5.exp_avg \(Adam's state\)"),
+        ({"train_config": '{"steps": 3}'}, None, "train_config: missing key"),
+        ({"train_config": "[1]"}, None, "train_config: expected a JSON object, got list"),
+        (
+            {"unet_config": json.dumps({**SMALL.to_dict(), "ch": "16"})},
+            None,
+            "unet_config: ch must be an int",
+        ),
+        (
+            {"unet_config": json.dumps({**SMALL.to_dict(), "depth": 3})},
+            None,
+            "unet_config: unknown key depth",
+        ),
+        ({"param_groups": "[]"}, None, "param_groups must be one group"),
+        ({}, {"model.conv_in.weight": torch.full((16, 1, 3, 3), float("nan"))}, "model.conv_in.weight holds"),
+        ({}, {"ema.conv_in.bias": torch.zeros(3)}, r"ema.conv_in.bias is F32 \(3,\)"),
+    ],
+)
+def test_a_tampered_checkpoint_is_refused_naming_the_key(three_steps, tmp_path, meta, tensors, message):
+    folder = tampered(three_steps / train.CHECKPOINT, tmp_path / "run", tensors, **meta)
+    with pytest.raises(ValueError, match=message):
+        train.Trainer.resume(folder)
+    train.lock_run_dir(folder)  # a refused resume released the folder's lock
+
+
+def test_resume_refuses_flags_that_differ_from_the_checkpoint(three_steps, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in train.RUN_FILES:
+        (folder / name).write_bytes((three_steps / name).read_bytes())
+    out = subprocess.run(
+        cli_train(folder, "--resume", "--lr", "0.5", "--preset", "tiny"), capture_output=True, text=True
+    )
+    assert out.returncode == 1 and len(out.stderr.splitlines()) == 1, out.stderr
+    assert "--batch-size 4 (checkpoint: 16)" in out.stderr and "--lr 0.5 (checkpoint: 0.001)" in out.stderr
+    assert "--preset tiny" in out.stderr and "--warmup 5 (checkpoint: 5)" not in out.stderr
+    with pytest.raises(ValueError, match="--steps 2 is below the checkpoint's step 3"):
+        train.Trainer.resume(folder, steps=2)
+    resumed = train.Trainer.resume(folder, steps=4, given={"lr": 1e-3, "batch_size": 16})  # the same: fine
+    resumed.run(progress=False)
+    assert resumed.step == 4
+
+
+def test_a_torn_log_line_does_not_break_resume(three_steps, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in train.RUN_FILES:
+        (folder / name).write_bytes((three_steps / name).read_bytes())
+    with open(folder / train.LOG, "a") as f:
+        f.write('{"step": 4, "lo')  # killed during the append
+    resumed = train.Trainer.resume(folder, steps=5)
+    resumed.run(progress=False)
+    steps = [json.loads(line)["step"] for line in (folder / train.LOG).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    (folder / train.LOG).write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not a log entry"):
+        train.Trainer.resume(folder)
+
+
+def test_a_kill_between_the_renames_leaves_a_consistent_pair(tmp_path):
+    """The checkpoint is written first: a kill before the model's rename leaves the model one save
+    behind. Both record their step; resume rewrites the model from the checkpoint's EMA."""
+    t = trainer(tmp_path, steps=3)
+    t.run(progress=False)
+    old_model = (tmp_path / train.MODEL).read_bytes()
+    t = train.Trainer.resume(tmp_path, steps=6)
+    t.run(progress=False)
+    (tmp_path / train.MODEL).write_bytes(old_model)  # as if killed between the two renames
+    resumed = train.Trainer.resume(tmp_path)
+    assert resumed.repaired.endswith("was from step 3; rewrote it from the checkpoint's EMA at step 6")
+    resumed.close()
+    with safe_open(str(tmp_path / train.MODEL), framework="pt") as f:
+        assert f.metadata()["train_step"] == "6"
+    model, state = load_file(tmp_path / train.MODEL), load_file(tmp_path / train.CHECKPOINT)
+    assert all(torch.equal(v, state[f"ema.{k}"]) for k, v in model.items())
+    (tmp_path / train.MODEL).unlink()
+    assert train.Trainer.resume(tmp_path).repaired.startswith(f"{tmp_path / train.MODEL} was missing")
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -234,3 +422,20 @@ def test_bad_data(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
         data.load(str(tmp_path / "empty"), 8, 3)
+
+
+def test_damaged_data_files_name_the_file(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for content in (b"", b"not an image"):
+        (tmp_path / "imgs" / "a.png").write_bytes(content)
+        with pytest.raises(ValueError, match=r"imgs/a.png: not a readable image"):
+            data.load(str(tmp_path / "imgs"), 8, 1)
+    (tmp_path / "e.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"e.npz: not a readable .npz file"):
+        data.load(str(tmp_path / "e.npz"), 8, 1)
+    np.savez(tmp_path / "z.npz", arr_0=np.zeros((0, 8, 8, 1), np.uint8))
+    with pytest.raises(ValueError, match=r"z.npz: arr_0 holds no images"):
+        data.load(str(tmp_path / "z.npz"), 8, 1)
+    np.savez(tmp_path / "o.npz", arr_0=np.array([None], dtype=object))
+    with pytest.raises(ValueError, match=r"o.npz: not a readable .npz file \(Object arrays"):
+        data.load(str(tmp_path / "o.npz"), 8, 1)
