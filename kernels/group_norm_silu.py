@@ -641,7 +641,10 @@ def plan(
     split = max(1, min(split, num_tiles))
     tiles_per_split = triton.cdiv(num_tiles, split)
     split = triton.cdiv(num_tiles, tiles_per_split)  # every chunk gets at least one tile
-    num_warps = min(16, max(2, block_c * block_hw // 512))  # 16 elements per thread up to 16 warps
+    # 16 elements per thread up to 16 warps; 8 in NHWC's looping programs, which keep a tile's
+    # columns (add, weight, the group's statistics) live across the loop (16 spilled on sm_90)
+    per_thread = 256 if channels_last and num_tiles > 1 else 512
+    num_warps = min(16, max(2, block_c * block_hw // per_thread))
     return Plan(block_c, block_hw, gpp, split, tiles_per_split, num_tiles, n_hw_tiles, num_warps)
 
 

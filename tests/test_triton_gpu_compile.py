@@ -42,6 +42,9 @@ KERNELS = {
     "_gn_fused_kernel",
     "_gn_stats_kernel",
     "_gn_apply_kernel",
+    "_gn_nhwc_fused_kernel",
+    "_gn_nhwc_stats_kernel",
+    "_gn_nhwc_apply_kernel",
     "_attn_fwd_kernel",
     "_attn_combine_kernel",
     "_ddpm_step_kernel",
@@ -115,6 +118,7 @@ def _cases(full: bool):
     norm((2, 64, 16, 16), torch.bfloat16, channels_last=True, add=False, silu=False)
     norm((8, 128, 256, 256), torch.float16, silu=False)  # 256x256 model, batch 8: looping programs
     norm((1, 256, 64, 64), torch.bfloat16, channels_last=True)  # batch 1: split statistics + apply
+    norm((64, 128, 128, 128), torch.bfloat16, channels_last=True)  # channels_last looping programs
     attn((1, 1, 256, 256), torch.bfloat16)  # CIFAR10 batch 1: keys split, combined
     attn((1, 1, 256, 256), torch.float16, unet=False)
     attn((8, 1, 256, 512), torch.float16)  # LSUN / CelebA-HQ: q k^T in chunks of D
@@ -258,10 +262,17 @@ def test_no_launch_spills_registers(compiled):
     assert not (spilled := [r for r in compiled if r["spill_stores"] or r["spill_loads"]]), _summary(spilled)
 
 
+# Kernels whose Box-Muller transform calls libdevice's sin and cos: their slow argument-reduction
+# path (for |x| far beyond 2 pi, never reached for angles in (0, 2 pi]) keeps a 28-byte array in
+# local memory, so ptxas reports a 32-byte frame with no spills. Known, and allowed exactly that.
+LIBDEVICE_SINCOS_FRAME = {"_ddpm_step_kernel": 32, "_philox_normal_kernel": 32}
+
+
 def test_no_launch_has_a_local_memory_stack_frame(compiled):
-    """No local memory at all: besides spills, a stack frame holds locally indexed arrays, which
-    live in (cached) device memory."""
-    assert not (framed := [r for r in compiled if r["stack"]]), _summary(framed)
+    """No local memory: besides spills, a stack frame holds locally indexed arrays, which live in
+    (cached) device memory. The one allowance: libdevice sin/cos's frame in the noise kernels."""
+    framed = [r for r in compiled if r["stack"] > LIBDEVICE_SINCOS_FRAME.get(r["kernel"], 0)]
+    assert not framed, _summary(framed)
 
 
 def test_launches_are_specialized_on_alignment_as_on_a_gpu(compiled):
