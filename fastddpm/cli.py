@@ -1,4 +1,4 @@
-"""The `fastddpm` command: sample, train, info, convert, export."""
+"""The `fastddpm` command: sample, train, info, check, convert, export."""
 
 from __future__ import annotations
 
@@ -200,6 +200,24 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     lib = library_info()  # which GPUs the library is built for; the backend line says if it runs here
     print("cuda library:", f"{lib['info']} ({lib['path']})" if lib["error"] is None else lib["error"])
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from . import check
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    report = check.run(device, quick=args.quick)
+    print(report.table())
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}")
+    failures = report.failures
+    if failures:
+        first = failures[0]
+        raise ValueError(
+            f"{len(failures)} of {len(report.checks)} checks failed, first: backend {first['backend']}"
+            f" {first['op']} ({first['case']}, {first['dtype']}): {first['message']}"
+        )
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -543,6 +561,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="version, device, and which backends are built and usable")
     i.set_defaults(func=cmd_info)
+
+    k = sub.add_parser(
+        "check",
+        help="each available backend's ops against the reference at the DDPM shapes, then their timings",
+    )
+    k.add_argument("--device", help="cpu or cuda (default: cuda where a CUDA device is visible, else cpu)")
+    k.add_argument("--quick", action="store_true", help="correctness only: no timings")
+    k.add_argument("--json", help="also write the figures to this JSON file")
+    k.set_defaults(func=cmd_check)
 
     c = sub.add_parser("convert", help="convert a checkpoint to the native or the diffusers format")
     c.add_argument("src")
