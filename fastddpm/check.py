@@ -94,12 +94,14 @@ class Case:
 
 @dataclass
 class Outcome:
-    """A case on one backend: its error (None where none was measured), tolerance, verdict, why."""
+    """A case on one backend: its error (None where none was measured), tolerance, verdict, why;
+    refused: the backend raised ValueError, the contract's way of saying it cannot take an input."""
 
     error: float | None
     tolerance: float
     passed: bool
     message: str = ""
+    refused: bool = False
 
 
 def tolerance(op: str, dtype: torch.dtype) -> float:
@@ -219,7 +221,8 @@ def compare(case: Case, backend: str, inputs: tuple[tuple, dict], ref: torch.Ten
         with _plain(device):
             out = backend_op(backend, case.op)(*args, **kwargs)
     except Exception as err:  # a backend that raises fails the case, and the report says why
-        return Outcome(None, tol, False, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}")
+        why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+        return Outcome(None, tol, False, why, refused=isinstance(err, ValueError))
     want = (tuple(ref.shape), case.dtype, device, memory_format_of(args[0]))
     got = (tuple(out.shape), out.dtype, out.device, memory_format_of(out))
     if got != want:

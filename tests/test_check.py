@@ -91,6 +91,7 @@ def test_a_wrong_backend_is_reported_failing_with_its_error(monkeypatch):
     for r in wrong:
         if r["op"] == "attention":
             assert r["error"] is None and r["message"] == "ValueError: this backend refuses every input"
+            assert r["refused"]
         elif r["dtype"] == "float32":
             assert r["error"] == pytest.approx(1.0, abs=1e-5)
             assert r["message"] == f"max error {r['error']:.3g} > tolerance {r['tolerance']:g}"
@@ -125,18 +126,8 @@ def test_timings_unet_and_json(tmp_path):
     assert data["backends"] == {"torch": None}
     assert len(data["checks"]) == len(check.cases(torch.device("cpu")))
     row = data["checks"][0]
-    assert set(row) == {
-        "backend",
-        "op",
-        "case",
-        "shape",
-        "groups",
-        "dtype",
-        "error",
-        "tolerance",
-        "passed",
-        "message",
-    }
+    fields = "backend op case shape groups dtype error tolerance passed message refused"
+    assert set(row) == set(fields.split())
     assert len(data["timings"]) == len(data["checks"])
     for t in data["timings"]:
         assert t["ms"] > 0 and t["GBps"] > 0
