@@ -221,7 +221,7 @@ def compare(case: Case, backend: str, inputs: tuple[tuple, dict], ref: torch.Ten
         with _plain(device):
             out = backend_op(backend, case.op)(*args, **kwargs)
     except Exception as err:  # a backend that raises fails the case, and the report says why
-        why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+        why = error_line(err)
         return Outcome(None, tol, False, why, refused=isinstance(err, ValueError))
     want = (tuple(ref.shape), case.dtype, device, memory_format_of(args[0]))
     got = (tuple(out.shape), out.dtype, out.device, memory_format_of(out))
@@ -229,6 +229,12 @@ def compare(case: Case, backend: str, inputs: tuple[tuple, dict], ref: torch.Ten
         return Outcome(None, tol, False, f"returned shape, dtype, device, format {got}; expected {want}")
     err = max_error(out, ref, case.dtype)
     return Outcome(err, tol, err <= tol, "" if err <= tol else f"max error {err:.3g} > tolerance {tol:g}")
+
+
+def error_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
 
 
 def check_case(case: Case, backend: str, device: torch.device) -> Outcome:
@@ -283,15 +289,22 @@ def traffic(case: Case) -> tuple[float, float | None]:
     return float(tensors * numel * size), None
 
 
-def time_case(case: Case, backend: str, inputs: tuple[tuple, dict], reps: int | None = None) -> dict:
-    """A timing row: ms per call, GB/s and (attention) TFLOP/s."""
+def time_case(
+    case: Case,
+    name: str,
+    inputs: tuple[tuple, dict],
+    fn: Callable | None = None,
+    reps: int | None = None,
+) -> dict:
+    """A timing row of `case` on backend `name` (or of `fn`, an alternative taking the op's
+    arguments, under that name): ms per call, GB/s and (attention) TFLOP/s."""
     args, kwargs = inputs
-    fn = backend_op(backend, case.op)
+    fn = fn or backend_op(name, case.op)
     with _plain(args[0].device):
         seconds = median_seconds(lambda: fn(*args, **kwargs), args[0].device, reps)
     nbytes, flops = traffic(case)
     return {
-        **describe(case, backend),
+        **describe(case, name),
         "ms": seconds * 1e3,
         "GBps": nbytes / seconds / 1e9,
         "TFLOPs": None if flops is None else flops / seconds / 1e12,
@@ -388,6 +401,7 @@ class Report:
     checks: list[dict] = field(default_factory=list)
     timings: list[dict] = field(default_factory=list)
     unet: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> list[dict]:
@@ -417,6 +431,7 @@ class Report:
                 [r["backend"], r["preset"], str(r["batch"]), r["precision"], _num(r["ms"])] for r in self.unet
             ]
             lines.append(_columns(("backend", "preset", "batch", "precision", "ms/step"), cells))
+        lines += [f"note: {note}" for note in self.notes]
         failed = len(self.failures)
         lines += ["", f"{len(self.checks) - failed} of {len(self.checks)} checks pass, {failed} fail"]
         return "\n".join(lines)
@@ -472,8 +487,16 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-def run(device: str | torch.device, quick: bool = False, backends: list[str] | None = None) -> Report:
-    """Check (and unless `quick`, time) every backend that runs on `device`, or those named."""
+def run(
+    device: str | torch.device,
+    quick: bool = False,
+    backends: list[str] | None = None,
+    precisions: tuple[str, ...] = ("fp32",),
+    deadline: float | None = None,
+) -> Report:
+    """Check (and unless `quick`, time) every backend that runs on `device`, or those named; the
+    U-Net step in each of `precisions`. Past `deadline` (a time.monotonic() value) the remaining
+    timings are skipped, with a note; every check still runs."""
     try:
         device = torch.device(device)
     except RuntimeError:
@@ -491,6 +514,13 @@ def run(device: str | torch.device, quick: bool = False, backends: list[str] | N
     report = Report(machine(device), status)
     names = [name for name, why in status.items() if why is None]
     passed = {name: True for name in names}
+
+    def in_time(what: str) -> bool:
+        if deadline is None or time.monotonic() < deadline:
+            return True
+        report.notes.append(f"not timed (past the deadline): {what}")
+        return False
+
     for case in cases(device):
         inputs = make_inputs(case, device)
         ref = reference_output(case, inputs, device)
@@ -498,14 +528,28 @@ def run(device: str | torch.device, quick: bool = False, backends: list[str] | N
             outcome = compare(case, name, inputs, ref)
             report.checks.append({**describe(case, name), **asdict(outcome)})
             passed[name] &= outcome.passed
-            if outcome.passed and not quick:
+            if outcome.passed and not quick and in_time(f"{name} {case.op} {case.label} {case.dtype}"):
                 report.timings.append(time_case(case, name, inputs))
-    if not quick:
-        preset_name, batches = UNET_RUNS[device.type]
-        for name in names:
+    if quick:
+        return report
+    preset_name, batches = UNET_RUNS[device.type]
+    for name in names:
+        for precision in precisions:
             for batch in batches:
-                ms = unet_step_seconds(preset_name, name, device, batch) * 1e3 if passed[name] else None
-                report.unet.append(
-                    {"backend": name, "preset": preset_name, "batch": batch, "precision": "fp32", "ms": ms}
-                )
+                row = {
+                    "backend": name,
+                    "preset": preset_name,
+                    "batch": batch,
+                    "precision": precision,
+                    "ms": None,
+                }
+                report.unet.append(row)
+                what = f"U-Net step {name} {precision} batch {batch}"
+                if not passed[name]:
+                    report.notes.append(f"not timed (its checks failed): {what}")
+                elif in_time(what):
+                    try:
+                        row["ms"] = unet_step_seconds(preset_name, name, device, batch, precision) * 1e3
+                    except Exception as err:  # e.g. out of memory: the rest still runs
+                        report.notes.append(f"{what} failed: {error_line(err)}")
     return report
