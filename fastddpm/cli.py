@@ -1,4 +1,4 @@
-"""The `fastddpm` command: sample, train, info, convert, export."""
+"""The `fastddpm` command: sample, train, info, check, convert, export."""
 
 from __future__ import annotations
 
@@ -334,24 +334,29 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("cuda library:", f"{lib['info']} ({lib['path']})" if lib["error"] is None else lib["error"])
 
 
-def _check_output_file(path: str | os.PathLike, option: str) -> None:
-    """Before any work: `path` must name a file (not a folder) whose nearest existing folder is
-    writable and not a file, with room in its name for the temporary-file prefix and suffix."""
-    path = Path(path)
-    if not path.name or path.is_dir():
-        raise ValueError(f"{option} {path}: a file name is needed, not a folder")
-    if len(os.fsencode(path.name)) + 16 > 255:  # atomic_write's ".NAME.XXXXXXXX.tmp"
-        raise ValueError(f"{option} {path}: the file name is too long")
-    folder = next(p for p in (path.parent.absolute(), *path.parent.absolute().parents) if p.exists())
-    if not folder.is_dir():
-        raise ValueError(f"{option} {path}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: {folder} is not writable")
+def cmd_check(args: argparse.Namespace) -> None:
+    from . import check
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # checked by check.run
+    if args.json:
+        io.check_output(args.json, "--json")
+    report = check.run(device, quick=args.quick)
+    print(report.table())
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}")
+    failures = report.failures
+    if failures:
+        first = failures[0]
+        raise ValueError(
+            f"{len(failures)} of {len(report.checks)} checks failed, first: backend {first['backend']}"
+            f" {first['op']} ({first['case']}, {first['dtype']}): {first['message']}"
+        )
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
     if args.to == "native":
-        _check_output_file(args.dst, "DST")
+        io.check_output(args.dst, "DST")
     elif args.dst.exists() and not args.dst.is_dir():
         raise ValueError(f"DST {args.dst}: a diffusers checkpoint is a folder, and this is a file")
     sampler = _load(args, args.src)
@@ -369,7 +374,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     from . import export
     from .unet import UNet, preset
 
-    _check_output_file(args.out, "--out")
+    io.check_output(args.out, "--out")
     if args.model is None and args.preset is not None:
         torch.manual_seed(0)
         model = UNet(preset(args.preset))
@@ -713,6 +718,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="version, device, and which backends are built and usable")
     i.set_defaults(func=cmd_info)
+
+    k = sub.add_parser(
+        "check",
+        help="each available backend's ops against the reference at the DDPM shapes, then their timings",
+    )
+    k.add_argument("--device", help="cpu or cuda (default: cuda where a CUDA device is visible, else cpu)")
+    k.add_argument("--quick", action="store_true", help="correctness only: no timings")
+    k.add_argument("--json", help="also write the figures to this JSON file")
+    k.set_defaults(func=cmd_check)
 
     c = sub.add_parser("convert", help="convert a checkpoint to the native or the diffusers format")
     c.add_argument("src")

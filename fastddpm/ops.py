@@ -2,7 +2,8 @@
 
 backend = "auto" picks "cuda" if that library is built and the tensors are on a
 CUDA device, else "triton" on a CUDA device, else "torch" (the reference). The
-U-Net and the samplers call only these functions.
+U-Net and the samplers call only these functions. A fused backend is checked against the
+reference the first time it meets a class of inputs (fastddpm.verify; FASTDDPM_VERIFY=0: never).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from types import ModuleType
 
 import torch
 
+from . import verify
 from .schedule import StepTable
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -85,8 +87,13 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return "torch"
 
 
-def _impl(op: str, name: str, device: torch.device) -> Callable:
-    return getattr(get_backend(resolve_backend(name, device)), op)
+def _impl(op: str, name: str, x: torch.Tensor) -> Callable:
+    """`op` of the backend `name` means for x, or the reference's where first-use verification found
+    that backend wrong on x's class of inputs (fastddpm.verify)."""
+    backend = resolve_backend(name, x.device)
+    if backend != "torch" and not verify.trusted(op, backend, x.device, x.dtype, verify.layout(op, x)):
+        backend = "torch"
+    return getattr(get_backend(backend), op)
 
 
 def _check_float(name: str, x: torch.Tensor) -> None:
@@ -141,7 +148,7 @@ def group_norm_silu(
     _check_same("device", "x", x, weight=weight, bias=bias, add=add)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         raise ValueError("x must be contiguous or channels_last")
-    return _impl("group_norm_silu", backend, x.device)(x, weight, bias, num_groups, eps, silu=silu, add=add)
+    return _impl("group_norm_silu", backend, x)(x, weight, bias, num_groups, eps, silu=silu, add=add)
 
 
 def attention(
@@ -170,7 +177,7 @@ def attention(
         isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
     ):
         raise ValueError(f"scale must be a finite number or None (D^-1/2), got {scale!r}")
-    return _impl("attention", backend, q.device)(q, k, v, scale)
+    return _impl("attention", backend, q)(q, k, v, scale)
 
 
 def ddpm_step(
@@ -216,7 +223,7 @@ def ddpm_step(
         else:
             _check_counter("seed", seed, x_t.device)
             _check_counter("offset", offset, x_t.device)
-    return _impl("ddpm_step", backend, x_t.device)(
+    return _impl("ddpm_step", backend, x_t)(
         x_t, eps, t, table, noise=noise, seed=seed, offset=offset, clip_x0=clip_x0
     )
 

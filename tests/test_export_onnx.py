@@ -283,10 +283,13 @@ def test_export_and_convert_check_the_output_before_working(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     model = str(fastddpm.checkpoints.DEFAULT_MODEL)
     for argv, message in (
-        (["export", "onnx", "--out", str(tmp_path / "file" / "x.onnx")], "is a file, not a folder"),
-        (["export", "onnx", "--out", str(tmp_path)], "a file name is needed, not a folder"),
-        (["export", "onnx", "--out", str(tmp_path / ("a" * 250 + ".onnx"))], "the file name is too long"),
-        (["convert", model, str(tmp_path / "file" / "m.safetensors"), "--to", "native"], "is a file"),
+        (["export", "onnx", "--out", str(tmp_path / "file" / "x.onnx")], "is not a directory"),
+        (["export", "onnx", "--out", str(tmp_path)], "is a directory, not a file"),
+        (["export", "onnx", "--out", str(tmp_path / ("a" * 250 + ".onnx"))], "the file system allows"),
+        (
+            ["convert", model, str(tmp_path / "file" / "m.safetensors"), "--to", "native"],
+            "is not a directory",
+        ),
         (
             ["convert", model, str(tmp_path / "file"), "--to", "diffusers"],
             "a diffusers checkpoint is a folder",
