@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from . import images
 from .distributed import World
 from .io import atomic_write
+from .precision import DTYPES
 from .sampler import METHODS, NonFiniteSamplesError, Sampler, check_eta, check_steps, placement
 
 MANIFEST = "run.json"
@@ -142,8 +143,18 @@ def manifest(spec: RunSpec, sampler: Sampler) -> dict:
         "spec": asdict(spec),
         "image_shape": [cfg.resolution, cfg.resolution, 3],
         "model": model_fingerprint(sampler),
-        "precision": sampler.precision.mode or str(placement(sampler.unet)[1]).removeprefix("torch."),
+        "precision": precision_name(sampler),
     }
+
+
+def precision_name(sampler: Sampler) -> str:
+    """The sampler's precision mode; for the default (the network's own dtype) the mode of that
+    dtype's name, so that a default float32 run resumes under --precision fp32 (the same numbers
+    on the CPU; on a GPU fp32 turns TF32 off where PyTorch's default keeps it in convolutions)."""
+    if sampler.precision.mode is not None:
+        return sampler.precision.mode
+    dtype = placement(sampler.unet)[1]
+    return next((mode for mode, d in DTYPES.items() if d == dtype and mode != "tf32"), str(dtype))
 
 
 def run_fingerprint(expected: dict) -> str:

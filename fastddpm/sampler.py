@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import ops
+from . import config_schema, ops
 from .graphs import GraphRunner
 from .precision import Precision
 from .reference import philox_normal, predict_x0
@@ -87,6 +87,7 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if self.variance not in VARIANCES:
             raise ValueError(f"unknown variance {self.variance!r}; choose one of {', '.join(VARIANCES)}")
+        config_schema.check_diffusion(asdict(self), "DiffusionConfig")  # types and ranges, as loaders
         self.schedule()  # rejects an unknown schedule name now, not at sampling time
 
     def schedule(self) -> Schedule:

@@ -86,8 +86,15 @@ def test_rerun_with_other_settings_is_refused(sampler, tmp_path):
     with pytest.raises(ValueError, match="a different model"):
         runs.run(different, tmp_path, SPEC, progress=False)
     tf32 = fastddpm.Sampler(tiny_unet(backend="torch"), sampler.diffusion, precision="tf32")
-    with pytest.raises(ValueError, match="precision 'float32' \\(now 'tf32'\\)"):
+    with pytest.raises(ValueError, match="precision 'fp32' \\(now 'tf32'\\)"):
         runs.run(tf32, tmp_path, SPEC, progress=False)
+
+
+def test_a_default_run_resumes_under_precision_fp32(sampler, tmp_path):
+    """The default float32 network and --precision fp32 are the same run, not other settings."""
+    first = runs.run(sampler, tmp_path, SPEC, progress=False)
+    fp32 = fastddpm.Sampler(tiny_unet(backend="torch"), sampler.diffusion, precision="fp32")
+    assert runs.run(fp32, tmp_path, SPEC, progress=False) == first
 
 
 @pytest.fixture(scope="module")

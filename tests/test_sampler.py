@@ -170,3 +170,17 @@ def test_a_nan_weight_is_caught_with_or_without_clipping():
     for clip in (True, False):
         with pytest.raises(ValueError, match=r"batch 0 \(images 0..1\) produced non-finite values \(NaN\)"):
             broken.sample(2, steps=2, seed=0, clip_x0=clip, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"clip_x0": "false"}, "clip_x0 must be true or false"),
+        ({"beta_start": 0.5, "beta_end": 0.1}, "beta_start 0.5 is above beta_end 0.1"),
+        ({"num_timesteps": True}, "num_timesteps must be an int"),
+        ({"beta_end": float("nan")}, "beta_end"),
+    ],
+)
+def test_a_diffusion_config_built_in_python_goes_through_the_schema(setting, message):
+    with pytest.raises(ValueError, match=message):
+        fastddpm.DiffusionConfig(**setting)
