@@ -10,12 +10,14 @@
 #   machine   nvidia-smi, versions, the commit (GIT_COMMIT=<sha> where the tree has no .git)
 #   build     the CUDA library for sm_90 only, without pip (setup.py build_py)
 #   tests     every GPU test, compiled (TRITON_INTERPRET=0): the op test files, then `-m gpu`
-#   sanitize  compute-sanitizer memcheck, racecheck, synccheck over csrc/tools/exercise_kernels.py
 #   bench     benchmarks/gpu_quick.py: fastddpm.check at DDPM shapes with GB/s, TFLOP/s and fractions
 #             of the ceilings; U-Net per backend x precision at batch 1 and 256; the graph runner's
 #             ms per step; a profiler split of one forward
+#   sanitize  compute-sanitizer memcheck, racecheck, synccheck over csrc/tools/exercise_kernels.py
+#             (csrc/tools/sanitize.sh, one tool at a time, in the time left)
 # Output: at most 8 files in $OUT (default ./gpu-check-out): summary.txt (read this first),
-# machine.txt, build.log, tests.log, sanitize.log, bench.json, bench.log.
+# machine.txt, build.log, tests.log, bench.json, bench.log, sanitize.log. Exit status 1 if a stage
+# failed or timed out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -77,7 +79,7 @@ log "machine: $GPU, commit $(sed -n 's/^commit: //p' "$O/machine.txt") (machine.
 if [ "$DRY" = 1 ]; then
   skip build "dry: nvcc for sm_90 is a GPU machine's job"
 else
-  stage build 150 "$PY" setup.py -q build_py > "$O/build.log" 2>&1
+  FASTDDPM_BUILD_CUDA=1 stage build 150 "$PY" setup.py -q build_py > "$O/build.log" 2>&1
 fi
 "$PY" -c 'from fastddpm import ops; print(ops.backend_status())' 2>&1 | tail -1 | sed 's/^/backends: /' \
   | tee -a "$O/summary.txt" >&3
@@ -116,7 +118,7 @@ else
     mkdir -p /tmp/py-shim && ln -sfn "$(command -v "$PY")" /tmp/py-shim/python && export PATH="/tmp/py-shim:$PATH"
   fi
   for tool in memcheck racecheck synccheck; do
-    stage "sanitize $tool" 60 bash csrc/tools/sanitize.sh "$tool" >> "$O/sanitize.log" 2>&1
+    FASTDDPM_VERIFY=0 stage "sanitize $tool" 60 bash csrc/tools/sanitize.sh "$tool" >> "$O/sanitize.log" 2>&1
   done
   grep -h "ERROR SUMMARY" "$O/sanitize.log" | tee -a "$O/summary.txt" >&3
 fi

@@ -247,7 +247,8 @@ class Run:
         events = [e for e in prof.events() if e.device_type == kind]
         ms: dict[str, float] = {}
         for e in events:
-            self_us = e.self_device_time_total if dev.type == "cuda" else e.self_cpu_time_total
+            # a kernel's own span on the device's timeline; a CPU operator's time less its children's
+            self_us = e.time_range.end - e.time_range.start if dev.type == "cuda" else e.self_cpu_time_total
             ms[category(e.name)] = ms.get(category(e.name), 0.0) + self_us / 1e3
         self.row(
             "split", precision=precision, backend=backend, batch=batch, kernels=len(events),

@@ -104,6 +104,20 @@ def test_a_wrong_backend_is_reported_failing_with_its_error(monkeypatch):
     )
 
 
+def test_a_nan_fails_and_the_report_stays_json(tmp_path):
+    case = check.Case("attention", (1, 1, 4, 8), torch.float32)
+    device = torch.device("cpu")
+    inputs = check.make_inputs(case, device)
+    ref = check.reference_output(case, inputs, device)
+    with pytest.MonkeyPatch.context() as mp:
+        register_backend(mp, "nan", attention=lambda *args: torch.full_like(args[0], math.nan))
+        outcome = check.compare(case, "nan", inputs, ref)
+    assert not outcome.passed and outcome.error is None and outcome.message.startswith("NaN or inf")
+    report = check.Report({}, {"nan": None}, [{**check.describe(case, "nan"), **vars(outcome)}])
+    report.write_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+
+
 def test_a_wrong_memory_format_fails():
     case = check.Case("ddpm_step", (2, 3, 4, 4), torch.float32, channels_last=True, variant="noise")
     device = torch.device("cpu")
