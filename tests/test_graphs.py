@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 import fastddpm
-from fastddpm import ops
+from fastddpm import loop, ops
 from fastddpm.graphs import GraphedStep
-from fastddpm.sampler import noise_offset
+from fastddpm.noise import noise_offset
 
 from .conftest import tiny_unet
 
@@ -84,8 +84,9 @@ def run_body(sampler, n, kw, *, seed, batch_index=0, callback=None, every=1):
     shape = (n, 3, 16, 16)
     x_T = fastddpm.reference.philox_normal(seed, noise_offset(batch_index, S), shape)
     step = GraphedStep(sampler.predict_eps, "torch", table, x_T, clip_x0=True)
+    step.start(x_T, seed, noise_offset(batch_index, S, 0))
     with tqdm(disable=True) as bar:
-        return step.run(x_T, seed, noise_offset(batch_index, S, 0), bar, callback, every), step
+        return loop.run_steps(step, table, True, bar, callback, every), step
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
