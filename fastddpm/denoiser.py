@@ -6,6 +6,7 @@ the precision policy), fastddpm.ort.OnnxDenoiser and fastddpm.trt.TensorRTDenois
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -19,10 +20,17 @@ class Denoiser(Protocol):
     (N, C, H, W). `config` gives the image shape (in_channels, resolution); `backend` is the
     fastddpm.ops backend of the reverse step between calls; `dtype` the network's input dtype."""
 
-    config: UNetConfig
-    backend: str
-    device: torch.device
-    dtype: torch.dtype
+    @property
+    def config(self) -> UNetConfig: ...
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
@@ -32,10 +40,15 @@ class TorchDenoiser:
 
     `network` is what runs (the module, or `torch.compile` of it); x_t goes in in the module's
     dtype and the precision's memory format, eps comes out float32. Device and dtype are the first
-    parameter's, read at each call: the module may be moved or converted after this is built.
+    parameter's, read at each access: the module may be moved or converted after this is built.
     """
 
-    def __init__(self, module: torch.nn.Module, network, precision: Precision) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        precision: Precision,
+    ) -> None:
         self.module, self.network, self.precision = module, network, precision
 
     @property

@@ -15,7 +15,18 @@ import fastddpm
 
 PACKAGE = Path(fastddpm.__file__).parent
 # The ops seam and what it stands on: none of these may import anything outside this set.
-BELOW_OPS = {"ops", "reference", "schedule", "config_schema", "custom_ops", "cuda", "verify", "io", "kernels", "_version"}
+BELOW_OPS = {
+    "ops",
+    "reference",
+    "schedule",
+    "config_schema",
+    "custom_ops",
+    "cuda",
+    "verify",
+    "io",
+    "kernels",
+    "_version",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -92,13 +103,14 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_cycles():
-    assert cycles(import_graph()) == []
+    found = cycles(import_graph())
+    assert found == [], f"modules that import each other, directly or around a cycle: {found}"
 
 
 def test_nothing_below_ops_imports_upward():
     graph = import_graph()
     upward = {m: sorted(graph[m] - BELOW_OPS) for m in BELOW_OPS if graph.get(m, set()) - BELOW_OPS}
-    assert upward == {}
+    assert upward == {}, f"modules below fastddpm.ops that import upward: {upward}"
 
 
 if __name__ == "__main__":
