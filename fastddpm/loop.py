@@ -84,28 +84,6 @@ def check_count(name: str, value: object) -> int:
     return value
 
 
-def run_steps(
-    run: StepRun,
-    table: StepTable,
-    clip_x0: bool,
-    bar: tqdm,
-    callback: StepCallback | None = None,
-    callback_every: int = 1,
-) -> torch.Tensor:
-    """Advance `run` through every step of `table`, i = S-1 .. 0; returns x_0 (N, C, H, W) float32.
-
-    callback(i, t, x_t, x0_pred) runs after step i when i % callback_every == 0, with x_t as it was
-    before the step and x0_pred from it and the step's eps."""
-    for i in reversed(range(len(table))):
-        due = callback is not None and i % callback_every == 0
-        x_t = run.x.clone() if due else None
-        eps = run.step(i)
-        if due:
-            callback(i, int(table.timesteps[i]), x_t, predict_x0(x_t, eps, i, table, clip_x0))
-        bar.update(1)
-    return run.x.clone()
-
-
 @torch.no_grad()
 def sample(
     strategy: StepStrategy,
@@ -126,12 +104,13 @@ def sample(
     scope: Callable[[torch.device], AbstractContextManager] = lambda device: contextlib.nullcontext(),
 ) -> torch.Tensor:
     """n samples float32 (n, *image_shape) on `device`: batches of `batch_size` (default n), each
-    run through every step of `table` by `strategy` inside `scope(device)`.
+    run through every step of `table`, i = S-1 .. 0, by `strategy` inside `scope(device)`.
 
     Noise from `generator` or Philox `seed` (fastddpm.noise), not both. x_T: the starting noise
     (n, *image_shape), else drawn from that source. start_step: the step index to start at (default
-    S-1); it needs x_T, the x_t at that step. Raises NonFiniteSamplesError for a batch holding NaN
-    or Inf.
+    S-1); it needs x_T, the x_t at that step. callback(i, t, x_t, x0_pred) runs after step i when
+    i % callback_every == 0, with x_t as it was before the step and x0_pred from it and the step's
+    eps. Raises NonFiniteSamplesError for a batch holding NaN or Inf.
     """
     check_count("n", n)
     batch_size = n if batch_size is None else check_count("batch_size", batch_size)
@@ -164,9 +143,15 @@ def sample(
             else:
                 x = noise.x_T((size, *image_shape), device)
             with scope(device):
-                x0 = run_steps(
-                    strategy.start(x, table, clip_x0, noise), table, clip_x0, bar, callback, callback_every
-                )
+                run = strategy.start(x, table, clip_x0, noise)
+                for i in reversed(range(len(table))):
+                    due = callback is not None and i % callback_every == 0
+                    x_t = run.x.clone() if due else None  # as it was before the step
+                    eps = run.step(i)
+                    if due:
+                        callback(i, int(table.timesteps[i]), x_t, predict_x0(x_t, eps, i, table, clip_x0))
+                    bar.update(1)
+                x0 = run.x.clone()  # the run's buffer may be the next batch's
             _check_finite(x0, b, start)
             out.append(x0)
     return torch.cat(out)

@@ -190,8 +190,9 @@ class OnnxStepSampler:
 
 
 class _StepGraph:
-    """The step strategy of a step export: step i is one call of its graph with z drawn from the
-    batch's noise. The graph returns x_{t-1} only, so a step exposes no eps (and takes no callback)."""
+    """The step strategy of a step export, and its own run (the loop runs one batch at a time):
+    step i is one call of the graph with z drawn from the batch's noise. The graph returns x_{t-1}
+    only, so a step exposes no eps (and takes no callback)."""
 
     def __init__(self, sampler: OnnxStepSampler) -> None:
         self.sampler = sampler
