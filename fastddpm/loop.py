@@ -48,6 +48,8 @@ class StepRun(Protocol):
 
 
 class StepStrategy(Protocol):
+    """How the steps of a batch run; the loop starts one run per batch, one batch at a time."""
+
     def start(self, x_T: torch.Tensor, table: StepTable, clip_x0: bool, noise: BatchNoise) -> StepRun:
         """A run of every step of `table` from x_T (N, C, H, W) float32, drawing from `noise`."""
         ...
@@ -64,6 +66,8 @@ class EagerSteps:
 
 
 class _EagerRun:
+    """One batch's eager steps: x is replaced by each step's result."""
+
     def __init__(
         self, denoiser: Denoiser, x_T: torch.Tensor, table: StepTable, clip_x0: bool, noise: BatchNoise
     ) -> None:
