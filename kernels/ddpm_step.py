@@ -1,8 +1,9 @@
 """The fused DDPM / DDIM reverse step in Triton: x_{t-1} = mean(x_t, eps) + sigma_t z.
 
 x_t, eps (N, C, H, W), fp32/fp16/bf16, contiguous or channels_last. One row of the step table
-(S, NUM_COEFS) (columns: fastddpm.schedule) is read on the device at t, which is a scalar argument, a
-shared device tensor t[0] or a per-sample one t[n]; so a step can be captured in a CUDA graph.
+(S, NUM_COEFS) (columns: fastddpm.schedule) is read on the device at t, which is a scalar
+argument, a shared device tensor t[0] or a per-sample one t[n]; so a step can be captured in a
+CUDA graph.
 A t outside the table is never clamped: every element of the affected samples is NaN (all of
 them for a shared t, sample n for a bad t[n]), and nothing outside the table is read.
 
@@ -298,7 +299,7 @@ def ddpm_step(
         n_c_tiles = 1
         tiles = triton.cdiv(C * HW, block)
     with device_guard(x_t.device):
-        # The modes are passed as plain ints (the tl.constexpr constants serve the kernel's tests).
+        # The modes go in as plain ints; their tl.constexpr names serve the kernel's branches.
         _ddpm_step_kernel[(tiles, N)](
             x_t, eps, noise if noise_mode == NOISE_TENSOR else x_t, out, coef, t_arg, t_scalar, coef.shape[0],
             C, HW, seed, offset & MASK32, offset >> 32, seed_ptr, offset_ptr, n_c_tiles,
