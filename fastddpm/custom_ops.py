@@ -35,11 +35,12 @@ def define(
 ) -> torch.library.CustomOpDef:
     """The custom op `qualname` ("namespace::name") running `forward`.
 
-    forward's annotated parameters are the op's (torch.library infers its schema from them), or
-    forward takes one NamedTuple whose annotated fields are: the op is then called with the fields,
-    `torch.ops.namespace.name(*args)`. `fake` (an empty output of the right shape, dtype and memory
-    format) and `reference` take what forward takes; the backward differentiates reference on the
-    saved inputs, by name, so a reference function whose parameters have the op's names serves as is.
+    The op's parameters are forward's annotated parameters (torch.library infers the schema from
+    them) or, where forward takes one NamedTuple, that tuple's annotated fields: the op is then
+    called with the tuple unpacked, `torch.ops.namespace.name(*args)`, and forward gets it whole.
+    `fake` (an empty output of the right shape, dtype and memory format) and `reference` take what
+    forward takes. The backward calls reference on the saved inputs by name (so a reference function
+    whose parameters have the op's names serves as is) and differentiates it.
     """
     fields = _fields_of(forward)
     forward, fake, reference = (_of_fields(fields, fn) if fields else fn for fn in (forward, fake, reference))
