@@ -43,7 +43,7 @@ def define(
     whose parameters have the op's names serves as is) and differentiates it.
     """
     fields = _fields_of(forward)
-    forward, fake, reference = (_of_fields(fields, fn) if fields else fn for fn in (forward, fake, reference))
+    forward, fake, reference = (_on_fields(fields, fn) if fields else fn for fn in (forward, fake, reference))
     names = list(inspect.signature(forward).parameters)
     op = torch.library.custom_op(qualname, forward, mutates_args=())
     op.register_fake(fake)
@@ -71,21 +71,21 @@ def _fields_of(forward: Callable) -> type[tuple] | None:
     return hint if isinstance(hint, type) and issubclass(hint, tuple) and hasattr(hint, "_fields") else None
 
 
-def _of_fields(fields: type[tuple], fn: Callable[[tuple], torch.Tensor]) -> Callable[..., torch.Tensor]:
+def _on_fields(fields: type[tuple], fn: Callable[[tuple], torch.Tensor]) -> Callable[..., torch.Tensor]:
     """fn as a function of the NamedTuple's fields, annotated as they are (so a schema can be inferred)."""
 
-    def call(*args, **kwargs) -> torch.Tensor:
+    def pack(*args, **kwargs) -> torch.Tensor:
         return fn(fields(*args, **kwargs))
 
     hints = typing.get_type_hints(fields)
-    call.__signature__ = inspect.Signature(
+    pack.__signature__ = inspect.Signature(
         [
             inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[name])
             for name in fields._fields
         ],
         return_annotation=torch.Tensor,
     )
-    return call
+    return pack
 
 
 def _reference_grads(fn: Callable, inputs: list, needs: tuple[bool, ...], grad: torch.Tensor) -> tuple:
