@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastddpm import custom_ops, reference
+
 from ._common import INTERPRET, check_device, device_guard, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
@@ -256,7 +258,7 @@ def plan(
     return Plan(block_m, block_n, block_dk, block_dv, kv_splits, keys_per_split, num_warps, 2)
 
 
-def attention(
+def launch_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -310,3 +312,26 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         raise ValueError("attention (backend 'triton'): k and v have no keys (Lk = 0); softmax is undefined")
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"attention (backend 'triton'): scale must be finite, got {scale}")
+
+
+# --- the custom op torch.ops.fastddpm_triton.attention ---------------------------------------------
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return launch_attention(q, k, v, scale)
+
+
+custom_ops.define(
+    "fastddpm_triton::attention",
+    _forward,
+    fake=lambda q, *_: q.new_empty(q.shape),
+    reference=reference.attention,
+)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v through the custom op. The reference's signature; inputs checked
+    by fastddpm.ops."""
+    check_attention(q, k, v, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.fastddpm_triton.attention(q, k, v, scale)

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm import schedule
+from fastddpm import custom_ops, schedule
+from fastddpm.custom_ops import StepArgs
 from fastddpm.schedule import StepTable
 
 from ._common import check_device, device_guard, memory_format_of, next_pow2, num_sms
@@ -231,11 +232,12 @@ def _warps(block: int) -> int:
     return max(4, block // 256)
 
 
-def ddpm_step(
+def launch_ddpm_step(
     x_t: torch.Tensor,
     eps: torch.Tensor,
-    t: int | torch.Tensor,
-    table: StepTable,
+    i: int | torch.Tensor,
+    coefficients: torch.Tensor,
+    stochastic: bool,
     *,
     noise: torch.Tensor | None = None,
     seed: int | torch.Tensor | None = None,
@@ -246,6 +248,8 @@ def ddpm_step(
 ) -> torch.Tensor:
     """Launch; returns x_{t-1} in x_t's dtype and memory format. Inputs checked by fastddpm.ops.
 
+    i: the step index, an int or an integer tensor of shape (), (1,) or (N,); coefficients: the
+    step table's (S, NUM_COEFS). z is `noise` where given, else Philox at (seed, offset).
     eps and noise are brought to x_t's memory format (a copy only if they differ). `layout`
     (FLAT forces per-element Philox on a contiguous tensor) and `block` override the heuristic.
     """
@@ -257,23 +261,23 @@ def ddpm_step(
         return out
     N, C, H, W = x_t.shape
     HW = H * W
-    coef = table.coef
+    coef = coefficients
     if coef.dtype != torch.float32 or not coef.is_contiguous():
         coef = coef.float().contiguous()
 
-    if isinstance(t, torch.Tensor):
-        t_mode = T_PER_SAMPLE if t.numel() == N and N > 1 else T_SHARED
-        t_arg = t.reshape(-1)
+    if isinstance(i, torch.Tensor):
+        t_mode = T_PER_SAMPLE if i.numel() == N and N > 1 else T_SHARED
+        t_arg = i.reshape(-1)
         if t_arg.device != x_t.device:
             t_arg = t_arg.to(x_t.device)
         if t_arg.dtype not in (torch.int32, torch.int64):
             t_arg = t_arg.long()
         t_scalar = 0
     else:
-        t_mode, t_arg, t_scalar = T_SCALAR, coef, int(t)
+        t_mode, t_arg, t_scalar = T_SCALAR, coef, int(i)
 
     noise_mode = NOISE_NONE
-    if table.stochastic:
+    if stochastic:
         if noise is not None:
             noise_mode, noise = NOISE_TENSOR, noise.contiguous(memory_format=fmt)
         else:
@@ -338,3 +342,41 @@ def check_ddpm_step(
 ) -> None:
     """What only this kernel imposes (fastddpm.ops checks the rest)."""
     check_device("ddpm_step", x_t=x_t, eps=eps, noise=noise, table=table.coef)
+
+
+# --- the custom op torch.ops.fastddpm_triton.ddpm_step ---------------------------------------------
+
+
+def _forward(args: StepArgs) -> torch.Tensor:
+    return launch_ddpm_step(
+        args.x_t,
+        args.eps,
+        args.i,
+        args.coefficients,
+        args.stochastic,
+        noise=args.noise,
+        seed=args.seed,
+        offset=args.offset,
+        clip_x0=args.clip_x0,
+    )
+
+
+custom_ops.define("fastddpm_triton::ddpm_step", _forward, fake=StepArgs.fake, reference=StepArgs.reference)
+
+
+def ddpm_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    i: int | torch.Tensor,
+    table: StepTable,
+    *,
+    noise: torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
+    clip_x0: bool = True,
+) -> torch.Tensor:
+    """One reverse step at step index i, through the custom op. The reference's signature; inputs
+    checked by fastddpm.ops."""
+    check_ddpm_step(x_t, eps, noise, table)
+    args = custom_ops.step_args(x_t, eps, i, table, noise=noise, seed=seed, offset=offset, clip_x0=clip_x0)
+    return torch.ops.fastddpm_triton.ddpm_step(*args)

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastddpm import custom_ops, reference
+
 from ._common import check_device, device_guard, memory_format_of, next_pow2, num_sms
 
 # Largest tile (elements, padded to powers of two) one program holds on chip in one piece, and the
@@ -647,7 +649,7 @@ def plan(
     return Plan(block_c, block_hw, gpp, split, tiles_per_split, num_tiles, n_hw_tiles, num_warps)
 
 
-def group_norm_silu(
+def launch_group_norm_silu(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
@@ -744,3 +746,42 @@ def _launch_nhwc(x, weight, bias, add, y, p: Plan, G: int, eps: float, silu: boo
 def check_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add) -> None:
     """What only this kernel imposes (fastddpm.ops checks the rest): a device Triton runs on."""
     check_device("group_norm_silu", x=x, weight=weight, bias=bias, add=add)
+
+
+# --- the custom op torch.ops.fastddpm_triton.group_norm_silu ---------------------------------------
+
+
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+    add: torch.Tensor | None,
+) -> torch.Tensor:
+    return launch_group_norm_silu(x, weight, bias, num_groups, eps, silu=silu, add=add)
+
+
+custom_ops.define(
+    "fastddpm_triton::group_norm_silu",
+    _forward,
+    fake=custom_ops.output_like,
+    reference=reference.group_norm_silu,
+)
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float = 1e-6,
+    *,
+    silu: bool = True,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = SiLU(GroupNorm(x + add[:, :, None, None])) through the custom op. The reference's
+    signature; inputs checked by fastddpm.ops."""
+    check_group_norm_silu(x, weight, bias, add)
+    return torch.ops.fastddpm_triton.group_norm_silu(x, weight, bias, num_groups, float(eps), silu, add)
