@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastddpm import cuda, schedule
+from fastddpm import schedule
+from fastddpm.cuda import _library as cuda
 
 HEADER = Path(__file__).resolve().parents[1] / "csrc" / "include" / "fastddpm" / "fastddpm.h"
 
@@ -67,7 +68,7 @@ def test_triton_step_kernel_constants_match_the_header():
 
 
 def test_cuda_backend_constants_match_the_header():
-    """fastddpm.cuda's noise modes, dtype codes, status codes and ABI version are the header's."""
+    """fastddpm.cuda._library's noise modes, dtype codes, status codes and ABI version are the header's."""
     assert module_constants(cuda, "NOISE_") == header_defines("NOISE_")
     dtypes = {"FLOAT32": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16}
     assert {name: cuda.DTYPE_CODES[dtype] for name, dtype in dtypes.items()} == {
