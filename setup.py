@@ -189,7 +189,7 @@ if __name__ == "__main__":
         long_description=(ROOT / "README.md").read_text(),
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
-        packages=["fastddpm", "fastddpm.kernels"],
+        packages=["fastddpm", "fastddpm.cuda", "fastddpm.kernels"],
         package_dir={"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"},
         package_data={"fastddpm": ["_lib/*.so", "models/digits/*"]},
         install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "pillow"],

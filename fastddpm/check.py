@@ -210,7 +210,7 @@ def reference_output(case: Case, inputs: tuple[tuple, dict], device: torch.devic
 
 def backend_op(backend: str, op: str) -> Callable:
     """The backend's own op (not through ops' dispatch, so first-use verification never swaps it)."""
-    return getattr(ops.get_backend(backend), op)
+    return ops.backend_op(backend, op)
 
 
 def compare(case: Case, backend: str, inputs: tuple[tuple, dict], ref: torch.Tensor) -> Outcome:

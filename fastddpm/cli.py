@@ -1,4 +1,9 @@
-"""The `fastddpm` command: sample, train, info, check, convert, export."""
+"""The `fastddpm` command: sample, train, info, check, convert, export, interpolate.
+
+Each command is a `cmd_<name>(args)` with its options in `_add_<name>_parser(sub)` beside it; the
+option groups several commands take (`_add_model_options`, `_add_sampling_options`,
+`_add_device_options`) and the argparse types (`_parsed`) come first.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,9 @@ import os
 import platform
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import torch
 
@@ -41,43 +47,77 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-def _steps(value: str) -> int | str:
-    try:
-        return check_steps(int(value) if value.isdigit() else value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of steps or a spacing like 10,20 or ddim50, got {value!r}"
-        ) from None
+Value = TypeVar("Value")
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {value!r}")
-    return number
+def _parsed(
+    convert: Callable[[str], Value],
+    expected: str,
+    valid: Callable[[Value], bool] | None = None,
+    refused: str = "",
+) -> Callable[[str], Value]:
+    """An argparse type: `convert(value)`, which raises ValueError on a value it cannot read, then
+    `valid` of the result. A value refused either way is named as "expected <expected>, got 'value'",
+    or, where it converts but is not valid and `refused` is given, as `refused` formatted with it."""
+
+    def parse(value: str) -> Value:
+        wrong = f"expected {expected}, got {value!r}"
+        try:
+            result = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(wrong) from None
+        if valid is not None and not valid(result):
+            raise argparse.ArgumentTypeError(refused.format(value) if refused else wrong)
+        return result
+
+    return parse
 
 
-def _seed(value: str) -> int:
-    try:
-        seed = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {value!r}") from None
-    if not 0 <= seed < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {value}")
-    return seed
+_steps = _parsed(
+    lambda value: check_steps(int(value) if value.isdigit() else value),
+    "a number of steps or a spacing like 10,20 or ddim50",
+)
+_positive_int = _parsed(int, "a positive int", lambda number: number >= 1)
+_seed = _parsed(int, "an int", lambda seed: 0 <= seed < SEED_LIMIT, "a seed must be in [0, 2**63), got {}")
+_eta = _parsed(float, "a finite number >= 0", lambda eta: math.isfinite(eta) and eta >= 0)
+# '999,750,0' -> [999, 750, 0]
+_ints = _parsed(lambda value: [int(v) for v in value.split(",")], "comma-separated ints")
+# '11' -> 11 (evenly spaced values 0..1); '0,0.5,1' -> [0.0, 0.5, 1.0]
+_lambdas = _parsed(
+    lambda value: int(value) if value.isdigit() else [float(v) for v in value.split(",")],
+    "a count or numbers a,b,...",
+)
 
 
-def _eta(value: str) -> float:
-    try:
-        eta = float(value)
-    except ValueError:
-        eta = math.nan
-    if not math.isfinite(eta) or eta < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
-    return eta
+# --- option groups more than one command takes ---------------------------------------------------
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """How a checkpoint is read: --preset (a pytorch_diffusion file's network), --allow-pickle."""
+    p.add_argument(
+        "--preset",
+        choices=["cifar10", "lsun256", "celebahq256"],
+        help="the network of a pytorch_diffusion checkpoint (those files carry no config)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a pickled .ckpt/.pt/.pth/.bin, read with torch.load(weights_only=True)",
+    )
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, steps_help: str, seed_help: str) -> None:
+    """The reverse process: --steps, --sampler, --eta (DDIM's), and the --seed of its noise."""
+    p.add_argument("--steps", type=_steps, default=None, help=steps_help)
+    p.add_argument("--sampler", choices=METHODS, default="ddpm")
+    p.add_argument("--eta", type=_eta, default=None, help="with --sampler ddim: DDIM eta (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help=seed_help)
+
+
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    """--device (default cpu) and the --backend of the fused ops."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=ops.BACKENDS, default="auto")
 
 
 def _load(args: argparse.Namespace, path: str) -> Sampler:
@@ -272,6 +312,97 @@ def _sample_run(args: argparse.Namespace, sampler: Sampler) -> None:
         print(f"wrote {path} ({spec.n} images under arr_0, from {spec.num_shards} shards)")
 
 
+def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("sample", help="draw samples and write a PNG grid and/or an .npz")
+    s.add_argument(
+        "--model",
+        help="diffusers folder, fastddpm .safetensors, fastddpm .onnx export (run by onnxruntime),"
+        " or pytorch_diffusion file (default: the bundled 8x8 digits model)",
+    )
+    _add_model_options(s)
+    s.add_argument("-n", type=_positive_int, default=16, help="number of images (default 16)")
+    s.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help=f"images per batch (default min(n, {DEFAULT_BATCH}))",
+    )
+    _add_sampling_options(
+        s,
+        steps_help="number of steps, or a spacing like 'ddim50' (default: all T)",
+        seed_help="in [0, 2**63) (default 0)",
+    )
+    s.add_argument(
+        "--noise",
+        choices=["generator", "philox"],
+        default="generator",
+        help="generator (default): a seeded torch.Generator, drawn in DDPMPipeline's order;"
+        " philox: counter-based noise made in the step kernel, the same on every device, and what"
+        " CUDA graphs replay (runs with --out DIR always use it)",
+    )
+    s.add_argument(
+        "--out",
+        help="FILE.png: a PNG grid (default samples.png when no --npz is given); any other name: a run"
+        " directory, sampled in shards written atomically, resumed when run again with the same"
+        " arguments, split over the ranks under torchrun, ending with DIR/samples.npz",
+    )
+    s.add_argument(
+        "--shard-size",
+        type=_positive_int,
+        default=None,
+        help="with --out DIR: images per shard file (default: the batch size, which defaults to min(n, 256))",
+    )
+    s.add_argument(
+        "--png-scale", type=_positive_int, default=1, help="enlarge the grid's pixels K times (default 1)"
+    )
+    s.add_argument("--npz", help=".npz to write (N x H x W x 3 uint8 under arr_0)")
+    _add_device_options(s)
+    s.add_argument(
+        "--precision",
+        choices=MODES,
+        default=None,
+        help="the network's precision (default: the checkpoint's dtype); x_t and the step stay fp32",
+    )
+    s.add_argument("--channels-last", action="store_true", help="run the network channels_last (NHWC)")
+    s.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on CUDA, replay one captured step per step (fastddpm.graphs); default: where possible."
+        " Steps that add noise replay only with seeded noise, which --out DIR runs use (a grid's"
+        " generator noise samples eagerly, with a notice)",
+    )
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_strip_options(s)
+    s.set_defaults(func=cmd_sample)
+
+
+def _add_strip_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--progress-strip",
+        metavar="FILE.png",
+        help="also write the paper's progressive-generation figure: a row per sample, the predicted x0"
+        " from t = T-1 (left) down to the final samples (last column); scaled by --png-scale",
+    )
+    s.add_argument(
+        "--strip-columns",
+        type=_positive_int,
+        help=f"strip columns at evenly spaced steps, the last the samples ({figures.DEFAULT_COLUMNS})",
+    )
+    s.add_argument(
+        "--strip-steps",
+        type=_ints,
+        metavar="T1,T2,...",
+        help="strip columns at these timesteps instead (e.g. 999,750,500,250,0; 0, the samples, is always"
+        " the last column); each must be a timestep the sampler visits",
+    )
+    s.add_argument(
+        "--strip-rows",
+        type=_positive_int,
+        help=f"samples in the strip (default: all n, at most {figures.DEFAULT_ROWS})",
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from . import config_schema, distributed, train
     from .sampler import DiffusionConfig
@@ -322,6 +453,38 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(done)
 
 
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser("train", help="train a U-Net by Algorithm 1 (L_simple), with EMA and checkpoints")
+    tr.add_argument("--out", type=Path, required=True, help="folder for checkpoint, EMA model and log")
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue --out's checkpoint; every setting then comes from it: --steps may extend the"
+        " run, any other flag that differs from the checkpoint is refused (the number of torchrun"
+        " ranks may change: see docs/design-notes.md)",
+    )
+    tr.add_argument("--preset", help="network preset (default digits)")
+    tr.add_argument("--data", help="'digits' (default), an .npz of uint8 images, or an image folder")
+    tr.add_argument("--steps", type=int, help="total optimizer steps (default 10000)")
+    tr.add_argument(
+        "--batch-size", type=int, help="global batch, split evenly over torchrun's ranks (default 128)"
+    )
+    tr.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    tr.add_argument("--warmup", type=int, help="learning-rate warm-up steps, 0 for none (default 5000)")
+    tr.add_argument("--grad-clip", type=float, help="max gradient norm (default 1.0)")
+    tr.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999)")
+    tr.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--save-every", type=int, help="checkpoint every N steps (default 1000)")
+    tr.add_argument("--log-every", type=int, help="log every N steps (default 100)")
+    tr.add_argument(
+        "--no-amp", dest="amp", action="store_false", default=None, help="no bf16 autocast on CUDA"
+    )
+    _add_device_options(tr)
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     print(f"fastddpm {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}")
@@ -335,6 +498,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     lib = library_info()  # which GPUs the library is built for; the backend line says if it runs here
     print("cuda library:", f"{lib['info']} ({lib['path']})" if lib["error"] is None else lib["error"])
+
+
+def _add_info_parser(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser("info", help="version, device, and which backends are built and usable")
+    i.set_defaults(func=cmd_info)
 
 
 def cmd_check(args: argparse.Namespace) -> None:
@@ -357,6 +525,17 @@ def cmd_check(args: argparse.Namespace) -> None:
         )
 
 
+def _add_check_parser(sub: argparse._SubParsersAction) -> None:
+    k = sub.add_parser(
+        "check",
+        help="each available backend's ops against the reference at the DDPM shapes, then their timings",
+    )
+    k.add_argument("--device", help="cpu or cuda (default: cuda where a CUDA device is visible, else cpu)")
+    k.add_argument("--quick", action="store_true", help="correctness only: no timings")
+    k.add_argument("--json", help="also write the figures to this JSON file")
+    k.set_defaults(func=cmd_check)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     if args.to == "native":
         io.check_output(args.dst, "DST")
@@ -368,6 +547,15 @@ def cmd_convert(args: argparse.Namespace) -> None:
     else:
         checkpoints.save_diffusers(sampler, args.dst)
     print(f"wrote {args.dst} ({args.to})")
+
+
+def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("convert", help="convert a checkpoint to the native or the diffusers format")
+    c.add_argument("src")
+    c.add_argument("dst", type=Path)
+    c.add_argument("--to", choices=["native", "diffusers"], required=True)
+    _add_model_options(c)
+    c.set_defaults(func=cmd_convert)
 
 
 # --- export: ONNX and TensorRT (fastddpm.export, fastddpm.trt) ------------------------------------
@@ -432,7 +620,7 @@ def cmd_export_trt(args: argparse.Namespace) -> None:
         print("  for an fp16 engine, export the ONNX with --dtype float16")
 
 
-def _add_export_parser(sub) -> None:
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     from .unet import PRESETS
 
     e = sub.add_parser("export", help="export to ONNX, or build a TensorRT engine from an ONNX export")
@@ -472,48 +660,6 @@ def _add_export_parser(sub) -> None:
     r.add_argument("--timing-cache", help="a timing cache file, read if present and written after the build")
     r.add_argument("--workspace-gib", type=float, default=None, help="limit TensorRT's workspace memory")
     r.set_defaults(func=cmd_export_trt)
-
-
-def _ints(value: str) -> list[int]:
-    """'999,750,0' -> [999, 750, 0]."""
-    try:
-        return [int(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {value!r}") from None
-
-
-def _lambdas(value: str) -> int | list[float]:
-    """'11' -> 11 (evenly spaced values 0..1); '0,0.5,1' -> [0.0, 0.5, 1.0]."""
-    try:
-        return int(value) if value.isdigit() else [float(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or numbers a,b,..., got {value!r}") from None
-
-
-def _add_strip_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument(
-        "--progress-strip",
-        metavar="FILE.png",
-        help="also write the paper's progressive-generation figure: a row per sample, the predicted x0"
-        " from t = T-1 (left) down to the final samples (last column); scaled by --png-scale",
-    )
-    s.add_argument(
-        "--strip-columns",
-        type=_positive_int,
-        help=f"strip columns at evenly spaced steps, the last the samples ({figures.DEFAULT_COLUMNS})",
-    )
-    s.add_argument(
-        "--strip-steps",
-        type=_ints,
-        metavar="T1,T2,...",
-        help="strip columns at these timesteps instead (e.g. 999,750,500,250,0; 0, the samples, is always"
-        " the last column); each must be a timestep the sampler visits",
-    )
-    s.add_argument(
-        "--strip-rows",
-        type=_positive_int,
-        help=f"samples in the strip (default: all n, at most {figures.DEFAULT_ROWS})",
-    )
 
 
 def cmd_interpolate(args: argparse.Namespace) -> None:
@@ -561,7 +707,7 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: a row per t = {', '.join(map(str, args.t))}; {ends}lambda 0 to 1 left to right")
 
 
-def _add_interpolate_parser(sub, model_options) -> None:
+def _add_interpolate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "interpolate",
         help="the paper's interpolation: encode two images to x_t with the same noise, mix, decode",
@@ -592,13 +738,13 @@ def _add_interpolate_parser(sub, model_options) -> None:
         "--png-scale", type=_positive_int, default=1, help="enlarge the pixels K times (default 1)"
     )
     p.add_argument("--model", help="checkpoint (default: the bundled 8x8 digits model)")
-    model_options(p)
-    p.add_argument("--steps", type=_steps, default=None, help="reverse-process steps (default: all T)")
-    p.add_argument("--sampler", choices=METHODS, default="ddpm")
-    p.add_argument("--eta", type=_eta, default=None, help="with --sampler ddim: DDIM eta (default 0)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the encoder's and the decoder's noise")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", choices=ops.BACKENDS, default="auto")
+    _add_model_options(p)
+    _add_sampling_options(
+        p,
+        steps_help="reverse-process steps (default: all T)",
+        seed_help="seed of the encoder's and the decoder's noise",
+    )
+    _add_device_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_interpolate)
 
@@ -607,138 +753,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastddpm", description="Fast, faithful DDPM sampling.")
     parser.add_argument("--version", action="version", version=f"fastddpm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def model_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--preset",
-            choices=["cifar10", "lsun256", "celebahq256"],
-            help="the network of a pytorch_diffusion checkpoint (those files carry no config)",
-        )
-        p.add_argument(
-            "--allow-pickle",
-            action="store_true",
-            help="allow a pickled .ckpt/.pt/.pth/.bin, read with torch.load(weights_only=True)",
-        )
-
-    s = sub.add_parser("sample", help="draw samples and write a PNG grid and/or an .npz")
-    s.add_argument(
-        "--model",
-        help="diffusers folder, fastddpm .safetensors, fastddpm .onnx export (run by onnxruntime),"
-        " or pytorch_diffusion file (default: the bundled 8x8 digits model)",
-    )
-    model_options(s)
-    s.add_argument("-n", type=_positive_int, default=16, help="number of images (default 16)")
-    s.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=None,
-        help=f"images per batch (default min(n, {DEFAULT_BATCH}))",
-    )
-    s.add_argument(
-        "--steps",
-        type=_steps,
-        default=None,
-        help="number of steps, or a spacing like 'ddim50' (default: all T)",
-    )
-    s.add_argument("--sampler", choices=METHODS, default="ddpm")
-    s.add_argument("--eta", type=_eta, default=None, help="with --sampler ddim: DDIM eta (default 0)")
-    s.add_argument("--seed", type=_seed, default=0, help="in [0, 2**63) (default 0)")
-    s.add_argument(
-        "--noise",
-        choices=["generator", "philox"],
-        default="generator",
-        help="generator (default): a seeded torch.Generator, drawn in DDPMPipeline's order;"
-        " philox: counter-based noise made in the step kernel, the same on every device, and what"
-        " CUDA graphs replay (runs with --out DIR always use it)",
-    )
-    s.add_argument(
-        "--out",
-        help="FILE.png: a PNG grid (default samples.png when no --npz is given); any other name: a run"
-        " directory, sampled in shards written atomically, resumed when run again with the same"
-        " arguments, split over the ranks under torchrun, ending with DIR/samples.npz",
-    )
-    s.add_argument(
-        "--shard-size",
-        type=_positive_int,
-        default=None,
-        help="with --out DIR: images per shard file (default: the batch size, which defaults to min(n, 256))",
-    )
-    s.add_argument(
-        "--png-scale", type=_positive_int, default=1, help="enlarge the grid's pixels K times (default 1)"
-    )
-    s.add_argument("--npz", help=".npz to write (N x H x W x 3 uint8 under arr_0)")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--backend", choices=ops.BACKENDS, default="auto")
-    s.add_argument(
-        "--precision",
-        choices=MODES,
-        default=None,
-        help="the network's precision (default: the checkpoint's dtype); x_t and the step stay fp32",
-    )
-    s.add_argument("--channels-last", action="store_true", help="run the network channels_last (NHWC)")
-    s.add_argument(
-        "--cuda-graph",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="on CUDA, replay one captured step per step (fastddpm.graphs); default: where possible."
-        " Steps that add noise replay only with seeded noise, which --out DIR runs use (a grid's"
-        " generator noise samples eagerly, with a notice)",
-    )
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_strip_options(s)
-    s.set_defaults(func=cmd_sample)
-
-    tr = sub.add_parser("train", help="train a U-Net by Algorithm 1 (L_simple), with EMA and checkpoints")
-    tr.add_argument("--out", type=Path, required=True, help="folder for checkpoint, EMA model and log")
-    tr.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue --out's checkpoint; every setting then comes from it: --steps may extend the"
-        " run, any other flag that differs from the checkpoint is refused (the number of torchrun"
-        " ranks may change: see docs/design-notes.md)",
-    )
-    tr.add_argument("--preset", help="network preset (default digits)")
-    tr.add_argument("--data", help="'digits' (default), an .npz of uint8 images, or an image folder")
-    tr.add_argument("--steps", type=int, help="total optimizer steps (default 10000)")
-    tr.add_argument(
-        "--batch-size", type=int, help="global batch, split evenly over torchrun's ranks (default 128)"
-    )
-    tr.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
-    tr.add_argument("--warmup", type=int, help="learning-rate warm-up steps, 0 for none (default 5000)")
-    tr.add_argument("--grad-clip", type=float, help="max gradient norm (default 1.0)")
-    tr.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999)")
-    tr.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--save-every", type=int, help="checkpoint every N steps (default 1000)")
-    tr.add_argument("--log-every", type=int, help="log every N steps (default 100)")
-    tr.add_argument(
-        "--no-amp", dest="amp", action="store_false", default=None, help="no bf16 autocast on CUDA"
-    )
-    tr.add_argument("--device", default="cpu")
-    tr.add_argument("--backend", choices=ops.BACKENDS, default="auto")
-    tr.add_argument("--no-progress", action="store_true")
-    tr.set_defaults(func=cmd_train)
-
-    i = sub.add_parser("info", help="version, device, and which backends are built and usable")
-    i.set_defaults(func=cmd_info)
-
-    k = sub.add_parser(
-        "check",
-        help="each available backend's ops against the reference at the DDPM shapes, then their timings",
-    )
-    k.add_argument("--device", help="cpu or cuda (default: cuda where a CUDA device is visible, else cpu)")
-    k.add_argument("--quick", action="store_true", help="correctness only: no timings")
-    k.add_argument("--json", help="also write the figures to this JSON file")
-    k.set_defaults(func=cmd_check)
-
-    c = sub.add_parser("convert", help="convert a checkpoint to the native or the diffusers format")
-    c.add_argument("src")
-    c.add_argument("dst", type=Path)
-    c.add_argument("--to", choices=["native", "diffusers"], required=True)
-    model_options(c)
-    c.set_defaults(func=cmd_convert)
-    _add_export_parser(sub)
-    _add_interpolate_parser(sub, model_options)
+    for add_parser in (
+        _add_sample_parser,
+        _add_train_parser,
+        _add_info_parser,
+        _add_check_parser,
+        _add_convert_parser,
+        _add_export_parser,
+        _add_interpolate_parser,
+    ):
+        add_parser(sub)
     return parser
 
 

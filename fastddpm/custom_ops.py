@@ -1,18 +1,21 @@
-"""What the kernel backends ("triton", "cuda") share: the three fused ops as torch.library custom
-ops, each with a fake (shape-only) implementation so torch.compile(fullgraph=True) traces
-through it, and a backward that recomputes the reference math (fastddpm.reference) under
-autograd. A backend supplies only the forward launches.
+"""What the kernel backends ("triton", "cuda") share to make an op a torch.library custom op.
 
-The step op takes t as a tensor or an int (t_tensor, t_int), the table's coefficients, and the
-seed and offset as four 32-bit words (custom-op ints are int64; seeds span [0, 2**64)), or, each
-of them, as a 0-d int64 device tensor (seed_tensor, offset_tensor; its word pair is then 0) read
-by the kernel, so a CUDA-graph-captured step can replay with new values.
+`define` registers one op: its forward, a fake (shape-only) implementation so
+torch.compile(fullgraph=True) traces through it, and a backward that recomputes the op's reference
+math (fastddpm.reference) under autograd, so training can run with the fused forward. Each backend
+file calls it right under its launcher.
+
+`StepArgs` is ddpm_step's argument list in the types a custom op takes: a step index, seed or offset
+is either a device tensor or a host int, and a custom op's ints are int64 while seeds span
+[0, 2**64).
 """
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
@@ -23,183 +26,183 @@ from .schedule import StepTable
 _MASK32 = 0xFFFFFFFF
 
 
-def ddpm_step_args(
+def define(
+    qualname: str,
+    forward: Callable[..., torch.Tensor],
+    *,
+    fake: Callable[..., torch.Tensor],
+    reference: Callable[..., torch.Tensor],
+) -> torch.library.CustomOpDef:
+    """The custom op `qualname` ("namespace::name") running `forward`.
+
+    The op's parameters are forward's annotated parameters (torch.library infers the schema from
+    them) or, where forward takes one NamedTuple, that tuple's annotated fields: the op is then
+    called with the tuple unpacked, `torch.ops.namespace.name(*args)`, and forward gets it whole.
+    `fake` (an empty output of the right shape, dtype and memory format) and `reference` take what
+    forward takes. The backward calls reference on the saved inputs by name (so a reference function
+    whose parameters have the op's names serves as is) and differentiates it.
+    """
+    fields = _fields_of(forward)
+    forward, fake, reference = (_on_fields(fields, fn) if fields else fn for fn in (forward, fake, reference))
+    names = list(inspect.signature(forward).parameters)
+    op = torch.library.custom_op(qualname, forward, mutates_args=())
+    op.register_fake(fake)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(v if isinstance(v, torch.Tensor) else None for v in inputs))
+        ctx.values = [None if isinstance(v, torch.Tensor) else v for v in inputs]
+
+    def backward(ctx, grad):
+        inputs = [v if t is None else t for t, v in zip(ctx.saved_tensors, ctx.values, strict=True)]
+        return _reference_grads(
+            lambda *args: reference(**dict(zip(names, args, strict=True))), inputs, ctx.needs_input_grad, grad
+        )
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+def _fields_of(forward: Callable) -> type[tuple] | None:
+    """The NamedTuple type of forward's one parameter, or None where forward takes the op's arguments."""
+    parameters = list(inspect.signature(forward).parameters)
+    if len(parameters) != 1:
+        return None
+    hint = typing.get_type_hints(forward).get(parameters[0])
+    return hint if isinstance(hint, type) and issubclass(hint, tuple) and hasattr(hint, "_fields") else None
+
+
+def _on_fields(fields: type[tuple], fn: Callable[[tuple], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """fn as a function of the NamedTuple's fields, annotated as they are (so a schema can be inferred)."""
+
+    def pack(*args, **kwargs) -> torch.Tensor:
+        return fn(fields(*args, **kwargs))
+
+    hints = typing.get_type_hints(fields)
+    pack.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[name])
+            for name in fields._fields
+        ],
+        return_annotation=torch.Tensor,
+    )
+    return pack
+
+
+def _reference_grads(fn: Callable, inputs: list, needs: tuple[bool, ...], grad: torch.Tensor) -> tuple:
+    """Gradients of fn(*inputs) against `grad` for the tensor inputs that need one; None for the rest."""
+    with torch.enable_grad():
+        leaves = [
+            v.detach().requires_grad_(need) if isinstance(v, torch.Tensor) else v
+            for v, need in zip(inputs, needs, strict=True)
+        ]
+        wanted = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+        if not wanted:
+            return tuple(None for _ in inputs)
+        got = iter(torch.autograd.grad(fn(*leaves), wanted, grad))
+    return tuple(
+        next(got) if isinstance(leaf, torch.Tensor) and leaf.requires_grad else None for leaf in leaves
+    )
+
+
+def output_like(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A fake output of x's shape and dtype, in x's memory format (group_norm_silu's)."""
+    return torch.empty_like(x, memory_format=memory_format_of(x))
+
+
+# --- ddpm_step ------------------------------------------------------------------------------------
+
+
+class StepArgs(NamedTuple):
+    """ddpm_step's arguments as its custom op takes them; `step_args` builds them, the properties
+    read the step index, seed and offset back as the launchers take them."""
+
+    x_t: torch.Tensor
+    eps: torch.Tensor
+    i_tensor: torch.Tensor | None  # the step index on the device, or None: i_int
+    i_int: int
+    coefficients: torch.Tensor  # the StepTable's coef, (S, NUM_COEFS)
+    stochastic: bool
+    noise: torch.Tensor | None  # z; None without noise or with a seed
+    seed_words: list[
+        int
+    ]  # seed and offset as 32-bit words, low first: [s_lo, s_hi, o_lo, o_hi]; [] without a seed
+    seed_tensor: torch.Tensor | None  # a 0-d int64 device tensor read instead of the seed (its words are 0)
+    offset_tensor: torch.Tensor | None  # the same, for the offset
+    clip_x0: bool
+
+    @property
+    def i(self) -> int | torch.Tensor:
+        return self.i_int if self.i_tensor is None else self.i_tensor
+
+    @property
+    def seed(self) -> int | torch.Tensor | None:
+        if not self.seed_words:
+            return None
+        return self.seed_words[0] | self.seed_words[1] << 32 if self.seed_tensor is None else self.seed_tensor
+
+    @property
+    def offset(self) -> int | torch.Tensor:
+        if not self.seed_words:
+            return 0
+        return (
+            self.seed_words[2] | self.seed_words[3] << 32
+            if self.offset_tensor is None
+            else self.offset_tensor
+        )
+
+    def fake(self) -> torch.Tensor:
+        return output_like(self.x_t)
+
+    def reference(self) -> torch.Tensor:
+        """fastddpm.reference's step on these arguments."""
+        table = StepTable(
+            self.coefficients, self.coefficients.new_empty(0, dtype=torch.long), self.stochastic
+        )
+        return reference.ddpm_step(
+            self.x_t,
+            self.eps,
+            self.i,
+            table,
+            noise=self.noise,
+            seed=self.seed,
+            offset=self.offset,
+            clip_x0=self.clip_x0,
+        )
+
+
+def step_args(
     x_t: torch.Tensor,
     eps: torch.Tensor,
-    t: int | torch.Tensor,
+    i: int | torch.Tensor,
     table: StepTable,
+    *,
     noise: torch.Tensor | None,
     seed: int | torch.Tensor | None,
     offset: int | torch.Tensor,
     clip_x0: bool,
-) -> tuple:
-    """The step op's arguments: t split into a tensor or an int, the noise source settled (none
-    for a table without noise; a given noise tensor wins over a seed), and the seed and offset as
-    32-bit words ([] without a seed) and, where they are device tensors, those tensors."""
+) -> StepArgs:
+    """fastddpm.ops.ddpm_step's arguments as StepArgs, the noise source settled: none for a table
+    without noise, and a given noise tensor wins over a seed."""
     if not table.stochastic:
         noise, seed = None, None
     elif noise is not None:
         seed = None
-    t_tensor, t_int = (t, 0) if isinstance(t, torch.Tensor) else (None, int(t))
+    i_tensor, i_int = (i, 0) if isinstance(i, torch.Tensor) else (None, int(i))
     words, seed_tensor, offset_tensor = [], None, None
     if seed is not None:
         seed_tensor, seed = (seed, 0) if isinstance(seed, torch.Tensor) else (None, seed)
         offset_tensor, offset = (offset, 0) if isinstance(offset, torch.Tensor) else (None, offset)
         words = [seed & _MASK32, seed >> 32, offset & _MASK32, offset >> 32]
-    coef, stochastic = table.coef, table.stochastic
-    return x_t, eps, t_tensor, t_int, coef, stochastic, noise, words, clip_x0, seed_tensor, offset_tensor
-
-
-def unpack_seed(
-    words: list[int], seed_tensor: torch.Tensor | None = None, offset_tensor: torch.Tensor | None = None
-) -> tuple[int | torch.Tensor | None, int | torch.Tensor]:
-    """The inverse of ddpm_step_args' packing: (seed or None, offset), a device tensor where given."""
-    if not words:
-        return None, 0
-    seed = words[0] | (words[1] << 32) if seed_tensor is None else seed_tensor
-    offset = words[2] | (words[3] << 32) if offset_tensor is None else offset_tensor
-    return seed, offset
-
-
-def coef_table(coef: torch.Tensor, stochastic: bool) -> StepTable:
-    """A StepTable carrying only what the step reads (the timesteps are the network's business)."""
-    return StepTable(coef=coef, timesteps=coef.new_empty(0, dtype=torch.long), stochastic=stochastic)
-
-
-def reference_grads(fn: Callable, inputs: tuple, needs: tuple, grad: torch.Tensor) -> tuple:
-    """Gradients of fn(*inputs) (a reference op) against `grad`, for the inputs that need one."""
-    with torch.enable_grad():
-        leaves = [
-            None if t is None else t.detach().requires_grad_(bool(need))
-            for t, need in zip(inputs, needs, strict=True)
-        ]
-        wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
-        if not wanted:
-            return tuple(None for _ in inputs)
-        got = iter(torch.autograd.grad(fn(*leaves), wanted, grad))
-    return tuple(next(got) if leaf is not None and leaf.requires_grad else None for leaf in leaves)
-
-
-def register(
-    namespace: str,
-    group_norm_silu: Callable[..., torch.Tensor],
-    attention: Callable[..., torch.Tensor],
-    ddpm_step: Callable[..., torch.Tensor],
-) -> SimpleNamespace:
-    """Define `namespace::group_norm_silu`, `::attention` and `::ddpm_step` over the given forwards:
-
-    group_norm_silu(x, weight, bias, num_groups, eps, silu, add)
-    attention(q, k, v, scale)
-    ddpm_step(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0, seed_tensor,
-              offset_tensor)
-    """
-
-    # --- group_norm_silu --------------------------------------------------------------------------
-
-    @torch.library.custom_op(f"{namespace}::group_norm_silu", mutates_args=())
-    def group_norm_silu_op(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        num_groups: int,
-        eps: float,
-        silu: bool,
-        add: torch.Tensor | None,
-    ) -> torch.Tensor:
-        return group_norm_silu(x, weight, bias, num_groups, eps, silu, add)
-
-    @group_norm_silu_op.register_fake
-    def _(x, weight, bias, num_groups, eps, silu, add):
-        return torch.empty_like(x, memory_format=memory_format_of(x))
-
-    def group_norm_silu_setup(ctx, inputs, output):
-        x, weight, bias, num_groups, eps, silu, add = inputs
-        ctx.save_for_backward(x, weight, bias, add)
-        ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
-
-    def group_norm_silu_backward(ctx, grad):
-        x, weight, bias, add = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        gx, gw, gb, gadd = reference_grads(
-            lambda x, w, b, a: reference.group_norm_silu(
-                x, w, b, ctx.num_groups, ctx.eps, silu=ctx.silu, add=a
-            ),
-            (x, weight, bias, add),
-            (needs[0], needs[1], needs[2], needs[6]),
-            grad,
-        )
-        return gx, gw, gb, None, None, None, gadd
-
-    group_norm_silu_op.register_autograd(group_norm_silu_backward, setup_context=group_norm_silu_setup)
-
-    # --- attention --------------------------------------------------------------------------------
-
-    @torch.library.custom_op(f"{namespace}::attention", mutates_args=())
-    def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        return attention(q, k, v, scale)
-
-    @attention_op.register_fake
-    def _(q, k, v, scale):
-        return q.new_empty(q.shape)
-
-    def attention_setup(ctx, inputs, output):
-        q, k, v, scale = inputs
-        ctx.save_for_backward(q, k, v)
-        ctx.scale = scale
-
-    def attention_backward(ctx, grad):
-        q, k, v = ctx.saved_tensors
-        grads = reference_grads(
-            lambda q, k, v: reference.attention(q, k, v, ctx.scale), (q, k, v), ctx.needs_input_grad[:3], grad
-        )
-        return (*grads, None)
-
-    attention_op.register_autograd(attention_backward, setup_context=attention_setup)
-
-    # --- ddpm_step --------------------------------------------------------------------------------
-
-    @torch.library.custom_op(f"{namespace}::ddpm_step", mutates_args=())
-    def ddpm_step_op(
-        x_t: torch.Tensor,
-        eps: torch.Tensor,
-        t_tensor: torch.Tensor | None,
-        t_int: int,
-        coef: torch.Tensor,
-        stochastic: bool,
-        noise: torch.Tensor | None,
-        seed_words: list[int],
-        clip_x0: bool,
-        seed_tensor: torch.Tensor | None,
-        offset_tensor: torch.Tensor | None,
-    ) -> torch.Tensor:
-        args = (x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0)
-        return ddpm_step(*args, seed_tensor, offset_tensor)
-
-    @ddpm_step_op.register_fake
-    def _(x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0, seed_t, offset_t):
-        return torch.empty_like(x_t, memory_format=memory_format_of(x_t))
-
-    def ddpm_step_setup(ctx, inputs, output):
-        x_t, eps, t_tensor, t_int, coef, stochastic, noise, seed_words, clip_x0, seed_t, offset_t = inputs
-        ctx.save_for_backward(x_t, eps, t_tensor, coef, noise, seed_t, offset_t)
-        ctx.t_int, ctx.stochastic, ctx.seed_words, ctx.clip_x0 = t_int, stochastic, seed_words, clip_x0
-
-    def ddpm_step_backward(ctx, grad):
-        x_t, eps, t_tensor, coef, noise, seed_tensor, offset_tensor = ctx.saved_tensors
-        seed, offset = unpack_seed(ctx.seed_words, seed_tensor, offset_tensor)
-        t = ctx.t_int if t_tensor is None else t_tensor
-        table = coef_table(coef, ctx.stochastic)
-        needs = ctx.needs_input_grad
-        gx, geps, gnoise = reference_grads(
-            lambda x, e, z: reference.ddpm_step(
-                x, e, t, table, noise=z, seed=seed, offset=offset, clip_x0=ctx.clip_x0
-            ),
-            (x_t, eps, noise),
-            (needs[0], needs[1], needs[6]),
-            grad,
-        )
-        return gx, geps, None, None, None, None, gnoise, None, None, None, None
-
-    ddpm_step_op.register_autograd(ddpm_step_backward, setup_context=ddpm_step_setup)
-
-    return SimpleNamespace(group_norm_silu=group_norm_silu_op, attention=attention_op, ddpm_step=ddpm_step_op)
+    return StepArgs(
+        x_t,
+        eps,
+        i_tensor,
+        i_int,
+        table.coef,
+        table.stochastic,
+        noise,
+        words,
+        seed_tensor,
+        offset_tensor,
+        clip_x0,
+    )

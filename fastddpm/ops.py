@@ -26,9 +26,9 @@ class BackendUnavailableError(RuntimeError):
     """A known backend that is not built or cannot run here."""
 
 
-# Each concrete backend is a module with the three ops (same signatures as the
-# reference's, inputs already checked here) and, except the reference,
-# `unavailable_reason() -> str | None`: None when it can run, else why not.
+# Each concrete backend is a module with the three ops (same signatures as the reference's, inputs
+# already checked here; see backend_op) and, except the reference, `unavailable_reason() -> str |
+# None`: None when it can run, else why not.
 BACKEND_MODULES = {"torch": "fastddpm.reference", "triton": "fastddpm.kernels", "cuda": "fastddpm.cuda"}
 
 
@@ -66,6 +66,13 @@ def get_backend(name: str) -> ModuleType:
     return module
 
 
+def backend_op(name: str, op: str) -> Callable:
+    """Concrete backend `name`'s function `op`. The reference's module holds the functions; a kernel
+    backend holds one module per op, `<package>.<op>`, and the function `<op>` is in it."""
+    found = getattr(get_backend(name), op)
+    return getattr(found, op) if isinstance(found, ModuleType) else found
+
+
 def backend_status() -> dict[str, str]:
     """Each concrete backend -> "available" or why it is not."""
     status = {}
@@ -93,7 +100,7 @@ def _impl(op: str, name: str, x: torch.Tensor) -> Callable:
     backend = resolve_backend(name, x.device)
     if backend != "torch" and not verify.trusted(op, backend, x.device, x.dtype, verify.layout(op, x)):
         backend = "torch"
-    return getattr(get_backend(backend), op)
+    return backend_op(backend, op)
 
 
 def _check_float(name: str, x: torch.Tensor) -> None:
@@ -183,7 +190,7 @@ def attention(
 def ddpm_step(
     x_t: torch.Tensor,
     eps: torch.Tensor,
-    t: int | torch.Tensor,
+    i: int | torch.Tensor,
     table: StepTable,
     *,
     noise: torch.Tensor | None = None,
@@ -192,9 +199,9 @@ def ddpm_step(
     clip_x0: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One reverse step x_t -> x_{t-1} at step index t (a row of `table`).
+    """One reverse step x_t -> x_{t-1} at step index i (row i of `table`, timestep table.timesteps[i]).
 
-    x_t, eps: (N, C, H, W); t: an int, or an integer tensor of shape () or (N,) on
+    x_t, eps: (N, C, H, W); i: an int, or an integer tensor of shape () or (N,) on
     the table's device (read on device, so the step can be graph-captured; its
     range is then the caller's duty). z comes from `noise` (N, C, H, W) or, with
     `seed`, from counter-based Philox at (seed, offset). seed and offset are ints in
@@ -212,7 +219,7 @@ def ddpm_step(
     _check_same("device", "x_t", x_t, eps=eps, noise=noise)
     if table.coef.device != x_t.device:
         raise ValueError(f"the step table is on {table.coef.device} but x_t is on {x_t.device}")
-    _check_step_index(t, len(table), x_t.shape[0])
+    _check_step_index(i, len(table), x_t.shape[0])
     if table.stochastic:
         if (noise is None) == (seed is None):
             raise ValueError("this step table adds noise: pass exactly one of noise= or seed=")
@@ -224,7 +231,7 @@ def ddpm_step(
             _check_counter("seed", seed, x_t.device)
             _check_counter("offset", offset, x_t.device)
     return _impl("ddpm_step", backend, x_t)(
-        x_t, eps, t, table, noise=noise, seed=seed, offset=offset, clip_x0=clip_x0
+        x_t, eps, i, table, noise=noise, seed=seed, offset=offset, clip_x0=clip_x0
     )
 
 
@@ -251,15 +258,15 @@ def _check_counter(name: str, value: int | torch.Tensor, device: torch.device) -
         raise ValueError(f"{name} must be in [0, 2**64), got {value}")
 
 
-def _check_step_index(t: int | torch.Tensor, num_steps: int, batch: int) -> None:
-    if isinstance(t, torch.Tensor):
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise ValueError(f"t must be an integer tensor, got dtype {t.dtype}")
-        if t.shape not in ((), (1,), (batch,)):
-            raise ValueError(f"t must have shape (), (1,) or ({batch},), got {tuple(t.shape)}")
-        if t.device.type == "cpu" and bool(((t < 0) | (t >= num_steps)).any()):
-            raise ValueError(f"t out of range: the table has steps 0..{num_steps - 1}")
-    elif not isinstance(t, int) or isinstance(t, bool):
-        raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
-    elif not 0 <= t < num_steps:
-        raise ValueError(f"t={t} out of range: the table has steps 0..{num_steps - 1}")
+def _check_step_index(i: int | torch.Tensor, num_steps: int, batch: int) -> None:
+    if isinstance(i, torch.Tensor):
+        if i.dtype.is_floating_point or i.dtype.is_complex or i.dtype == torch.bool:
+            raise ValueError(f"the step index i must be an integer tensor, got dtype {i.dtype}")
+        if i.shape not in ((), (1,), (batch,)):
+            raise ValueError(f"the step index i must have shape (), (1,) or ({batch},), got {tuple(i.shape)}")
+        if i.device.type == "cpu" and bool(((i < 0) | (i >= num_steps)).any()):
+            raise ValueError(f"the step index i is out of range: the table has steps 0..{num_steps - 1}")
+    elif not isinstance(i, int) or isinstance(i, bool):
+        raise TypeError(f"the step index i must be an int or an integer tensor, got {type(i).__name__}")
+    elif not 0 <= i < num_steps:
+        raise ValueError(f"the step index i={i} is out of range: the table has steps 0..{num_steps - 1}")

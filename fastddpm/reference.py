@@ -98,18 +98,18 @@ def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _rows(table: StepTable, t: int | torch.Tensor) -> torch.Tensor:
-    """Row t of the table, (NUM_COEFS,) for an int or a 0-d t, (N, NUM_COEFS) for an (N,) t. A
-    tensor t is gathered on its device: `coef[t]` with a 0-d tensor would read it on the host,
-    which a CUDA graph capture cannot do. An index of a tensor t outside the table gives a row of
+def _rows(table: StepTable, i: int | torch.Tensor) -> torch.Tensor:
+    """Row i of the table, (NUM_COEFS,) for an int or a 0-d i, (N, NUM_COEFS) for an (N,) i. A
+    tensor i is gathered on its device: `coef[i]` with a 0-d tensor would read it on the host,
+    which a CUDA graph capture cannot do. An index of a tensor i outside the table gives a row of
     NaN (never clamped, never read), so its samples come out NaN, as in every backend."""
-    if not isinstance(t, torch.Tensor):
-        return table.coef[t]
+    if not isinstance(i, torch.Tensor):
+        return table.coef[i]
     coef = table.coef
-    index = t.reshape(-1).to(device=coef.device, dtype=torch.int64)
+    index = i.reshape(-1).to(device=coef.device, dtype=torch.int64)
     inside = (index >= 0) & (index < coef.shape[0])
     rows = coef.index_select(0, index.clamp(0, coef.shape[0] - 1)).masked_fill(~inside[:, None], math.nan)
-    return rows[0] if t.dim() == 0 else rows
+    return rows[0] if i.dim() == 0 else rows
 
 
 def _column(coef: torch.Tensor, index: int) -> torch.Tensor:
@@ -121,12 +121,13 @@ def _column(coef: torch.Tensor, index: int) -> torch.Tensor:
 def predict_x0(
     x_t: torch.Tensor,
     eps: torch.Tensor,
-    t: int | torch.Tensor,
+    i: int | torch.Tensor,
     table: StepTable,
     clip_x0: bool = True,
 ) -> torch.Tensor:
-    """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps, clamped to [-1, 1] if clip_x0; float32."""
-    coef = _rows(table, t)
+    """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps at step index i (timestep t =
+    table.timesteps[i]), clamped to [-1, 1] if clip_x0; float32."""
+    coef = _rows(table, i)
     x0 = _column(coef, SQRT_RECIP_ABAR) * x_t.float() - _column(coef, SQRT_RECIPM1_ABAR) * eps.float()
     return x0.clamp(-1.0, 1.0) if clip_x0 else x0
 
@@ -134,7 +135,7 @@ def predict_x0(
 def ddpm_step(
     x_t: torch.Tensor,
     eps: torch.Tensor,
-    t: int | torch.Tensor,
+    i: int | torch.Tensor,
     table: StepTable,
     *,
     noise: torch.Tensor | None = None,
@@ -142,19 +143,19 @@ def ddpm_step(
     offset: int | torch.Tensor = 0,
     clip_x0: bool = True,
 ) -> torch.Tensor:
-    """x_{t-1} = mean + sigma_t z for step index t; x_t, eps, noise (N, C, H, W) -> (N, C, H, W).
+    """x_{t-1} = mean + sigma_t z at step index i; x_t, eps, noise (N, C, H, W) -> (N, C, H, W).
 
     clip_x0: mean = coef_x0 * clamp(x0, -1, 1) + coef_xt * x_t; otherwise the direct
     eps form mean = direct_xt * x_t - direct_eps * eps. z is `noise`, or
     `philox_normal(seed, offset)` when a seed is given (each an int or a 0-d int64 tensor).
 
-    A tensor t outside the table (a device t, which `fastddpm.ops` cannot check without a host
-    sync) is never clamped: the affected samples are NaN in every element (all of them for t of
-    shape () or (1,), sample n for a bad t[n] of shape (N,)), and nothing outside the table is read.
+    A tensor i outside the table (a device i, which `fastddpm.ops` cannot check without a host
+    sync) is never clamped: the affected samples are NaN in every element (all of them for i of
+    shape () or (1,), sample n for a bad i[n] of shape (N,)), and nothing outside the table is read.
     """
-    coef = _rows(table, t)
+    coef = _rows(table, i)
     if clip_x0:
-        x0 = predict_x0(x_t, eps, t, table, clip_x0=True)
+        x0 = predict_x0(x_t, eps, i, table, clip_x0=True)
         mean = _column(coef, COEF_X0) * x0 + _column(coef, COEF_XT) * x_t.float()
     else:
         mean = _column(coef, DIRECT_XT) * x_t.float() - _column(coef, DIRECT_EPS) * eps.float()

@@ -8,6 +8,7 @@ casts the ones the reverse step needs to a device tensor exactly once.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -119,7 +120,9 @@ class Schedule:
     """All per-step tables of a (possibly respaced) DDPM, float64, shape (S,).
 
     `timesteps[i]` is the original t the network receives at step index i;
-    for the full schedule it is i itself.
+    for the full schedule it is i itself. The tables derived from the betas (alphas, abar and
+    what follows from them) are computed on first access and kept: every later access returns
+    the same array, read-only.
     """
 
     betas: np.ndarray
@@ -156,40 +159,46 @@ class Schedule:
         abar_prev = np.append(1.0, abar[:-1])
         return Schedule(betas=1.0 - abar / abar_prev, timesteps=self.timesteps[keep])
 
-    @property
+    @staticmethod
+    def _kept(values: np.ndarray) -> np.ndarray:
+        """A table as every access shares it: read-only."""
+        values.flags.writeable = False
+        return values
+
+    @functools.cached_property
     def alphas(self) -> np.ndarray:
-        return 1.0 - self.betas
+        return self._kept(1.0 - self.betas)
 
-    @property
+    @functools.cached_property
     def abar(self) -> np.ndarray:
-        return np.cumprod(self.alphas)
+        return self._kept(np.cumprod(self.alphas))
 
-    @property
+    @functools.cached_property
     def abar_prev(self) -> np.ndarray:
-        return np.append(1.0, self.abar[:-1])
+        return self._kept(np.append(1.0, self.abar[:-1]))
 
-    @property
+    @functools.cached_property
     def sqrt_recip_abar(self) -> np.ndarray:
-        return np.sqrt(1.0 / self.abar)
+        return self._kept(np.sqrt(1.0 / self.abar))
 
-    @property
+    @functools.cached_property
     def sqrt_recipm1_abar(self) -> np.ndarray:
-        return np.sqrt(1.0 / self.abar - 1.0)
+        return self._kept(np.sqrt(1.0 / self.abar - 1.0))
 
-    @property
+    @functools.cached_property
     def beta_tilde(self) -> np.ndarray:
         """Posterior variance of q(x_{t-1} | x_t, x0)."""
-        return self.betas * (1.0 - self.abar_prev) / (1.0 - self.abar)
+        return self._kept(self.betas * (1.0 - self.abar_prev) / (1.0 - self.abar))
 
-    @property
+    @functools.cached_property
     def posterior_mean_coef1(self) -> np.ndarray:
         """Coefficient of x0 in the posterior mean."""
-        return self.betas * np.sqrt(self.abar_prev) / (1.0 - self.abar)
+        return self._kept(self.betas * np.sqrt(self.abar_prev) / (1.0 - self.abar))
 
-    @property
+    @functools.cached_property
     def posterior_mean_coef2(self) -> np.ndarray:
         """Coefficient of x_t in the posterior mean."""
-        return (1.0 - self.abar_prev) * np.sqrt(self.alphas) / (1.0 - self.abar)
+        return self._kept((1.0 - self.abar_prev) * np.sqrt(self.alphas) / (1.0 - self.abar))
 
     def log_variance(self, variance: str) -> np.ndarray:
         """fixedlarge: log([beta_tilde[1], beta[1:]]); fixedsmall: log(max(beta_tilde, 1e-20)).

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastddpm import custom_ops, reference
+
 from ._common import INTERPRET, check_device, device_guard, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
@@ -61,6 +63,7 @@ def _attn_fwd_kernel(
     Grid: (cdiv(Lq, BLOCK_M), B * H, KV_SPLITS * NUM_DV). Without SPLIT_KV the output is
     written to o (B, H, Lq, D); with it, part[s, bh, m, d] (fp32, normalized) and lse[s, bh, m].
     """
+    # This program: query block pid_m of head bh = b * H + h, output column chunk dv, key split s.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     pid_z = tl.program_id(2)
@@ -68,10 +71,12 @@ def _attn_fwd_kernel(
     dv = pid_z % NUM_DV
     b = bh // H
     h = bh % H
+    # Base pointers of head (b, h) in q, k and v.
     q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh
 
+    # Query rows, head-dim chunk of q k^T, output columns, and the keys of one step.
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
     dk = tl.arange(0, BLOCK_DK)
@@ -85,14 +90,17 @@ def _attn_fwd_kernel(
         if DOT_F32:
             q = q.to(tl.float32)
 
+    # Online softmax state per row: running max m_i and sum l_i (base 2), unnormalized output acc.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # Walk keys [lo, hi) of split s, BLOCK_N at a time.
     lo = s * keys_per_split
     hi = tl.minimum(lo + keys_per_split, Lk)
     for start in range(lo, hi, BLOCK_N):
         n = start + keys
         key_ok = n < hi
+        # scores = q k^T, [BLOCK_M, BLOCK_N]: in one dot, or accumulated over head-dim chunks.
         if NUM_DK == 1:
             kt = tl.load(
                 k_base + n[None, :] * skl + dk[:, None] * skd,
@@ -121,11 +129,13 @@ def _attn_fwd_kernel(
                     qc = qc.to(tl.float32)
                     kt = kt.to(tl.float32)
                 scores = tl.dot(qc, kt, acc=scores, input_precision=PRECISION)
+        # Rescale the running sum and output to the new row max; p = 2^(scores - max).
         scores = tl.where(key_ok[None, :], scores * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        # acc = acc * alpha + p v over this chunk of output columns.
         v = tl.load(
             v_base + n[:, None] * svl + cols[None, :] * svd, mask=key_ok[:, None] & col_ok[None, :], other=0.0
         )
@@ -136,6 +146,7 @@ def _attn_fwd_kernel(
         acc = tl.dot(p, v, acc=acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
+    # Normalize; a split writes its partial output and log-sum-exp for _attn_combine_kernel.
     out = acc / l_i[:, None]
     mask = row_ok[:, None] & col_ok[None, :]
     if SPLIT_KV:
@@ -164,16 +175,19 @@ def _attn_combine_kernel(
 
     Grid: (cdiv(Lq, BLOCK_M), BH, cdiv(D, BLOCK_D)).
     """
+    # This program: query rows block pid_m of head bh, output columns chunk program_id(2).
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
     mask = row_ok[:, None] & (cols < D)[None, :]
+    # The largest log-sum-exp of each row over the splits.
     lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for s in range(0, SPLITS):
         lse = tl.load(lse_ptr + (s * BH + bh).to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
         lse_max = tl.maximum(lse_max, lse)
+    # Each split's partial output, weighted by its share 2^(lse_s - max) of the row's sum.
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for s in range(0, SPLITS):
@@ -182,6 +196,7 @@ def _attn_combine_kernel(
         part = tl.load(part_ptr + row_index[:, None] * D + cols[None, :], mask=mask, other=0.0)
         acc += w[:, None] * part
         total += w
+    # o = the weighted sum over the sum of the weights, in o's dtype.
     o_rows = bh.to(tl.int64) * Lq + rows
     out = acc / total[:, None]
     tl.store(o_ptr + o_rows[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
@@ -243,7 +258,7 @@ def plan(
     return Plan(block_m, block_n, block_dk, block_dv, kv_splits, keys_per_split, num_warps, 2)
 
 
-def attention(
+def launch_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -297,3 +312,26 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         raise ValueError("attention (backend 'triton'): k and v have no keys (Lk = 0); softmax is undefined")
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"attention (backend 'triton'): scale must be finite, got {scale}")
+
+
+# --- the custom op torch.ops.fastddpm_triton.attention ---------------------------------------------
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return launch_attention(q, k, v, scale)
+
+
+custom_ops.define(
+    "fastddpm_triton::attention",
+    _forward,
+    fake=lambda q, *_: q.new_empty(q.shape),
+    reference=reference.attention,
+)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v through the custom op. The reference's signature; inputs checked
+    by fastddpm.ops."""
+    check_attention(q, k, v, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.fastddpm_triton.attention(q, k, v, scale)

@@ -1,8 +1,9 @@
 """The fused DDPM / DDIM reverse step in Triton: x_{t-1} = mean(x_t, eps) + sigma_t z.
 
 x_t, eps (N, C, H, W), fp32/fp16/bf16, contiguous or channels_last. One row of the step table
-(S, 7) (columns: fastddpm.schedule) is read on the device at t, which is a scalar argument, a
-shared device tensor t[0] or a per-sample one t[n]; so a step can be captured in a CUDA graph.
+(S, NUM_COEFS) (columns: fastddpm.schedule) is read on the device at t, which is a scalar
+argument, a shared device tensor t[0] or a per-sample one t[n]; so a step can be captured in a
+CUDA graph.
 A t outside the table is never clamped: every element of the affected samples is NaN (all of
 them for a shared t, sample n for a bad t[n]), and nothing outside the table is read.
 
@@ -26,18 +27,35 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm.schedule import NUM_COEFS, StepTable
+from fastddpm import custom_ops, schedule
+from fastddpm.custom_ops import StepArgs
+from fastddpm.schedule import StepTable
 
 from ._common import check_device, device_guard, memory_format_of, next_pow2, num_sms
 
 MASK32 = 0xFFFFFFFF
 
 # Layouts of the step kernel's tiles.
-GROUPED, FLAT, CHANNELS_LAST = 0, 1, 2
+GROUPED = tl.constexpr(0)  # contiguous, C*H*W % 4 == 0: tiles [BLOCK // 4, 4] of 4-element Philox groups
+FLAT = tl.constexpr(1)  # contiguous: tiles of BLOCK elements, each with its own Philox call
+CHANNELS_LAST = tl.constexpr(2)  # channels_last: tiles [BLOCK_HW positions, BLOCK_C channels]
 # Where t comes from.
-T_SCALAR, T_SHARED, T_PER_SAMPLE = 0, 1, 2
-# Where z comes from.
-NO_NOISE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
+T_SCALAR = tl.constexpr(0)  # the t_scalar argument
+T_SHARED = tl.constexpr(1)  # t_ptr[0], one t for the batch
+T_PER_SAMPLE = tl.constexpr(2)  # t_ptr[n] for sample n
+# Where z comes from: the noise modes of the C ABI (FASTDDPM_NOISE_* in fastddpm.h).
+NOISE_NONE = tl.constexpr(0)  # no noise term (every sigma is 0)
+NOISE_TENSOR = tl.constexpr(1)  # read from `noise`
+NOISE_PHILOX = tl.constexpr(2)  # Philox4x32-10 normals at (seed, offset)
+# The step table's columns (fastddpm.schedule), as constants the kernel reads.
+SQRT_RECIP_ABAR = tl.constexpr(schedule.SQRT_RECIP_ABAR)
+SQRT_RECIPM1_ABAR = tl.constexpr(schedule.SQRT_RECIPM1_ABAR)
+COEF_X0 = tl.constexpr(schedule.COEF_X0)
+COEF_XT = tl.constexpr(schedule.COEF_XT)
+DIRECT_XT = tl.constexpr(schedule.DIRECT_XT)
+DIRECT_EPS = tl.constexpr(schedule.DIRECT_EPS)
+SIGMA = tl.constexpr(schedule.SIGMA)
+NUM_COEFS = tl.constexpr(schedule.NUM_COEFS)
 
 
 @triton.jit
@@ -79,40 +97,6 @@ def _philox_normal_at(j, seed, off_lo, off_hi):
     return tl.where(lane == 0, z0, tl.where(lane == 1, z1, tl.where(lane == 2, z2, z3)))
 
 
-@triton.jit
-def _step_tile(
-    x_ptr,
-    eps_ptr,
-    noise_ptr,
-    out_ptr,
-    offs,
-    mask,
-    z,
-    a,
-    b,
-    c_x0,
-    c_xt,
-    d_xt,
-    d_eps,
-    sigma,
-    CLIP: tl.constexpr,
-    NOISE: tl.constexpr,
-):
-    """out = mean + sigma z on one tile; z is used when NOISE == 2 (Philox), read when NOISE == 1."""
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if CLIP:
-        x0 = tl.minimum(tl.maximum(a * x - b * e, -1.0), 1.0)
-        out = c_x0 * x0 + c_xt * x
-    else:
-        out = d_xt * x - d_eps * e
-    if NOISE == 1:
-        out += sigma * tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if NOISE == 2:
-        out += sigma * z
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 @triton.jit(do_not_specialize=["t_scalar", "seed", "off_lo", "off_hi"])
 def _ddpm_step_kernel(
     x_ptr,
@@ -140,16 +124,16 @@ def _ddpm_step_kernel(
     BLOCK: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    NUM_COEF: tl.constexpr,
 ):
     """One tile of sample n = program_id(1). Grid: (tiles per sample, N).
 
-    LAYOUT 0 (grouped): contiguous, C*H*W % 4 == 0, tile [BLOCK // 4, 4] of 4-element Philox groups.
-    LAYOUT 1 (flat): contiguous, tile of BLOCK elements. LAYOUT 2: channels_last, tile
-    [BLOCK_HW, BLOCK_C] of (position, channel), tile index = hw tile * n_c_tiles + c tile.
-    SEED_ON_DEVICE / OFFSET_ON_DEVICE: read seed from seed_ptr[0] / the offset from offset_ptr[0]
-    (int64) instead of the seed / off_lo, off_hi arguments.
+    LAYOUT (GROUPED, FLAT or CHANNELS_LAST) shapes the tile; a CHANNELS_LAST tile's index is
+    hw tile * n_c_tiles + c tile. T_MODE (T_SCALAR, T_SHARED, T_PER_SAMPLE) says where t is read,
+    NOISE (NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX) where z comes from. SEED_ON_DEVICE /
+    OFFSET_ON_DEVICE: read the seed from seed_ptr[0] / the offset from offset_ptr[0] (int64)
+    instead of the seed / off_lo, off_hi arguments.
     """
+    # Philox key and counter words: from device memory where a captured graph replays new ones.
     if SEED_ON_DEVICE:
         seed = tl.load(seed_ptr)
     if OFFSET_ON_DEVICE:
@@ -159,54 +143,72 @@ def _ddpm_step_kernel(
     pid = tl.program_id(0)
     n = tl.program_id(1)
     CHW = C * HW
-    if T_MODE == 0:
+
+    # The step index t of sample n.
+    if T_MODE == T_SCALAR:
         t = t_scalar.to(tl.int64)
-    elif T_MODE == 1:
+    elif T_MODE == T_SHARED:
         t = tl.load(t_ptr).to(tl.int64)
     else:
         t = tl.load(t_ptr + n).to(tl.int64)
-    # A t outside the table is never clamped: its coefficients are NaN (the row is not read), so
-    # every element of the sample comes out NaN.
-    t_ok = (t >= 0) & (t < num_steps)
-    row = coef_ptr + tl.where(t_ok, t, 0) * NUM_COEF
-    a = tl.load(row + 0, mask=t_ok, other=float("nan"))
-    b = tl.load(row + 1, mask=t_ok, other=float("nan"))
-    c_x0 = tl.load(row + 2, mask=t_ok, other=float("nan"))
-    c_xt = tl.load(row + 3, mask=t_ok, other=float("nan"))
-    d_xt = tl.load(row + 4, mask=t_ok, other=float("nan"))
-    d_eps = tl.load(row + 5, mask=t_ok, other=float("nan"))
-    sigma = tl.load(row + 6, mask=t_ok, other=float("nan"))
-    sample = n.to(tl.int64) * CHW  # first element of sample n, in memory and in logical order
 
-    if LAYOUT == 0:
-        g = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # 4-element group within the sample
+    # Row t of the step table. A t outside the table is never clamped: the row is not read and its
+    # coefficients are NaN, so every element of the sample comes out NaN.
+    t_ok = (t >= 0) & (t < num_steps)
+    row = coef_ptr + tl.where(t_ok, t, 0) * NUM_COEFS
+    sqrt_recip_abar = tl.load(row + SQRT_RECIP_ABAR, mask=t_ok, other=float("nan"))
+    sqrt_recipm1_abar = tl.load(row + SQRT_RECIPM1_ABAR, mask=t_ok, other=float("nan"))
+    coef_x0 = tl.load(row + COEF_X0, mask=t_ok, other=float("nan"))
+    coef_xt = tl.load(row + COEF_XT, mask=t_ok, other=float("nan"))
+    direct_xt = tl.load(row + DIRECT_XT, mask=t_ok, other=float("nan"))
+    direct_eps = tl.load(row + DIRECT_EPS, mask=t_ok, other=float("nan"))
+    sigma = tl.load(row + SIGMA, mask=t_ok, other=float("nan"))
+
+    # The tile: offsets into x, eps, noise and out, their mask, and z where the kernel draws it.
+    # Sample n starts at n * C*H*W, in memory and in the logical (N, C, H, W) order.
+    sample = n.to(tl.int64) * CHW
+    if LAYOUT == GROUPED:
+        # Row g of the tile is the sample's 4-element Philox group g: one call serves four.
+        g = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
         lane = tl.arange(0, 4)
         i = g[:, None] * 4 + lane[None, :]
         mask = i < CHW
-        z = tl.zeros([BLOCK // 4, 4], dtype=tl.float32)
-        if NOISE == 2:
+        if NOISE == NOISE_PHILOX:
             z0, z1, z2, z3 = _philox_normal4(sample // 4 + g, seed, off_lo, off_hi)
             z = _lanes(lane, z0, z1, z2, z3)
         offs = sample + i
-    elif LAYOUT == 1:
+    elif LAYOUT == FLAT:
+        # BLOCK consecutive elements, each taking its lane of its own Philox call.
         i = pid * BLOCK + tl.arange(0, BLOCK)
         mask = i < CHW
         offs = sample + i
-        z = tl.zeros([BLOCK], dtype=tl.float32)
-        if NOISE == 2:
+        if NOISE == NOISE_PHILOX:
             z = _philox_normal_at(offs, seed, off_lo, off_hi)
     else:
+        # [BLOCK_HW positions, BLOCK_C channels], channels contiguous in memory; z is drawn at
+        # each element's logical index, whatever the memory layout.
         hw = (pid // n_c_tiles) * BLOCK_HW + tl.arange(0, BLOCK_HW)
         c = (pid % n_c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (hw < HW)[:, None] & (c < C)[None, :]
         offs = sample + hw[:, None] * C + c[None, :]
-        z = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
-        if NOISE == 2:
+        if NOISE == NOISE_PHILOX:
             z = _philox_normal_at(sample + c[None, :] * HW + hw[:, None], seed, off_lo, off_hi)
-    _step_tile(
-        x_ptr, eps_ptr, noise_ptr, out_ptr, offs, mask, z,
-        a, b, c_x0, c_xt, d_xt, d_eps, sigma, CLIP, NOISE,
-    )  # fmt: skip
+
+    # The posterior mean: from the clipped x0, or directly from eps.
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(sqrt_recip_abar * x - sqrt_recipm1_abar * e, -1.0), 1.0)
+        out = coef_x0 * x0 + coef_xt * x
+    else:
+        out = direct_xt * x - direct_eps * e
+
+    # x_{t-1} = mean + sigma z, stored in out's dtype.
+    if NOISE == NOISE_TENSOR:
+        out += sigma * tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if NOISE == NOISE_PHILOX:
+        out += sigma * z
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed", "off_lo", "off_hi"])
@@ -230,11 +232,12 @@ def _warps(block: int) -> int:
     return max(4, block // 256)
 
 
-def ddpm_step(
+def launch_ddpm_step(
     x_t: torch.Tensor,
     eps: torch.Tensor,
-    t: int | torch.Tensor,
-    table: StepTable,
+    i: int | torch.Tensor,
+    coefficients: torch.Tensor,
+    stochastic: bool,
     *,
     noise: torch.Tensor | None = None,
     seed: int | torch.Tensor | None = None,
@@ -245,6 +248,8 @@ def ddpm_step(
 ) -> torch.Tensor:
     """Launch; returns x_{t-1} in x_t's dtype and memory format. Inputs checked by fastddpm.ops.
 
+    i: the step index, an int or an integer tensor of shape (), (1,) or (N,); coefficients: the
+    step table's (S, NUM_COEFS). z is `noise` where given, else Philox at (seed, offset).
     eps and noise are brought to x_t's memory format (a copy only if they differ). `layout`
     (FLAT forces per-element Philox on a contiguous tensor) and `block` override the heuristic.
     """
@@ -256,23 +261,23 @@ def ddpm_step(
         return out
     N, C, H, W = x_t.shape
     HW = H * W
-    coef = table.coef
+    coef = coefficients
     if coef.dtype != torch.float32 or not coef.is_contiguous():
         coef = coef.float().contiguous()
 
-    if isinstance(t, torch.Tensor):
-        t_mode = T_PER_SAMPLE if t.numel() == N and N > 1 else T_SHARED
-        t_arg = t.reshape(-1)
+    if isinstance(i, torch.Tensor):
+        t_mode = T_PER_SAMPLE if i.numel() == N and N > 1 else T_SHARED
+        t_arg = i.reshape(-1)
         if t_arg.device != x_t.device:
             t_arg = t_arg.to(x_t.device)
         if t_arg.dtype not in (torch.int32, torch.int64):
             t_arg = t_arg.long()
         t_scalar = 0
     else:
-        t_mode, t_arg, t_scalar = T_SCALAR, coef, int(t)
+        t_mode, t_arg, t_scalar = T_SCALAR, coef, int(i)
 
-    noise_mode = NO_NOISE
-    if table.stochastic:
+    noise_mode = NOISE_NONE
+    if stochastic:
         if noise is not None:
             noise_mode, noise = NOISE_TENSOR, noise.contiguous(memory_format=fmt)
         else:
@@ -298,12 +303,13 @@ def ddpm_step(
         n_c_tiles = 1
         tiles = triton.cdiv(C * HW, block)
     with device_guard(x_t.device):
+        # The modes go in as plain ints; their tl.constexpr names serve the kernel's branches.
         _ddpm_step_kernel[(tiles, N)](
             x_t, eps, noise if noise_mode == NOISE_TENSOR else x_t, out, coef, t_arg, t_scalar, coef.shape[0],
             C, HW, seed, offset & MASK32, offset >> 32, seed_ptr, offset_ptr, n_c_tiles,
-            LAYOUT=layout, T_MODE=t_mode, NOISE=noise_mode, CLIP=clip_x0,
+            LAYOUT=int(layout), T_MODE=int(t_mode), NOISE=int(noise_mode), CLIP=clip_x0,
             SEED_ON_DEVICE=seed_ptr is not coef, OFFSET_ON_DEVICE=offset_ptr is not coef,
-            BLOCK=block, BLOCK_HW=block_hw, BLOCK_C=block_c, NUM_COEF=NUM_COEFS, num_warps=_warps(block),
+            BLOCK=block, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=_warps(block),
         )  # fmt: skip
     return out
 
@@ -336,3 +342,41 @@ def check_ddpm_step(
 ) -> None:
     """What only this kernel imposes (fastddpm.ops checks the rest)."""
     check_device("ddpm_step", x_t=x_t, eps=eps, noise=noise, table=table.coef)
+
+
+# --- the custom op torch.ops.fastddpm_triton.ddpm_step ---------------------------------------------
+
+
+def _forward(args: StepArgs) -> torch.Tensor:
+    return launch_ddpm_step(
+        args.x_t,
+        args.eps,
+        args.i,
+        args.coefficients,
+        args.stochastic,
+        noise=args.noise,
+        seed=args.seed,
+        offset=args.offset,
+        clip_x0=args.clip_x0,
+    )
+
+
+custom_ops.define("fastddpm_triton::ddpm_step", _forward, fake=StepArgs.fake, reference=StepArgs.reference)
+
+
+def ddpm_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    i: int | torch.Tensor,
+    table: StepTable,
+    *,
+    noise: torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
+    clip_x0: bool = True,
+) -> torch.Tensor:
+    """One reverse step at step index i, through the custom op. The reference's signature; inputs
+    checked by fastddpm.ops."""
+    check_ddpm_step(x_t, eps, noise, table)
+    args = custom_ops.step_args(x_t, eps, i, table, noise=noise, seed=seed, offset=offset, clip_x0=clip_x0)
+    return torch.ops.fastddpm_triton.ddpm_step(*args)

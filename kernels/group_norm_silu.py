@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastddpm import custom_ops, reference
+
 from ._common import check_device, device_guard, memory_format_of, next_pow2, num_sms
 
 # Largest tile (elements, padded to powers of two) one program holds on chip in one piece, and the
@@ -66,10 +68,8 @@ def _silu(y, SILU: tl.constexpr):
 
 @triton.jit
 def _tile(
-    x_ptr,
-    add_ptr,
-    x_base,
-    add_base,
+    x_group,
+    add_group,
     stride_add_c,
     tile,
     n_hw_tiles,
@@ -79,15 +79,18 @@ def _tile(
     BLOCK_HW: tl.constexpr,
     HAS_ADD: tl.constexpr,
 ):
-    """Tile `tile` of a group: h = x + add (fp32, 0 where masked), its mask, offsets and channels."""
+    """Tile `tile` of a group whose first element of x is x_group (of add: add_group): h = x + add
+    (fp32, 0 where masked), its mask, its offsets from x_group and its channels within the group."""
+    # [BLOCK_C channels, BLOCK_HW positions], tiles numbered channel block first.
     c = (tile // n_hw_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     hw = (tile % n_hw_tiles) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_ok = c < Cg
     mask = c_ok[:, None] & (hw < HW)[None, :]
     offs = c[:, None] * HW + hw[None, :]
-    h = tl.load(x_ptr + x_base + offs, mask=mask, other=0.0).to(tl.float32)
+    # h = x + add[n, c], broadcast along the positions.
+    h = tl.load(x_group + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
-        a = tl.load(add_ptr + add_base + c * stride_add_c, mask=c_ok, other=0.0).to(tl.float32)
+        a = tl.load(add_group + c * stride_add_c, mask=c_ok, other=0.0).to(tl.float32)
         h = tl.where(mask, h + a[:, None], 0.0)
     return h, mask, offs, c
 
@@ -104,10 +107,8 @@ def _tile_stats(h, mask):
 
 @triton.jit
 def _chunk_stats(
-    x_ptr,
-    add_ptr,
-    x_base,
-    add_base,
+    x_group,
+    add_group,
     stride_add_c,
     first,
     last,
@@ -121,44 +122,29 @@ def _chunk_stats(
     """(count, mean, M2) over tiles [first, last) of a group. The first tile's mean is the shift the
     later tiles are reduced and merged about, so the running mean stays small and exact in fp32."""
     h, mask, offs, c = _tile(
-        x_ptr, add_ptr, x_base, add_base, stride_add_c, first, n_hw_tiles, Cg, HW,
-        BLOCK_C, BLOCK_HW, HAS_ADD,
-    )  # fmt: skip
+        x_group, add_group, stride_add_c, first, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+    )
     count, shift, m2 = _tile_stats(h, mask)
     mean = 0.0
     for tile in range(first + 1, last):
         h, mask, offs, c = _tile(
-            x_ptr, add_ptr, x_base, add_base, stride_add_c, tile, n_hw_tiles, Cg, HW,
-            BLOCK_C, BLOCK_HW, HAS_ADD,
-        )  # fmt: skip
+            x_group, add_group, stride_add_c, tile, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+        )
         count_b, mean_b, m2_b = _tile_stats(tl.where(mask, h - shift, 0.0), mask)
         count, mean, m2 = _merge(count, mean, m2, count_b, mean_b, m2_b)
     return count, shift + mean, m2
 
 
 @triton.jit
-def _apply_tile(
-    h,
-    mask,
-    offs,
-    c,
-    y_ptr,
-    y_base,
-    w_ptr,
-    b_ptr,
-    c0,
-    Cg,
-    mean,
-    rstd,
-    SILU: tl.constexpr,
-):
-    """y = (h - mean) * rstd * w + b, then SiLU; stored in y's dtype."""
+def _apply_tile(h, mask, offs, c, y_group, w_group, b_group, Cg, mean, rstd, SILU: tl.constexpr):
+    """y = (h - mean) * rstd * w + b, then SiLU; stored in y's dtype at y_group + offs. w_group,
+    b_group: the group's first channel of weight and bias."""
     c_ok = c < Cg
-    w = tl.load(w_ptr + c0 + c, mask=c_ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + c0 + c, mask=c_ok, other=0.0).to(tl.float32)
+    w = tl.load(w_group + c, mask=c_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_group + c, mask=c_ok, other=0.0).to(tl.float32)
     scale = w * rstd
     y = _silu((h - mean) * scale[:, None] + b[:, None], SILU)  # centred first: no cancellation
-    tl.store(y_ptr + y_base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_group + offs, y.to(y_group.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -195,27 +181,27 @@ def _gn_fused_kernel(
     SILU: tl.constexpr,
 ):
     """One program per (n, g). Grid: (N * G,)."""
-    pid = tl.program_id(0)
-    x_base, add_base, c0 = _bases(pid, G, C, HW, Cg, stride_add_n)
+    # The group's Cg x HW elements are contiguous in x and y; its add and parameters start at c0.
+    x_base, add_base, c0 = _bases(tl.program_id(0), G, C, HW, Cg, stride_add_n)
+    x_group, y_group, add_group = x_ptr + x_base, y_ptr + x_base, add_ptr + add_base
+    w_group, b_group = w_ptr + c0, b_ptr + c0
     if ONE_TILE:
-        h, mask, offs, c = _tile(
-            x_ptr, add_ptr, x_base, add_base, stride_add_c, 0, 1, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
-        )
+        # The whole group in one tile: read x once, normalize it from registers.
+        h, mask, offs, c = _tile(x_group, add_group, stride_add_c, 0, 1, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD)
         count, mean, m2 = _tile_stats(h, mask)
         rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
-        _apply_tile(h, mask, offs, c, y_ptr, x_base, w_ptr, b_ptr, c0, Cg, mean, rstd, SILU)
+        _apply_tile(h, mask, offs, c, y_group, w_group, b_group, Cg, mean, rstd, SILU)
     else:
+        # The group's statistics over all its tiles, then a second pass normalizes each tile.
         count, mean, m2 = _chunk_stats(
-            x_ptr, add_ptr, x_base, add_base, stride_add_c, 0, num_tiles, n_hw_tiles, Cg, HW,
-            BLOCK_C, BLOCK_HW, HAS_ADD,
-        )  # fmt: skip
+            x_group, add_group, stride_add_c, 0, num_tiles, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+        )
         rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
         for tile in range(0, num_tiles):
             h, mask, offs, c = _tile(
-                x_ptr, add_ptr, x_base, add_base, stride_add_c, tile, n_hw_tiles, Cg, HW,
-                BLOCK_C, BLOCK_HW, HAS_ADD,
-            )  # fmt: skip
-            _apply_tile(h, mask, offs, c, y_ptr, x_base, w_ptr, b_ptr, c0, Cg, mean, rstd, SILU)
+                x_group, add_group, stride_add_c, tile, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+            )
+            _apply_tile(h, mask, offs, c, y_group, w_group, b_group, Cg, mean, rstd, SILU)
 
 
 @triton.jit
@@ -240,13 +226,16 @@ def _gn_stats_kernel(
     """(count, mean, M2) of chunk s of group (n, g) -> partial[n * G + g, s, :]. Grid: (N * G, SPLIT)."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
+    # The group's first element of x and of add.
     x_base, add_base, c0 = _bases(pid, G, C, HW, Cg, stride_add_n)
+    x_group, add_group = x_ptr + x_base, add_ptr + add_base
+    # Chunk s: the group's tiles [s * tiles_per_split, +tiles_per_split).
     first = s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     count, mean, m2 = _chunk_stats(
-        x_ptr, add_ptr, x_base, add_base, stride_add_c, first, last, n_hw_tiles, Cg, HW,
-        BLOCK_C, BLOCK_HW, HAS_ADD,
-    )  # fmt: skip
+        x_group, add_group, stride_add_c, first, last, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+    )
+    # partial[pid, s] = (count, mean, M2).
     out = partial_ptr + (pid.to(tl.int64) * SPLIT + s) * 3
     tl.store(out, count)
     tl.store(out + 1, mean)
@@ -282,6 +271,9 @@ def _gn_apply_kernel(
     pid = tl.program_id(0)
     s = tl.program_id(1)
     x_base, add_base, c0 = _bases(pid, G, C, HW, Cg, stride_add_n)
+    x_group, y_group, add_group = x_ptr + x_base, y_ptr + x_base, add_ptr + add_base
+    w_group, b_group = w_ptr + c0, b_ptr + c0
+    # The group's statistics: its SPLIT chunks' (count, mean, M2) merged in one step.
     k = tl.arange(0, BLOCK_SPLIT)
     parts = partial_ptr + (pid.to(tl.int64) * SPLIT + k) * 3
     k_ok = k < SPLIT
@@ -293,14 +285,14 @@ def _gn_apply_kernel(
     d = means - mean
     m2 = tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)
     rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
+    # Normalize the tiles of chunk s.
     first = s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     for tile in range(first, last):
         h, mask, offs, c = _tile(
-            x_ptr, add_ptr, x_base, add_base, stride_add_c, tile, n_hw_tiles, Cg, HW,
-            BLOCK_C, BLOCK_HW, HAS_ADD,
-        )  # fmt: skip
-        _apply_tile(h, mask, offs, c, y_ptr, x_base, w_ptr, b_ptr, c0, Cg, mean, rstd, SILU)
+            x_group, add_group, stride_add_c, tile, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+        )
+        _apply_tile(h, mask, offs, c, y_group, w_group, b_group, Cg, mean, rstd, SILU)
 
 
 # --- NHWC: one program per GPP groups side by side ----------------------------------------------
@@ -448,16 +440,19 @@ def _gn_nhwc_fused_kernel(
     SILU: tl.constexpr,
 ):
     """One program per (n, GPP groups). Grid: (N * cdiv(G, GPP),)."""
+    # The program's channels of sample n, and their add, weight and bias, loaded once.
     n, c, c_ok, group, x_base, _ = _nhwc_columns(tl.program_id(0), G, C, HW, CG, GPP, BLOCK_CH)
     a = _nhwc_add(add_ptr, n, c, c_ok, stride_add_n, stride_add_c, HAS_ADD)
     w, b = _nhwc_column(w_ptr, c, c_ok), _nhwc_column(b_ptr, c, c_ok)
     if ONE_TILE:
+        # Every position in one tile: read x once, normalize it from registers.
         h, mask, offs, rows = _nhwc_tile(x_ptr, x_base, 0, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD)
         count, mean, m2, d = _nhwc_tile_stats(h, mask, rows, group, CG, BLOCK_G)
         mean, m2, centred = _nhwc_refine(count, mean, m2, d, group, BLOCK_G)
         rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
         _nhwc_apply_tile(centred, mask, offs, y_ptr, _to_columns(rstd, group, BLOCK_G) * w, b, SILU)
     else:
+        # Each group's statistics over all the tiles, then a second pass normalizes each tile.
         count, mean, m2 = _nhwc_chunk_stats(
             x_ptr, x_base, 0, num_tiles, c, c_ok, a, group, HW, C, CG, BLOCK_HW, BLOCK_G, HAS_ADD
         )
@@ -491,13 +486,16 @@ def _gn_nhwc_stats_kernel(
     """(count, mean, M2) of chunk s of each of the program's groups n * G + g -> partial[n * G + g,
     s, :]. Grid: (N * cdiv(G, GPP), SPLIT)."""
     s = tl.program_id(1)
+    # The program's channels of sample n and their add.
     n, c, c_ok, group, x_base, first_group = _nhwc_columns(tl.program_id(0), G, C, HW, CG, GPP, BLOCK_CH)
     a = _nhwc_add(add_ptr, n, c, c_ok, stride_add_n, stride_add_c, HAS_ADD)
+    # Chunk s: tiles [s * tiles_per_split, +tiles_per_split) of positions.
     first = s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     count, mean, m2 = _nhwc_chunk_stats(
         x_ptr, x_base, first, last, c, c_ok, a, group, HW, C, CG, BLOCK_HW, BLOCK_G, HAS_ADD
     )
+    # partial[first_group + k, s] = (count, mean, M2) of each of the program's groups k.
     k = tl.arange(0, BLOCK_G)
     k_ok = (k < GPP) & (first_group % G + k < G)
     out = partial_ptr + ((first_group + k).to(tl.int64) * SPLIT + s) * 3
@@ -535,9 +533,11 @@ def _gn_nhwc_apply_kernel(
     """Merge each of the program's groups' SPLIT partials, then normalize chunk s.
     Grid: (N * cdiv(G, GPP), SPLIT)."""
     s = tl.program_id(1)
+    # The program's channels of sample n, and their add, weight and bias, loaded once.
     n, c, c_ok, group, x_base, first_group = _nhwc_columns(tl.program_id(0), G, C, HW, CG, GPP, BLOCK_CH)
     a = _nhwc_add(add_ptr, n, c, c_ok, stride_add_n, stride_add_c, HAS_ADD)
     w, b = _nhwc_column(w_ptr, c, c_ok), _nhwc_column(b_ptr, c, c_ok)
+    # Each group's statistics: its SPLIT chunks' (count, mean, M2), [BLOCK_SPLIT, BLOCK_G], merged.
     k = tl.arange(0, BLOCK_G)
     part = tl.arange(0, BLOCK_SPLIT)
     ok = (part < SPLIT)[:, None] & ((k < GPP) & (first_group % G + k < G))[None, :]
@@ -550,6 +550,7 @@ def _gn_nhwc_apply_kernel(
     d = means - mean[None, :]
     m2 = tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)
     rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
+    # Normalize the tiles of chunk s, each column by its group's mean and rstd.
     mean_c, scale_c = _to_columns(mean, group, BLOCK_G), _to_columns(rstd, group, BLOCK_G) * w
     first = s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
@@ -648,7 +649,7 @@ def plan(
     return Plan(block_c, block_hw, gpp, split, tiles_per_split, num_tiles, n_hw_tiles, num_warps)
 
 
-def group_norm_silu(
+def launch_group_norm_silu(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
@@ -745,3 +746,42 @@ def _launch_nhwc(x, weight, bias, add, y, p: Plan, G: int, eps: float, silu: boo
 def check_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add) -> None:
     """What only this kernel imposes (fastddpm.ops checks the rest): a device Triton runs on."""
     check_device("group_norm_silu", x=x, weight=weight, bias=bias, add=add)
+
+
+# --- the custom op torch.ops.fastddpm_triton.group_norm_silu ---------------------------------------
+
+
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+    add: torch.Tensor | None,
+) -> torch.Tensor:
+    return launch_group_norm_silu(x, weight, bias, num_groups, eps, silu=silu, add=add)
+
+
+custom_ops.define(
+    "fastddpm_triton::group_norm_silu",
+    _forward,
+    fake=custom_ops.output_like,
+    reference=reference.group_norm_silu,
+)
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float = 1e-6,
+    *,
+    silu: bool = True,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = SiLU(GroupNorm(x + add[:, :, None, None])) through the custom op. The reference's
+    signature; inputs checked by fastddpm.ops."""
+    check_group_norm_silu(x, weight, bias, add)
+    return torch.ops.fastddpm_triton.group_norm_silu(x, weight, bias, num_groups, float(eps), silu, add)

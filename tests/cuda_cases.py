@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastddpm import cuda, custom_ops, ops, reference
+from fastddpm import cuda, ops, reference
 from fastddpm.schedule import Schedule, StepTable
 
 from .test_reference_ops import TOLERANCE  # DESIGN.md, "Equal means"
@@ -80,8 +80,10 @@ class EmulatedRunner:
         return cuda.launch_attention(self.lib, q, k, v, scale, None)
 
     def ddpm_step(self, x_t, eps, t, table, noise, seed, offset, clip_x0):
-        args = custom_ops.ddpm_step_args(x_t, eps, t, table, noise, seed, offset, clip_x0)
-        return cuda.launch_ddpm_step(self.lib, *args, None)
+        return cuda.launch_ddpm_step(
+            self.lib, x_t, eps, t, table.coef, table.stochastic,
+            noise=noise, seed=seed, offset=offset, clip_x0=clip_x0, stream=None,
+        )  # fmt: skip
 
 
 EMULATOR_SOURCES = [

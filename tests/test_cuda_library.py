@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fastddpm import cuda, ops, reference
+from fastddpm.custom_ops import StepArgs
 from fastddpm.schedule import StepTable
 
 from . import cuda_cases
@@ -403,10 +404,10 @@ def test_cpu_tensors_are_refused_with_a_reason():
     with pytest.raises(
         ValueError, match="the cuda backend's group_norm_silu runs on CUDA tensors; x is on cpu"
     ):
-        cuda.group_norm_silu(x, torch.ones(8), torch.zeros(8), 4)
+        cuda.group_norm_silu.group_norm_silu(x, torch.ones(8), torch.zeros(8), 4)
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="attention runs on CUDA tensors; q is on cpu"):
-        cuda.attention(q, q, q)
+        cuda.attention.attention(q, q, q)
 
 
 def test_fake_implementations_trace_without_a_gpu(lib):
@@ -428,9 +429,11 @@ def test_fake_implementations_trace_without_a_gpu(lib):
         coef = torch.empty(1000, 7, device="cuda")
         xt = torch.empty(2, 3, 32, 32, device="cuda")
         offset = torch.empty((), dtype=torch.int64, device="cuda")
-        out = torch.ops.fastddpm_cuda.ddpm_step(
-            xt, xt, None, 5, coef, True, None, [1, 0, 0, 0], True, None, offset
-        )
+        args = StepArgs(
+            x_t=xt, eps=xt, i_tensor=None, i_int=5, coefficients=coef, stochastic=True, noise=None,
+            seed_words=[1, 0, 0, 0], seed_tensor=None, offset_tensor=offset, clip_x0=True,
+        )  # fmt: skip
+        out = torch.ops.fastddpm_cuda.ddpm_step(*args)
         assert out.shape == xt.shape and out.device.type == "cuda"
 
 

@@ -98,11 +98,11 @@ def test_t_out_of_range():
     table = Schedule.from_name().respace(50).step_table()
     x = torch.randn(1, 3, 4, 4)
     for bad in (50, -1):
-        with pytest.raises(ValueError, match=rf"t={bad} out of range: the table has steps 0..49"):
+        with pytest.raises(ValueError, match=rf"i={bad} is out of range: the table has steps 0..49"):
             ops.ddpm_step(x, x, bad, table, noise=x)
-    with pytest.raises(ValueError, match="t out of range"):
+    with pytest.raises(ValueError, match="i is out of range"):
         ops.ddpm_step(x, x, torch.tensor([60]), table, noise=x)
-    with pytest.raises(ValueError, match="t must be an integer tensor"):
+    with pytest.raises(ValueError, match="i must be an integer tensor"):
         ops.ddpm_step(x, x, torch.tensor(3.0), table, noise=x)
     with pytest.raises(ValueError, match="cannot take 2000 steps"):
         fastddpm.Sampler(UNet(PRESETS["tiny"])).sample(1, steps=2000, progress=False)

@@ -138,7 +138,7 @@ def test_ddpm_step_tensor_t_outside_the_table_gives_nan_samples():
         assert torch.equal(out[:1], reference.ddpm_step(x, eps, 5, table, clip_x0=clip, **kw)[:1])
         for t in (torch.tensor(1000), torch.tensor([-1]), torch.tensor(2**40)):
             assert reference.ddpm_step(x, eps, t, table, clip_x0=clip, **kw).isnan().all()
-    with pytest.raises(ValueError, match="t out of range"):
+    with pytest.raises(ValueError, match="i is out of range"):
         ops.ddpm_step(x, eps, torch.tensor([5, 1000, -1]), table, noise=z)
 
 

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from fastddpm.kernels._common import INTERPRET, device_guard  # noqa: E402
-from fastddpm.kernels.attention import attention as launch  # noqa: E402
+from fastddpm.kernels.attention import launch_attention as launch  # noqa: E402
 from fastddpm.kernels.attention import plan  # noqa: E402
 
 from fastddpm import ops, reference  # noqa: E402

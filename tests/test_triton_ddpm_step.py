@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from fastddpm.kernels._common import INTERPRET  # noqa: E402
 from fastddpm.kernels.ddpm_step import CHANNELS_LAST, FLAT, GROUPED, philox_normal  # noqa: E402
-from fastddpm.kernels.ddpm_step import ddpm_step as launch  # noqa: E402
+from fastddpm.kernels.ddpm_step import launch_ddpm_step as launch  # noqa: E402
 
 from fastddpm import ops, reference  # noqa: E402
 from fastddpm.schedule import NUM_COEFS, SIGMA, Schedule, StepTable  # noqa: E402
@@ -124,7 +124,7 @@ def test_t_outside_the_table_gives_nan_samples(t, bad, clip_x0, noise_from, chan
     table = TABLES["fixedlarge"]
     x, eps, noise = tensors((3, 3, 4, 4), torch.float32, channels_last, seed=4)
     kw = {"noise": noise} if noise_from == "tensor" else {"seed": 3, "offset": 1}
-    out = launch(x, eps, t.to(DEVICE), table, clip_x0=clip_x0, **kw).cpu()
+    out = launch(x, eps, t.to(DEVICE), table.coef, table.stochastic, clip_x0=clip_x0, **kw).cpu()
     nan = out.isnan().flatten(1)
     good = [n for n in range(3) if n not in bad]
     assert nan[bad].all() and not nan[good].any()
@@ -164,7 +164,8 @@ def test_in_kernel_noise_is_the_reference_layout(shape, layout, seed, offset):
     x = torch.zeros(shape, device=DEVICE)
     if layout == CHANNELS_LAST:
         x = x.contiguous(memory_format=torch.channels_last)
-    z = launch(x, x, 0, identity_noise_table(DEVICE), seed=seed, offset=offset, clip_x0=False, layout=layout)
+    table = identity_noise_table(DEVICE)
+    z = launch(x, x, 0, table.coef, table.stochastic, seed=seed, offset=offset, clip_x0=False, layout=layout)
     ref = reference.philox_normal(seed, offset, shape)
     assert (z.cpu() - ref).abs().max().item() <= NOISE_TOLERANCE
 
@@ -184,8 +185,8 @@ def test_seed_and_offset_tensors_equal_ints_bit_for_bit(shape, layout, on_device
     as_tensor = {"seed": seed, "offset": offset}
     for name in ("seed", "offset") if on_device == "both" else (on_device,):
         as_tensor[name] = torch.tensor(ops.uint64_as_int64(as_tensor[name]), device=DEVICE)
-    ints = launch(x, eps, 600, table, seed=seed, offset=offset, layout=layout)
-    tensors_ = launch(x, eps, 600, table, layout=layout, **as_tensor)
+    ints = launch(x, eps, 600, table.coef, table.stochastic, seed=seed, offset=offset, layout=layout)
+    tensors_ = launch(x, eps, 600, table.coef, table.stochastic, layout=layout, **as_tensor)
     assert torch.equal(tensors_, ints)
     assert torch.equal(ops.ddpm_step(x, eps, 600, table, backend="triton", **as_tensor), ints)
 

@@ -56,9 +56,9 @@ def _cases(full: bool):
     """(name, thunk) per launch; each thunk calls a launcher on meta tensors. The default set takes
     every constexpr branch of every kernel; `full` adds the rest of DDPM's production shapes."""
     import torch
-    from fastddpm.kernels.attention import attention
-    from fastddpm.kernels.ddpm_step import FLAT, ddpm_step
-    from fastddpm.kernels.group_norm_silu import group_norm_silu
+    from fastddpm.kernels.attention import launch_attention
+    from fastddpm.kernels.ddpm_step import FLAT, launch_ddpm_step
+    from fastddpm.kernels.group_norm_silu import launch_group_norm_silu
 
     from fastddpm.schedule import Schedule
 
@@ -76,7 +76,7 @@ def _cases(full: bool):
                 x = x.contiguous(memory_format=torch.channels_last)
             w = torch.empty(shape[1], device=meta, dtype=dtype)
             a = torch.empty(shape[:2], device=meta, dtype=dtype) if add else None
-            group_norm_silu(x, w, w, 32, 1e-6, silu=silu, add=a)
+            launch_group_norm_silu(x, w, w, 32, 1e-6, silu=silu, add=a)
 
         cases.append(
             (f"group_norm_silu {tuple(shape)} {dtype} cl={channels_last} add={add} silu={silu}", run)
@@ -91,7 +91,7 @@ def _cases(full: bool):
             else:  # (N, heads, L, D) views of a conv output, L contiguous: another caller's layout
                 q = torch.empty(B, H, D, L, device=meta, dtype=dtype).transpose(-1, -2)
                 k = v = q
-            attention(q, k, v)
+            launch_attention(q, k, v)
 
         cases.append((f"attention {tuple(shape)} {dtype}" + ("" if unet else " L-contiguous"), run))
 
@@ -105,7 +105,9 @@ def _cases(full: bool):
                 scalar = torch.empty((), device=meta, dtype=torch.long)
                 kw = {"seed": scalar, "offset": scalar.clone()}
             tt = t if isinstance(t, int) else torch.zeros(t, device=meta, dtype=torch.long)
-            ddpm_step(x, x, tt, tables[table], clip_x0=clip, layout=layout, **kw)
+            launch_ddpm_step(
+                x, x, tt, tables[table].coef, tables[table].stochastic, clip_x0=clip, layout=layout, **kw
+            )
 
         cases.append((f"ddpm_step {tuple(shape)} {dtype} t={t} {noise} cl={channels_last} {table}", run))
 

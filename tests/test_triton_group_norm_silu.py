@@ -14,7 +14,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from fastddpm.kernels._common import INTERPRET  # noqa: E402
-from fastddpm.kernels.group_norm_silu import group_norm_silu as launch  # noqa: E402
+from fastddpm.kernels.group_norm_silu import launch_group_norm_silu as launch  # noqa: E402
 from fastddpm.kernels.group_norm_silu import plan  # noqa: E402
 
 from fastddpm import ops, reference  # noqa: E402

@@ -5,8 +5,8 @@
 //   x_{t-1} = mean + sigma z
 //
 // (a, b, coef_x0, coef_xt, direct_xt, direct_eps, sigma) is row t of the float32 step table
-// (fastddpm/schedule.py) and t is read from device memory, so a step can be captured in a
-// CUDA graph and replayed for every t. The arithmetic is the reference's, operation by
+// (columns FASTDDPM_STEP_* of fastddpm.h) and t is read from device memory, so a step can be
+// captured in a CUDA graph and replayed for every t. The arithmetic is the reference's, operation by
 // operation and without fused multiply-adds, so with z given the float32 result equals
 // fastddpm.reference.ddpm_step bit for bit; z is `noise` or in-kernel Philox (philox.cuh) at
 // (seed, offset), each a launch argument or read from device memory (so a captured step can
@@ -24,20 +24,21 @@
 #include <cstdint>
 
 #include "fastddpm/common.cuh"
+#include "fastddpm/fastddpm.h"
 #include "fastddpm/philox.cuh"
 
 namespace fastddpm {
 
-// Columns of the step table (fastddpm/schedule.py).
+// The step table's columns (FASTDDPM_STEP_* of fastddpm.h), by their names in the kernels.
 enum StepColumn : int {
-  kSqrtRecipAbar = 0,
-  kSqrtRecipm1Abar = 1,
-  kCoefX0 = 2,
-  kCoefXt = 3,
-  kDirectXt = 4,
-  kDirectEps = 5,
-  kSigma = 6,
-  kNumStepColumns = 7,
+  kSqrtRecipAbar = FASTDDPM_STEP_SQRT_RECIP_ABAR,
+  kSqrtRecipm1Abar = FASTDDPM_STEP_SQRT_RECIPM1_ABAR,
+  kCoefX0 = FASTDDPM_STEP_COEF_X0,
+  kCoefXt = FASTDDPM_STEP_COEF_XT,
+  kDirectXt = FASTDDPM_STEP_DIRECT_XT,
+  kDirectEps = FASTDDPM_STEP_DIRECT_EPS,
+  kSigma = FASTDDPM_STEP_SIGMA,
+  kNumStepColumns = FASTDDPM_STEP_NUM_COEFS,
 };
 
 struct DdpmStepParams {
@@ -45,7 +46,7 @@ struct DdpmStepParams {
   const void* eps;    // predicted noise, same layout
   const void* noise;  // z for FASTDDPM_NOISE_TENSOR, same layout
   void* out;          // x_{t-1}, same layout
-  const float* coef;  // (num_steps, 7)
+  const float* coef;  // (num_steps, kNumStepColumns)
   int64_t num_steps;
   const int64_t* t;  // device step indices (t_numel = 1 or N), or nullptr: use t_host
   int64_t t_numel;

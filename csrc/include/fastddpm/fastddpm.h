@@ -41,6 +41,21 @@ extern "C" {
 #define FASTDDPM_FLOAT16 1
 #define FASTDDPM_BFLOAT16 2
 
+/* Columns of the step table that fastddpm_ddpm_step reads, one row per step index (the column
+ * constants of fastddpm/schedule.py):
+ *   clipped x0:  x0 = clamp(sqrt(1/abar) x_t - sqrt(1/abar - 1) eps, -1, 1),
+ *                mean = coef_x0 x0 + coef_xt x_t
+ *   direct eps:  mean = direct_xt x_t - direct_eps eps
+ *   x_{t-1} = mean + sigma z */
+#define FASTDDPM_STEP_SQRT_RECIP_ABAR 0
+#define FASTDDPM_STEP_SQRT_RECIPM1_ABAR 1
+#define FASTDDPM_STEP_COEF_X0 2
+#define FASTDDPM_STEP_COEF_XT 3
+#define FASTDDPM_STEP_DIRECT_XT 4
+#define FASTDDPM_STEP_DIRECT_EPS 5
+#define FASTDDPM_STEP_SIGMA 6
+#define FASTDDPM_STEP_NUM_COEFS 7
+
 /* Noise sources of fastddpm_ddpm_step. */
 #define FASTDDPM_NOISE_NONE 0   /* no noise term (tables whose sigmas are all 0) */
 #define FASTDDPM_NOISE_TENSOR 1 /* z is read from `noise` */
@@ -96,11 +111,12 @@ FASTDDPM_API int fastddpm_attention_plan(int64_t D, int dtype, int64_t* head_dim
                                          int64_t* threads_per_block);
 
 /* One reverse step x_{t-1} = mean + sigma z at step index t, elementwise over (N, C, H, W).
- * x, eps, out: dtype, all contiguous or all channels_last. coef: the (num_steps, 7) float32
- * step table (columns as in fastddpm/schedule.py). t: int64 device array of t_numel = 1 or N
- * step indices, or NULL to use t_host (checked: outside [0, num_steps) is an error). A device t
- * outside [0, num_steps) is never clamped: every element of its sample (of every sample, when
- * t_numel = 1) is NaN, the table is not read for it, the other samples are unaffected.
+ * x, eps, out: dtype, all contiguous or all channels_last. coef: the (num_steps,
+ * FASTDDPM_STEP_NUM_COEFS) float32 step table (columns FASTDDPM_STEP_*). t: int64 device array
+ * of t_numel = 1 or N step indices, or NULL to use t_host (checked: outside [0, num_steps) is an
+ * error). A device t outside [0, num_steps) is never clamped: every element of its sample (of
+ * every sample, when t_numel = 1) is NaN, the table is not read for it, the other samples are
+ * unaffected.
  * noise_mode: FASTDDPM_NOISE_*; a noise tensor has the layout of x and noise_dtype.
  * FASTDDPM_NOISE_PHILOX draws at (seed, offset); seed_device / offset_device, where not NULL, are
  * int64 device scalars read by the kernel instead (their bits are the uint64 value), so a step
