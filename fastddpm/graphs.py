@@ -55,8 +55,7 @@ from collections.abc import Callable
 import torch
 
 from . import ops
-from .denoiser import Denoiser
-from .loop import EagerSteps, StepRun
+from .loop import Denoiser, EagerSteps, StepRun
 from .noise import BatchNoise
 from .schedule import StepTable
 

@@ -4,7 +4,7 @@
 
 `sample` owns what every sampler shares: the argument checks, batching, drawing x_T
 (fastddpm.noise), the progress bar, the callbacks and the finite check. A `StepStrategy` owns how
-a step runs: `EagerSteps` (the denoiser, then fastddpm.ops.ddpm_step), the CUDA graph runner
+a step runs: `EagerSteps` (the `Denoiser`, then fastddpm.ops.ddpm_step), the CUDA graph runner
 (fastddpm.graphs), an ONNX step graph (fastddpm.ort) and a TensorRT engine (fastddpm.trt). A
 strategy is told x_T, the table, clip_x0 and the batch's noise (`start`) and returns a `StepRun`,
 which the loop advances one step at a time. Another solver is another strategy over its own
@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
-from .denoiser import Denoiser
 from .noise import BatchNoise
 from .reference import predict_x0
 from .schedule import StepTable
+from .unet import UNetConfig
 
 # callback(step_index, t, x_t, x0_pred): x_t and x0_pred are float32 (N, C, H, W).
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -33,6 +33,28 @@ StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 class NonFiniteSamplesError(ValueError):
     """A batch of samples holds NaN or Inf: the model or the schedule is broken."""
+
+
+class Denoiser(Protocol):
+    """eps_theta, as every sampler runs it: the U-Net (through fastddpm.sampler.TorchDenoiser),
+    fastddpm.ort.OnnxDenoiser, fastddpm.trt.TensorRTDenoiser. Called on x_t (N, C, H, W) float32
+    on `device` and t (N,) int64 timesteps, it returns eps float32 (N, C, H, W). `config` gives
+    the image shape (in_channels, resolution); `backend` is the fastddpm.ops backend of the reverse
+    step between calls; `dtype` the network's input dtype."""
+
+    @property
+    def config(self) -> UNetConfig: ...
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
 
 class StepRun(Protocol):

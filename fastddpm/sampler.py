@@ -8,16 +8,17 @@ a Philox `seed` (fastddpm.noise).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import loop
-from .denoiser import Denoiser, TorchDenoiser
 from .graphs import GraphRunner
-from .loop import EagerSteps, NonFiniteSamplesError, StepCallback, StepStrategy
+from .loop import Denoiser, EagerSteps, NonFiniteSamplesError, StepCallback, StepStrategy
 from .noise import noise_offset, randn
 from .precision import Precision
 from .schedule import METHODS, DiffusionConfig, StepTable, check_eta, check_steps, step_table
-from .unet import UNet
+from .unet import UNet, UNetConfig
 
 __all__ = [
     "METHODS",
@@ -30,6 +31,51 @@ __all__ = [
     "noise_offset",
     "randn",
 ]
+
+
+class TorchDenoiser:
+    """A torch eps-network (the U-Net, or any module with its `config` and `backend`) as a
+    fastddpm.loop.Denoiser, under the sampler's precision policy.
+
+    `network` is what runs (the module, or `torch.compile` of it); x_t goes in in the module's
+    dtype and the precision's memory format, eps comes out float32. Device and dtype are the first
+    parameter's, read at each access: the module may be moved or converted after this is built.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        precision: Precision,
+    ) -> None:
+        self.module, self.network, self.precision = module, network, precision
+
+    @property
+    def config(self) -> UNetConfig:
+        return self.module.config
+
+    @property
+    def backend(self) -> str:
+        return self.module.backend
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    def weights(self) -> tuple:
+        """What a captured call bakes in of the module: train/eval mode, and each parameter's and
+        buffer's address, dtype and strides."""
+        m = self.module
+        return (m.training,) + tuple(
+            (t.data_ptr(), t.dtype, t.stride()) for t in (*m.parameters(), *m.buffers())
+        )
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.network(self.precision.network_input(x, self.dtype), t).float()
 
 
 class Sampler:

@@ -1,9 +1,9 @@
 """The package's import graph: no cycles, and nothing below the ops seam imports upward.
 
 Edges are read from the source (`from .x import`, `from . import x`, `from fastddpm.x import`,
-`import fastddpm.x`), function-level imports included, over fastddpm/*.py and the kernels package
-(fastddpm.kernels). `from . import name` of a name that is not a module is an edge to the package's
-`__init__`. Run as a script, it prints the cycles it finds.
+`import fastddpm.x`), function-level imports included, over fastddpm/*.py and its subpackages
+(fastddpm.cuda, fastddpm.kernels: each one node). `from . import name` of a name that is not a
+module is an edge to the package's `__init__`. Run as a script, it prints the cycles it finds.
 """
 
 from __future__ import annotations
@@ -30,40 +30,41 @@ BELOW_OPS = {
 
 
 def _module_name(path: Path) -> str:
-    """ "sampler" for fastddpm/sampler.py, "kernels" for any file of the kernels package."""
+    """ "sampler" for fastddpm/sampler.py; a subpackage's name ("cuda", "kernels") for any of its files."""
     relative = path.relative_to(PACKAGE)
     return relative.parts[0] if len(relative.parts) > 1 else relative.stem
 
 
-def _targets(node: ast.AST, modules: set[str]) -> list[str]:
-    """The fastddpm modules one import statement loads."""
+def _targets(node: ast.AST, source: str, in_subpackage: bool, modules: set[str]) -> list[str]:
+    """The fastddpm modules one import statement in module `source` loads."""
     if isinstance(node, ast.Import):
-        names = [a.name for a in node.names if a.name.startswith("fastddpm.")]
-        return [name.split(".")[1] for name in names]
+        return [a.name.split(".")[1] for a in node.names if a.name.startswith("fastddpm.")]
     if not isinstance(node, ast.ImportFrom):
         return []
     if node.level == 0:
-        if node.module == "fastddpm":
-            return [a.name if a.name in modules else "__init__" for a in node.names]
-        if node.module and node.module.startswith("fastddpm."):
-            return [node.module.split(".")[1]]
-        return []
-    if node.module:  # from .x import ... (or from ..x in the kernels package: fastddpm's own x)
-        return [node.module.split(".")[0]]
+        if node.module != "fastddpm" and not (node.module or "").startswith("fastddpm."):
+            return []
+        module = node.module.removeprefix("fastddpm").removeprefix(".")
+    elif node.level == 1 and in_subpackage:
+        return [source]  # the subpackage's own modules
+    else:
+        module = node.module or ""
+    if module:
+        return [module.split(".")[0]]
     return [a.name if a.name in modules else "__init__" for a in node.names]
 
 
 def import_graph() -> dict[str, set[str]]:
     """module -> the fastddpm modules it imports anywhere in its source."""
-    files = [*PACKAGE.glob("*.py"), *(PACKAGE / "kernels").glob("*.py")]
+    files = [*PACKAGE.glob("*.py"), *PACKAGE.glob("*/*.py")]
     modules = {_module_name(f) for f in files}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for f in files:
         source = _module_name(f)
+        in_subpackage = f.parent != PACKAGE
         for node in ast.walk(ast.parse(f.read_text(), str(f))):
-            if isinstance(node, ast.ImportFrom) and node.level and source == "kernels" and node.level == 1:
-                continue  # the kernels package's own submodules
-            graph[source].update(t for t in _targets(node, modules) if t in modules and t != source)
+            targets = _targets(node, source, in_subpackage, modules)
+            graph[source].update(t for t in targets if t in modules and t != source)
     return graph
 
 
