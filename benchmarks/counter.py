@@ -36,12 +36,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-CATEGORIES = ("convolution", "gemm", "attention", "fused", "norm", "copy", "elementwise", "reduction", "other")
+CATEGORIES = (
+    "convolution",
+    "gemm",
+    "attention",
+    "fused",
+    "norm",
+    "copy",
+    "elementwise",
+    "reduction",
+    "other",
+)
 COMPUTE_BOUND = ("convolution", "gemm")  # the rest is memory-bound work
 
 _CONVOLUTION = {"convolution", "cudnn_convolution", "_convolution", "conv2d"}
 _GEMM = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_mm"}
-_NORM = {"native_group_norm", "native_layer_norm", "native_batch_norm", "_native_batch_norm_legit_no_training"}
+_NORM = {
+    "native_group_norm",
+    "native_layer_norm",
+    "native_batch_norm",
+    "_native_batch_norm_legit_no_training",
+}
 _COPY = {
     "clone", "copy_", "_to_copy", "cat", "constant_pad_nd", "upsample_nearest2d", "index_select", "index",
     "gather", "repeat", "stack", "contiguous", "_unsafe_index", "fill_", "zeros", "ones", "full", "zero_",
@@ -51,8 +66,8 @@ _REDUCTION = {"mean", "sum", "amax", "amin", "any", "all", "var_mean", "var", "s
 _OVERWRITE = {"copy_", "fill_", "zero_"}  # in-place ops that never read their destination
 # Allocations and metadata ops: no kernel runs.
 _NO_LAUNCH = {
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "_unsafe_view",
-    "_reshape_alias", "lift_fresh",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
+    "_unsafe_view", "_reshape_alias", "lift_fresh",
 }  # fmt: skip
 
 
@@ -195,7 +210,9 @@ class Counter:
 
     def by_category(self) -> dict[str, dict[str, int]]:
         """category -> {"launches", "bytes", "flops", "calls"} (views left out)."""
-        table: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(("calls", "launches", "bytes", "flops"), 0))
+        table: dict[str, dict[str, int]] = defaultdict(
+            lambda: dict.fromkeys(("calls", "launches", "bytes", "flops"), 0)
+        )
         for r in self.records:
             if r.category == "view":
                 continue

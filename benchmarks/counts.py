@@ -24,7 +24,11 @@ import torch
 
 import fastddpm
 from fastddpm import ops
-from fastddpm.checkpoints import diffusion_config_to_diffusers, unet_config_from_diffusers, unet_config_to_diffusers
+from fastddpm.checkpoints import (
+    diffusion_config_to_diffusers,
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+)
 
 from .counter import Counter
 
@@ -95,6 +99,12 @@ def count_diffusers(model: str, batch: int) -> list[Row]:
     return [_row(forward, what="forward", **fields), _row(step, what="step", **fields)]
 
 
+def fastddpm_step(sampler: fastddpm.Sampler, x: torch.Tensor, table, i: int) -> torch.Tensor:
+    """One step of the eager loop at step index i with Philox noise: x_t (N, C, H, W) -> x_{t-1}."""
+    eps = sampler.predict_eps(x, table.timesteps[i].expand(x.shape[0]))
+    return ops.ddpm_step(x, eps, i, table, seed=0, offset=i + 1, backend=sampler.unet.backend)
+
+
 @torch.no_grad()
 def count_fastddpm(model: str, batch: int, backend: str, channels_last: bool) -> list[Row]:
     """The forward and step rows of fastddpm on `backend` (a concrete one)."""
@@ -111,8 +121,7 @@ def count_fastddpm(model: str, batch: int, backend: str, channels_last: bool) ->
     with Counter("meta") as forward:
         sampler.predict_eps(x, t)
     with Counter("meta") as step:
-        eps = sampler.predict_eps(x, t)
-        ops.ddpm_step(x, eps, STEP_INDEX, table, seed=0, offset=STEP_INDEX + 1, backend=backend)
+        fastddpm_step(sampler, x, table, STEP_INDEX)
     return [_row(forward, what="forward", **fields), _row(step, what="step", **fields)]
 
 
