@@ -35,6 +35,7 @@ from .counter import Counter
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "ddpm-cifar10-32"
 MODELS = ("cifar10", "lsun256")
 BATCHES = (1, 256)
+COUNTED_BACKENDS = ("torch",)  # the fastddpm backends whose ops run on meta tensors
 STEP_INDEX = 500  # a middle step: it adds noise, as all but the last do
 
 
@@ -130,7 +131,7 @@ def all_rows(models: tuple[str, ...] = MODELS, batches: tuple[int, ...] = BATCHE
     for model in models:
         for batch in batches:
             rows += count_diffusers(model, batch)
-            for backend in ("torch",):
+            for backend in COUNTED_BACKENDS:
                 for channels_last in (False, True):
                     rows += count_fastddpm(model, batch, backend, channels_last)
     return rows
