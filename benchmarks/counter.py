@@ -12,8 +12,8 @@ What a record is: every ATen op that reaches the dispatcher, one record per call
 eager run would execute it:
 - launches: 0 for views and allocations (the outputs alias an input or are uninitialized: view,
   transpose, expand, empty, ...), else 1. A cuDNN convolution or cuBLAS GEMM counts as 1 kernel
-  (libraries may add a small one); a fused op of fastddpm counts as 1 (a custom op of a
-  `fastddpm_*` namespace).
+  (libraries may add a small one); a fused op of fastddpm (a custom op of a `fastddpm_*`
+  namespace) counts as the kernels its launch plan runs (`fused_launches`; 1 by default).
 - bytes: the minimum traffic, each distinct input tensor read once and each output written once,
   at the unique elements a tensor addresses (an expanded dimension, stride 0, is read once).
 - flops: PyTorch's own formulas (torch.utils.flop_counter) where it has one, else 0.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,11 @@ def category(func: torch._ops.OpOverload) -> str:
     return "other"
 
 
+def attention_flops(q: torch.Tensor, k: torch.Tensor) -> int:
+    """softmax(q k^T) v's matmul FLOPs: q (..., Lq, D), k (..., Lk, D)."""
+    return 4 * math.prod(q.shape[:-1]) * k.shape[-2] * q.shape[-1]  # q k^T and p v
+
+
 def _flops(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> int:
     formula = flop_registry.get(func._overloadpacket)
     return int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
@@ -157,8 +163,7 @@ class _Functions(TorchFunctionMode):
             out = func(*args, **kwargs)
         finally:
             self.counter._inside -= 1
-        q, k = args[0], args[1]
-        flops = 4 * math.prod(q.shape[:-1]) * k.shape[-2] * q.shape[-1]  # q k^T and p v
+        flops = attention_flops(args[0], args[1])
         moved = sum(tensor_bytes(t) for t in _tensors((args, kwargs))) + tensor_bytes(out)
         self.counter.records.append(Record("scaled_dot_product_attention", "attention", 1, moved, flops))
         return out
@@ -168,10 +173,13 @@ class Counter:
     """A context manager that records every op run inside it (see the module docstring).
 
     device: count only ops that touch a tensor on this device type ("meta", "cuda"): ops on CPU
-    tensors are then host work (a scheduler's scalar arithmetic), not kernels. None counts all."""
+    tensors are then host work (a scheduler's scalar arithmetic), not kernels. None counts all.
+    fused_launches(op_name, args) -> int: the kernels a fused op's call launches (its plan may
+    split one op over two kernels); default 1."""
 
-    def __init__(self, device: str | None = None) -> None:
+    def __init__(self, device: str | None = None, fused_launches: Callable[[str, tuple], int] | None = None):
         self.device = device
+        self.fused_launches = fused_launches
         self.records: list[Record] = []
         self._inside = 0  # > 0 while a counted composite (SDPA) runs its decomposition
         self._modes = (_Functions(self), _Dispatch(self))
@@ -198,7 +206,12 @@ class Counter:
             inputs = [t for t in inputs if all(t is not o for o in outputs)]
         # An in-place op (x.add_(y)) reads its destination and writes it: both count.
         moved = sum(tensor_bytes(t) for t in inputs) + sum(tensor_bytes(t) for t in outputs)
-        self.records.append(Record(str(func), category(func), 1, moved, _flops(func, args, kwargs, out)))
+        kind = category(func)
+        launches, flops = 1, _flops(func, args, kwargs, out)
+        if kind == "fused":
+            launches = self.fused_launches(name, args) if self.fused_launches else 1
+            flops = attention_flops(args[0], args[1]) if name == "attention" else 0
+        self.records.append(Record(str(func), kind, launches, moved, flops))
 
     def total(self, field: str, categories: tuple[str, ...] | None = None) -> int:
         """The sum of `field` ("launches", "bytes", "flops") over records of `categories` (all if None)."""

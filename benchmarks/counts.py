@@ -35,7 +35,9 @@ from .counter import Counter
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "ddpm-cifar10-32"
 MODELS = ("cifar10", "lsun256")
 BATCHES = (1, 256)
-COUNTED_BACKENDS = ("torch",)  # the fastddpm backends whose ops run on meta tensors
+# The fastddpm backends whose ops run on meta tensors. The cuda backend's do not: its library needs a
+# GPU to load, so its rows are counted where one is (its plans launch what the Triton ones do).
+COUNTED_BACKENDS = ("torch", "triton")
 STEP_INDEX = 500  # a middle step: it adds noise, as all but the last do
 
 
@@ -106,6 +108,28 @@ def fastddpm_step(sampler: fastddpm.Sampler, x: torch.Tensor, table, i: int) -> 
     return ops.ddpm_step(x, eps, i, table, seed=0, offset=i + 1, backend=sampler.unet.backend)
 
 
+def triton_launches(op: str, args: tuple) -> int:
+    """The kernels one call of a Triton fused op launches, from its launch plan: GroupNorm over more
+    programs than one pass can hold runs a statistics and an apply kernel, attention with its keys
+    split over programs a combine kernel after the split ones. Off CUDA (meta tensors) the plans
+    are made for an H100's SM count."""
+    if op == "group_norm_silu":
+        from fastddpm.kernels.group_norm_silu import plan
+
+        x, num_groups = args[0], args[3]
+        N, C, H, W = x.shape
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        p = plan(N, C, H * W, num_groups, x.device, channels_last=nhwc, itemsize=x.element_size())
+        return 1 if p.split == 1 else 2
+    if op == "attention":
+        from fastddpm.kernels.attention import plan
+
+        q, k = args[0], args[1]
+        p = plan(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3], q.dtype, q.device)
+        return 1 if p.kv_splits == 1 else 2
+    return 1
+
+
 @torch.no_grad()
 def count_fastddpm(model: str, batch: int, backend: str, channels_last: bool) -> list[Row]:
     """The forward and step rows of fastddpm on `backend` (a concrete one)."""
@@ -119,11 +143,18 @@ def count_fastddpm(model: str, batch: int, backend: str, channels_last: bool) ->
     x = torch.empty(batch, config.in_channels, config.resolution, config.resolution, device="meta")
     t = table.timesteps[STEP_INDEX].expand(batch)
     fields = dict(system="fastddpm", model=model, batch=batch, backend=backend, channels_last=channels_last)
-    with Counter("meta") as forward:
+    launches = triton_launches if backend == "triton" else None
+    with Counter("meta", launches) as forward:
         sampler.predict_eps(x, t)
-    with Counter("meta") as step:
+    with Counter("meta", launches) as step:
         fastddpm_step(sampler, x, table, STEP_INDEX)
     return [_row(forward, what="forward", **fields), _row(step, what="step", **fields)]
+
+
+def available(backends: tuple[str, ...]) -> list[str]:
+    """The backends that can run here (Triton's, on a machine without a GPU, under TRITON_INTERPRET=1)."""
+    status = ops.backend_status()
+    return [b for b in backends if status[b] == "available"]
 
 
 def all_rows(models: tuple[str, ...] = MODELS, batches: tuple[int, ...] = BATCHES) -> list[Row]:
@@ -131,7 +162,7 @@ def all_rows(models: tuple[str, ...] = MODELS, batches: tuple[int, ...] = BATCHE
     for model in models:
         for batch in batches:
             rows += count_diffusers(model, batch)
-            for backend in COUNTED_BACKENDS:
+            for backend in available(COUNTED_BACKENDS):
                 for channels_last in (False, True):
                     rows += count_fastddpm(model, batch, backend, channels_last)
     return rows

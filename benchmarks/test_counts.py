@@ -14,6 +14,8 @@ from dataclasses import asdict
 
 import pytest
 
+from fastddpm import ops
+
 from . import counts
 
 CONFIGS = [(model, batch) for model in counts.MODELS for batch in counts.BATCHES]
@@ -36,5 +38,7 @@ def test_diffusers_counts(benchmark, model, batch):
 @pytest.mark.parametrize("backend", counts.COUNTED_BACKENDS)
 @pytest.mark.parametrize(("model", "batch"), CONFIGS)
 def test_fastddpm_counts(benchmark, model, batch, backend, channels_last):
+    if not counts.available((backend,)):
+        pytest.skip(f"backend {backend!r}: {ops.backend_status()[backend]}")
     rows = counts.count_fastddpm(model, batch, backend, channels_last)
     _record(benchmark, rows, lambda: counts.count_fastddpm(model, batch, backend, channels_last))

@@ -97,3 +97,19 @@ def test_the_cifar10_forward_has_the_papers_flops_in_both_systems():
     assert diffusers_rows["forward"].flops == fastddpm_rows["forward"].flops
     assert 12.3e9 < fastddpm_rows["forward"].flops < 12.5e9
     assert fastddpm_rows["step"].launches > fastddpm_rows["forward"].launches
+
+
+def test_each_fused_op_of_the_triton_backend_is_one_record_with_its_plans_kernels():
+    """On meta tensors the Triton custom ops run their fakes: one record per call, no GroupNorm or
+    softmax decomposition, and launches from the launch plan (a split GroupNorm is two kernels)."""
+    net = fastddpm.UNet(fastddpm.PRESETS["cifar10"])
+    norms = sum(isinstance(m, fastddpm.unet.Norm) for m in net.modules())
+    attns = sum(isinstance(m, fastddpm.unet.AttnBlock) for m in net.modules())
+    for batch in (1, 256):
+        forward, step = count_fastddpm("cifar10", batch, "triton", False)
+        fused = forward.categories["fused"]
+        assert fused["calls"] == norms + attns and "norm" not in forward.categories
+        assert norms + attns <= fused["launches"] <= 2 * (norms + attns)
+        assert step.categories["fused"]["calls"] == norms + attns + 1  # and the reverse step
+    # At batch 1 the GroupNorms of the 4x4 and 8x8 levels fill too few programs: they split.
+    assert count_fastddpm("cifar10", 1, "triton", False)[0].categories["fused"]["launches"] > norms + attns
