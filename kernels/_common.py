@@ -37,9 +37,11 @@ def num_sms(device: torch.device) -> int:
 
 
 def check_device(op: str, **tensors: torch.Tensor | None) -> None:
-    """Triton kernels run on CUDA tensors; on the CPU only through the interpreter (TRITON_INTERPRET=1)."""
+    """Triton kernels run on CUDA tensors; on the CPU only through the interpreter (TRITON_INTERPRET=1).
+    Meta tensors pass: they carry shapes only, the custom op's fake runs and no kernel launches (this
+    is how benchmarks.counter counts a forward)."""
     for name, t in tensors.items():
-        if t is None or t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu"):
+        if t is None or t.device.type in ("cuda", "meta") or (INTERPRET and t.device.type == "cpu"):
             continue
         raise ValueError(
             f"{op} (backend 'triton'): {name} is on {t.device}; the Triton kernels run on CUDA devices,"

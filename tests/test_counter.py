@@ -1,0 +1,115 @@
+"""benchmarks.counter against counts worked out by hand, and the step it counts against the sampler's loop."""
+
+import torch
+import torch.nn.functional as F
+
+import fastddpm
+from benchmarks.counter import Counter, tensor_bytes
+from benchmarks.counts import count_diffusers, count_fastddpm, fastddpm_step
+from fastddpm.checkpoints import DEFAULT_MODEL
+
+F32 = 4  # bytes per float32
+
+
+def test_linear_then_relu_is_two_kernels_with_the_bytes_and_flops_of_a_gemm_and_a_map():
+    x, w, b = torch.randn(4, 8), torch.randn(16, 8), torch.randn(16)
+    with Counter() as c:
+        torch.relu(F.linear(x, w, b))
+    launched = [(r.category, r.launches, r.bytes, r.flops) for r in c.records if r.launches]
+    assert launched == [
+        ("gemm", 1, (4 * 8 + 16 * 8 + 16 + 4 * 16) * F32, 2 * 4 * 8 * 16),  # addmm: x, w, b read; y written
+        ("elementwise", 1, 2 * 4 * 16 * F32, 0),  # relu: read and write (4, 16)
+    ]
+    assert c.total("launches") == 2  # w.t() is a view: no kernel
+
+
+def test_views_and_allocations_launch_nothing():
+    x = torch.randn(2, 3, 4)
+    with Counter() as c:
+        x.view(6, 4).transpose(0, 1).unsqueeze(0).expand(5, 4, 6)
+        torch.empty(10)
+        x.reshape(2, 12)
+    assert c.total("launches") == 0 and c.total("bytes") == 0
+
+
+def test_an_expanded_input_is_read_once_per_unique_element():
+    row, full = torch.randn(4, 1), torch.randn(4, 8)
+    assert tensor_bytes(row.expand(4, 8)) == 4 * F32
+    with Counter() as c:
+        row.expand(4, 8) + full
+    assert c.total("bytes") == (4 + 32 + 32) * F32
+
+
+def test_in_place_ops_read_their_destination_and_copies_do_not():
+    x, y = torch.randn(8), torch.randn(8)
+    with Counter() as c:
+        x.add_(y)  # reads x and y, writes x
+        x.copy_(y)  # reads y, writes x
+        x.fill_(0.0)  # writes x
+    assert [r.bytes for r in c.records] == [3 * 8 * F32, 2 * 8 * F32, 8 * F32]
+
+
+def test_a_tensor_passed_twice_is_read_once():
+    x = torch.randn(16)
+    with Counter() as c:
+        x * x
+    assert c.total("bytes") == 2 * 16 * F32
+
+
+def test_scaled_dot_product_attention_is_one_kernel_whatever_path_runs_it():
+    B, H, Lq, Lk, D = 2, 3, 5, 7, 4
+    q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
+    with Counter() as c:
+        F.scaled_dot_product_attention(q, k, v)
+    assert [(r.category, r.launches) for r in c.records] == [("attention", 1)]
+    assert c.records[0].bytes == (2 * B * H * Lq * D + 2 * B * H * Lk * D) * F32
+    assert c.records[0].flops == 4 * B * H * Lq * Lk * D
+
+
+def test_a_device_filter_leaves_host_work_out():
+    host, dev = torch.randn(3), torch.empty(3, device="meta")
+    with Counter("meta") as c:
+        host * 2  # scalar arithmetic on the CPU, as a scheduler does
+        dev * 2
+    assert c.total("launches") == 1
+
+
+def test_the_counted_step_is_what_one_more_step_of_the_sampler_adds():
+    """sample() at S + 1 steps launches exactly one counted step more than at S (real CPU tensors)."""
+    sampler = fastddpm.load(DEFAULT_MODEL, backend="torch")
+    sampler.cuda_graph = False
+    launches = {}
+    for S in (3, 4):
+        with Counter() as c:
+            sampler.sample(2, steps=S, seed=0, progress=False)
+        launches[S] = c.total("launches")
+    table = sampler.step_table(4)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad(), Counter() as step:  # as sample() runs its steps
+        fastddpm_step(sampler, x, table, 2)
+    assert launches[4] - launches[3] == step.total("launches") > 0
+
+
+def test_the_cifar10_forward_has_the_papers_flops_in_both_systems():
+    """About 12.4 GFLOP per image (DESIGN.md), the same network in diffusers and fastddpm."""
+    diffusers_rows = {r.what: r for r in count_diffusers("cifar10", 1)}
+    fastddpm_rows = {r.what: r for r in count_fastddpm("cifar10", 1, "torch", False)}
+    assert diffusers_rows["forward"].flops == fastddpm_rows["forward"].flops
+    assert 12.3e9 < fastddpm_rows["forward"].flops < 12.5e9
+    assert fastddpm_rows["step"].launches > fastddpm_rows["forward"].launches
+
+
+def test_each_fused_op_of_the_triton_backend_is_one_record_with_its_plans_kernels():
+    """On meta tensors the Triton custom ops run their fakes: one record per call, no GroupNorm or
+    softmax decomposition, and launches from the launch plan (a split GroupNorm is two kernels)."""
+    net = fastddpm.UNet(fastddpm.PRESETS["cifar10"])
+    norms = sum(isinstance(m, fastddpm.unet.Norm) for m in net.modules())
+    attns = sum(isinstance(m, fastddpm.unet.AttnBlock) for m in net.modules())
+    for batch in (1, 256):
+        forward, step = count_fastddpm("cifar10", batch, "triton", False)
+        fused = forward.categories["fused"]
+        assert fused["calls"] == norms + attns and "norm" not in forward.categories
+        assert norms + attns <= fused["launches"] <= 2 * (norms + attns)
+        assert step.categories["fused"]["calls"] == norms + attns + 1  # and the reverse step
+    # At batch 1 the GroupNorms of the 4x4 and 8x8 levels fill too few programs: they split.
+    assert count_fastddpm("cifar10", 1, "triton", False)[0].categories["fused"]["launches"] > norms + attns
