@@ -17,7 +17,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
-VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastddpm" / "__init__.py").read_text()).group(1)
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastddpm" / "_version.py").read_text()).group(1)
 
 # --- the CUDA library (csrc/) -------------------------------------------------------------
 # Environment: FASTDDPM_BUILD_CUDA=0 skips the library, =1 makes a missing nvcc an error;

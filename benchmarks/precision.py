@@ -36,7 +36,6 @@ import fastddpm
 from fastddpm import checkpoints, images, ops
 from fastddpm.io import atomic_write
 from fastddpm.precision import MODES
-from fastddpm.sampler import placement
 from fastddpm.unet import UNet, preset
 
 from .test_e2e import MODELS
@@ -156,7 +155,7 @@ def time_steps(batch, shape, unet, scheduler, samplers: dict, rounds: int) -> di
     def fastddpm_step(sampler):
         table = sampler.step_table()  # all 1000 steps: step index 500 is t = 500
         t = table.timesteps[500].expand(batch)
-        dtype = placement(sampler.unet)[1]
+        dtype = sampler.denoiser.dtype
         return lambda: ops.ddpm_step(
             x, sampler.network(sampler.precision.network_input(x, dtype), t).float(), 500, table, noise=z
         )
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.out}")
         return
     print("digits (bundled model), 1000 steps, 16 samples", flush=True)
-    digits = checkpoints.load(str(checkpoints.DEFAULT_MODEL))
+    digits = fastddpm.load(str(checkpoints.DEFAULT_MODEL))
     result["digits"] = {"n": 16, "steps": 1000, "modes": modes_against_fp32(digits, 16, None, seed=0)}
 
     print("cifar10 preset, random weights, 10 respaced steps, 2 samples", flush=True)

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, ops, reference
+from . import ops, reference
+from ._version import __version__
 from .io import atomic_write
 from .precision import Precision
 from .reference import memory_format_of

@@ -1,8 +1,9 @@
 """Load and save checkpoints: diffusers folders, pytorch_diffusion files, native safetensors.
 
-Nothing here touches the network. Nothing is unpickled unless the caller asks for
-a pickled file (.ckpt, .pt, .pth, .bin) with allow_pickle=True, and then only
-through torch.load(weights_only=True).
+The loaders return the network and its diffusion config, (UNet, DiffusionConfig); fastddpm.load
+and its siblings make a Sampler of them. Nothing here touches the network. Nothing is unpickled
+unless the caller asks for a pickled file (.ckpt, .pt, .pth, .bin) with allow_pickle=True, and
+then only through torch.load(weights_only=True).
 
 Native names are the original network's (see fastddpm.unet), which is also how
 pytorch_diffusion names them. diffusers' UNet2DModel names map to them by
@@ -22,16 +23,20 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
 from . import config_schema as schema
+from ._version import __version__
 from .io import atomic_write
-from .sampler import DiffusionConfig, Sampler
+from .schedule import DiffusionConfig
 from .unet import UNet, UNetConfig, preset
+
+if TYPE_CHECKING:
+    from .sampler import Sampler
 
 PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # The bundled default: a small U-Net trained on scikit-learn's 8x8 digits (fastddpm/models/digits).
@@ -540,8 +545,8 @@ def load_diffusers(
     allow_pickle: bool = False,
     paper_attention: bool = False,
     backend: str = "auto",
-) -> Sampler:
-    """A downloaded diffusers DDPM (e.g. google/ddpm-cifar10-32) -> Sampler.
+) -> tuple[UNet, DiffusionConfig]:
+    """A downloaded diffusers DDPM (e.g. google/ddpm-cifar10-32) -> (network, diffusion config).
 
     `folder` holds config.json, diffusion_pytorch_model.safetensors and
     scheduler_config.json, either at its top (the hub layout of the DDPM repos) or
@@ -572,7 +577,7 @@ def load_diffusers(
     )
     unet = UNet(config, backend=backend)
     unet.load_state_dict(diffusers_to_native(state, unet))
-    return Sampler(unet.eval(), diffusion)
+    return unet.eval(), diffusion
 
 
 def save_diffusers(sampler: Sampler, folder: str | os.PathLike) -> None:
@@ -594,8 +599,9 @@ def load_pytorch_diffusion(
     *,
     allow_pickle: bool = False,
     backend: str = "auto",
-) -> Sampler:
-    """A pytorch_diffusion (pesser) checkpoint -> Sampler; those files carry no config.
+) -> tuple[UNet, DiffusionConfig]:
+    """A pytorch_diffusion (pesser) checkpoint -> (network, diffusion config); those files carry no
+    config.
 
     preset_name: "cifar10", "lsun256" or "celebahq256", the network the file holds.
     CIFAR10 samples with fixedlarge variance, the 256x256 models with fixedsmall.
@@ -605,7 +611,7 @@ def load_pytorch_diffusion(
     unet = UNet(config, backend=backend)
     unet.load_state_dict(state)
     variance = "fixedlarge" if preset_name == "cifar10" else "fixedsmall"
-    return Sampler(unet.eval(), DiffusionConfig(variance=variance))
+    return unet.eval(), DiffusionConfig(variance=variance)
 
 
 def save_native(sampler: Sampler, path: str | os.PathLike, *, extra: dict[str, str] | None = None) -> None:
@@ -621,9 +627,9 @@ def save_native(sampler: Sampler, path: str | os.PathLike, *, extra: dict[str, s
     atomic_write(Path(path), lambda p: save_file(state, p, metadata=metadata))
 
 
-def load_native(path: str | os.PathLike, *, backend: str = "auto") -> Sampler:
-    """A file written by `save_native` -> Sampler; its configs, and its weights' names, dtypes and
-    shapes, are checked against each other before anything is built."""
+def load_native(path: str | os.PathLike, *, backend: str = "auto") -> tuple[UNet, DiffusionConfig]:
+    """A file written by `save_native` -> (network, diffusion config); its configs, and its weights'
+    names, dtypes and shapes, are checked against each other before anything is built."""
     path = _existing(Path(path))
     metadata = read_header(path).metadata
     if metadata.get("format") != NATIVE_FORMAT:
@@ -632,7 +638,7 @@ def load_native(path: str | os.PathLike, *, backend: str = "auto") -> Sampler:
     state = _weights(path, "native", expected_shapes(config), allow_pickle=False)
     unet = UNet(config, backend=backend)
     unet.load_state_dict(state)
-    return Sampler(unet.eval(), diffusion)
+    return unet.eval(), diffusion
 
 
 def configs_from_metadata(metadata: dict[str, str], source: str) -> tuple[UNetConfig, DiffusionConfig]:
@@ -652,9 +658,9 @@ def load(
     preset_name: str | None = None,
     allow_pickle: bool = False,
     backend: str = "auto",
-) -> Sampler:
-    """Load any supported checkpoint: a diffusers folder, a native .safetensors, or a
-    pytorch_diffusion file (which needs `preset_name`)."""
+) -> tuple[UNet, DiffusionConfig]:
+    """The network and diffusion config of any supported checkpoint: a diffusers folder, a native
+    .safetensors, or a pytorch_diffusion file (which needs `preset_name`)."""
     path = _existing(Path(path))
     if path.is_dir():
         return load_diffusers(path, allow_pickle=allow_pickle, backend=backend)

@@ -19,7 +19,8 @@ from typing import NoReturn, TypeVar
 
 import torch
 
-from . import __version__, checkpoints, figures, images, io, ops
+from . import checkpoints, figures, images, io, ops
+from ._version import __version__
 from .devices import check_device
 from .precision import MODES
 from .sampler import METHODS, Sampler, check_steps
@@ -120,11 +121,13 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, path: str) -> Sampler:
-    return checkpoints.load(
-        path,
-        preset_name=args.preset,
-        allow_pickle=args.allow_pickle,
-        backend=getattr(args, "backend", "auto"),
+    return Sampler(
+        *checkpoints.load(
+            path,
+            preset_name=args.preset,
+            allow_pickle=args.allow_pickle,
+            backend=getattr(args, "backend", "auto"),
+        )
     )
 
 

@@ -1,8 +1,8 @@
 """The graph runner: on CUDA, one whole reverse step captured as a CUDA graph, replayed S times.
 
 A DDPM sample is S calls of the same network. At small batch the GPU waits on the host launching
-the U-Net's hundreds of kernels; a CUDA graph launches them all with one call. `GraphRunner`
-captures one step
+the U-Net's hundreds of kernels; a CUDA graph launches them all with one call. `GraphRunner`,
+a step strategy of the reverse loop (fastddpm.loop), captures one step
 
     t = timesteps[i];  eps = predict_eps(x, t)
     x <- ddpm_step(x, eps, i, seed, offset = base + i);  i <- i - 1
@@ -17,7 +17,7 @@ writes x_T into x, S - 1 into i, the seed and the batch's base offset; after the
 holds x_0, which is copied out (the buffer is reused by the next batch).
 
 The noise is the sampler's seeded mode (`Sampler.sample(seed=...)`): step i of batch b draws
-at offset `sampler.noise_offset(b, S, i)`, the offset the eager loop passes as an int, so a
+at offset `noise.noise_offset(b, S, i)`, the offset the eager loop passes as an int, so a
 replayed run gives the eager run's images. A torch.Generator cannot be replayed (each replay
 would reuse the captured draws), so steps that draw from one run eagerly; a table whose steps
 add no noise (DDIM with eta = 0) needs no seed and is captured whatever its x_T came from.
@@ -33,15 +33,16 @@ scalar), so a sharded run with a seed per shard reuses one graph. At most `max_g
 kept (least recently used first out); all share one memory pool, since they never run at the
 same time and every buffer read after a replay is held by its graph.
 
-Callbacks (x0 predictions every k steps): the graph stays whole. On a step that has one, the
-runner copies x_t before the replay and, after it, calls callback(i, t, x_t, x0_pred) with
-x0_pred computed from that copy and the graph's static eps buffer, outside the graph: the
-arguments equal the eager loop's, which calls the callback before its step.
+Callbacks (x0 predictions every k steps): the graph stays whole. The loop copies x_t before a
+step that has one and, after the replay, calls callback(i, t, x_t, x0_pred) with x0_pred
+computed from that copy and the graph's static eps buffer, outside the graph: the arguments
+equal the eager steps'.
 
-Fallback: eager sampling, with a one-line notice (a warning of the `fastddpm.graphs` logger,
-which Python prints to stderr when logging is not configured) once per cause and runner, where
-the runner cannot serve: not a CUDA device (silent unless the graph was requested), steps that
-draw from a generator, or a capture that failed (that key is then not tried again).
+Fallback: eager steps (fastddpm.loop.EagerSteps), with a one-line notice (a warning of the
+`fastddpm.graphs` logger, which Python prints to stderr when logging is not configured) once per
+cause and runner, where the runner cannot serve: not a CUDA device (silent unless the graph was
+requested), steps that draw from a generator, or a capture that failed (that key is then not
+tried again).
 """
 
 from __future__ import annotations
@@ -50,18 +51,13 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
 from . import ops
-from .reference import predict_x0
+from .loop import Denoiser, EagerSteps, StepRun
+from .noise import BatchNoise
 from .schedule import StepTable
-
-if TYPE_CHECKING:
-    from tqdm import tqdm
-
-    from .sampler import Sampler, StepCallback
 
 WARMUP_STEPS = 2
 LOG = logging.getLogger(__name__)
@@ -71,9 +67,10 @@ class GraphedStep:
     """One reverse step at a fixed batch on static buffers: x (N, C, H, W) float32, the step index
     i, the seed and the base offset (0-d int64), and eps (N, C, H, W) float32, the step's output.
 
-    `advance()` runs the step: the body itself until `capture()`, then one replay of its graph.
-    Before a capture, `run` therefore samples eagerly with exactly the work the graph will hold
-    (which is how the CPU tests check that work).
+    A StepRun: `start` writes x_T, i = S - 1, the seed and the base offset; `step` runs the body
+    itself until `capture()`, then one replay of its graph. Before a capture the loop therefore
+    samples eagerly with exactly the work the graph will hold (which is how the CPU tests check
+    that work).
     """
 
     def __init__(
@@ -108,12 +105,24 @@ class GraphedStep:
         self.i.sub_(1)
         return eps
 
-    def advance(self) -> None:
-        """One step: a replay of the graph once captured, else the body (eps into self.eps)."""
+    def start(self, x_T: torch.Tensor, seed: int | None, base_offset: int) -> GraphedStep:
+        """Ready a run from x_T (N, C, H, W) float32 whose step i draws at offset base_offset + i."""
+        self.x.copy_(x_T)
+        self.i.fill_(len(self.table) - 1)
+        if self.seeded:
+            self.seed.fill_(ops.uint64_as_int64(seed))
+            self.base.fill_(ops.uint64_as_int64(base_offset))
+        return self
+
+    def step(self, i: int) -> torch.Tensor:
+        """Step i (the device's own i, which the loop's matches): a replay of the graph once
+        captured, else the body. Returns eps, the static buffer once captured."""
         if self.graph is not None:
-            self.graph.replay()
+            with torch.cuda.device(self.x.device):
+                self.graph.replay()
         else:
             self.eps = self._step()
+        return self.eps
 
     def capture(self, pool: tuple) -> None:
         """Warm up on a side stream, then capture the step into a CUDA graph using memory `pool`."""
@@ -130,42 +139,26 @@ class GraphedStep:
             self.eps = self._step()  # the graph's static output: every replay rewrites it
         self.graph = graph
 
-    def run(
-        self,
-        x_T: torch.Tensor,
-        seed: int | None,
-        base_offset: int,
-        bar: tqdm,
-        callback: StepCallback | None,
-        callback_every: int,
-    ) -> torch.Tensor:
-        """All steps from x_T (N, C, H, W) float32; returns x_0 (a new tensor)."""
-        S = len(self.table)
-        self.x.copy_(x_T)
-        self.i.fill_(S - 1)
-        if self.seeded:
-            self.seed.fill_(ops.uint64_as_int64(seed))
-            self.base.fill_(ops.uint64_as_int64(base_offset))
-        for i in reversed(range(S)):
-            due = callback is not None and i % callback_every == 0
-            x_t = self.x.clone() if due else None
-            self.advance()
-            if due:
-                t = int(self.table.timesteps[i])
-                callback(i, t, x_t, predict_x0(x_t, self.eps, i, self.table, self.clip_x0))
-            bar.update(1)
-        return self.x.clone()
-
 
 class GraphRunner:
-    """Whole-step CUDA graphs for one Sampler (see the module docstring).
+    """Whole-step CUDA graphs for one denoiser, a step strategy (see the module docstring).
 
-    requested: True (the caller asked: a fallback is noticed, on the CPU too) or None (use graphs
-    where possible: eager on the CPU silently). max_graphs: how many captured steps to keep.
+    weights: what a capture bakes in of the denoiser's parameters, for the cache key (for a torch
+    network TorchDenoiser.weights; `tuple` for one without). requested: True (the caller asked: a
+    fallback is noticed, on the CPU too) or None (use graphs where possible: eager on the CPU
+    silently). max_graphs: how many captured steps to keep.
     """
 
-    def __init__(self, sampler: Sampler, requested: bool | None = None, max_graphs: int = 8) -> None:
-        self.sampler, self.requested, self.max_graphs = sampler, requested, max_graphs
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        weights: Callable[[], tuple] = tuple,
+        requested: bool | None = None,
+        max_graphs: int = 8,
+    ) -> None:
+        self.denoiser, self.weights = denoiser, weights
+        self.requested, self.max_graphs = requested, max_graphs
+        self.eager = EagerSteps(denoiser)
         self._graphs: OrderedDict[tuple, GraphedStep] = OrderedDict()
         self.captures = 0  # graphs captured so far (a cache hit captures none)
         self._failed: set[tuple] = set()
@@ -177,57 +170,41 @@ class GraphRunner:
             self._noticed.add(cause)
             LOG.warning("fastddpm: no CUDA graph: %s; sampling eagerly", message)
 
-    def reverse(
-        self,
-        x_T: torch.Tensor,
-        table: StepTable,
-        clip_x0: bool,
-        noise_source: torch.Generator | tuple[int, int] | None,
-        bar: tqdm,
-        callback: StepCallback | None,
-        callback_every: int,
-    ) -> torch.Tensor | None:
-        """x_0 from x_T (N, C, H, W) float32 by graph replays, or None: the caller samples eagerly."""
-        from .sampler import noise_offset
-
+    def start(self, x_T: torch.Tensor, table: StepTable, clip_x0: bool, noise: BatchNoise) -> StepRun:
+        """A run of graph replays from x_T (N, C, H, W) float32, or of eager steps where the runner
+        cannot serve."""
         device = x_T.device
         if device.type != "cuda":
             if self.requested:
                 self._notice("device", f"the sampler runs on {device}; CUDA graphs need a CUDA device")
-            return None
-        seeded = isinstance(noise_source, tuple)
-        if table.stochastic and not seeded:
+            return self.eager.start(x_T, table, clip_x0, noise)
+        if table.stochastic and not noise.philox:
             self._notice(
                 "generator",
                 "the steps draw their noise from a torch.Generator, which a graph cannot replay"
                 " (sample(seed=...) or --noise philox draws it in the kernel)",
             )
-            return None
+            return self.eager.start(x_T, table, clip_x0, noise)
         key = self._key(x_T, table, clip_x0)
         if key in self._failed:
-            return None
-        # Capture and replay on x_T's device, whichever device is current: a graph's streams,
-        # memory pool and kernels all belong to the device current when it is made.
+            return self.eager.start(x_T, table, clip_x0, noise)
+        # Capture on x_T's device, whichever device is current: a graph's streams, memory pool
+        # and kernels all belong to the device current when it is made.
         with torch.cuda.device(device):
-            step = self._graphs.get(key)
-            if step is None:
-                step = self._capture(key, x_T, table, clip_x0)
-                if step is None:
-                    return None
-            self._graphs.move_to_end(key)
-            seed, base = (None, 0)
-            if seeded:
-                seed, base = noise_source[0], noise_offset(noise_source[1], len(table), 0)
-            return step.run(x_T, seed, base, bar, callback, callback_every)
+            step = self._graphs.get(key) or self._capture(key, x_T, table, clip_x0)
+        if step is None:
+            return self.eager.start(x_T, table, clip_x0, noise)
+        self._graphs.move_to_end(key)
+        return step.start(x_T, noise.seed, noise.offset(0) if noise.philox else 0)
 
     def _capture(self, key: tuple, x_T: torch.Tensor, table: StepTable, clip_x0: bool) -> GraphedStep | None:
-        backend = ops.resolve_backend(self.sampler.unet.backend, x_T.device)
+        backend = ops.resolve_backend(self.denoiser.backend, x_T.device)
         if x_T.device not in self._pools:
             self._pools[x_T.device] = torch.cuda.graph_pool_handle()
         try:
-            step = GraphedStep(self.sampler.predict_eps, backend, table, x_T, clip_x0)
+            step = GraphedStep(self.denoiser, backend, table, x_T, clip_x0)
             step.capture(self._pools[x_T.device])
-        except Exception as err:  # any failure to capture: the eager loop still works
+        except Exception as err:  # any failure to capture: the eager steps still work
             self._failed.add(key)
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
             self._notice(f"capture:{backend}", f"capturing the step failed ({type(err).__name__}: {reason})")
@@ -240,20 +217,21 @@ class GraphRunner:
 
     def _key(self, x_T: torch.Tensor, table: StepTable, clip_x0: bool) -> tuple:
         """Everything a capture bakes in (the module docstring lists it)."""
-        unet = self.sampler.unet
-        weights = ()
-        if isinstance(unet, torch.nn.Module):
-            weights = (unet.training,) + tuple(
-                (t.data_ptr(), t.dtype, t.stride()) for t in (*unet.parameters(), *unet.buffers())
-            )
         contents = hashlib.sha256(table.coef.cpu().numpy().tobytes())
         contents.update(table.timesteps.cpu().numpy().tobytes())
         tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        backend = ops.resolve_backend(unet.backend, x_T.device)
+        backend = ops.resolve_backend(self.denoiser.backend, x_T.device)
+        weights = hashlib.sha256(repr(self.weights()).encode()).hexdigest()
         return (
-            x_T.device, tuple(x_T.shape), backend, hashlib.sha256(repr(weights).encode()).hexdigest(),
-            contents.hexdigest(), table.stochastic, clip_x0, tf32,
-        )  # fmt: skip
+            x_T.device,
+            tuple(x_T.shape),
+            backend,
+            weights,
+            contents.hexdigest(),
+            table.stochastic,
+            clip_x0,
+            tf32,
+        )
 
     @property
     def cached(self) -> int:

@@ -7,8 +7,8 @@ Two ways, one per export kind (fastddpm.export):
   callbacks), with fastddpm's `ddpm_step` between network calls; with the same
   generator it draws the same noise, so the images equal the PyTorch sampler's.
 - `OnnxStepSampler`: a step export, whose graph holds the network, the update and the
-  coefficient table; sampling is a loop around that one graph, drawing noise in the
-  PyTorch sampler's order (x_T, then one z per step i > 0).
+  coefficient table; sampling is the reverse loop (fastddpm.loop) with that one graph as
+  its step, drawing noise in the PyTorch sampler's order (x_T, then one z per step i > 0).
 
 `load(path)` returns whichever the file holds. device="cpu" uses onnxruntime's CPU
 provider; device="cuda" needs onnxruntime-gpu and binds torch CUDA tensors in place.
@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .export import OnnxExport, read_export, require
-from .sampler import Sampler, randn
+from . import loop
+from .noise import BatchNoise
+from .onnx_format import OnnxExport, read_export, require
+from .sampler import Sampler
+from .schedule import StepTable
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -145,9 +147,9 @@ class OnnxStepSampler:
         self.export = read_export(path, kind="step")
         self.config, self.diffusion = self.export.unet_config, self.export.diffusion
         self.device = _device(device)
-        table = self.export.step.table(self.diffusion)
-        self.num_steps, self.stochastic = len(table), table.stochastic
-        self.timesteps = table.timesteps.tolist()
+        self.table = self.export.step.table(self.diffusion)  # the one the graph holds (read_export checks)
+        self.num_steps, self.stochastic = len(self.table), self.table.stochastic
+        self.timesteps = self.table.timesteps.tolist()
         self.session = session(path, self.device, options)
 
     def step(self, x_t: torch.Tensor, t: torch.Tensor | int, z: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,7 +162,6 @@ class OnnxStepSampler:
         inputs = {"x_t": x_t.float(), "t": t, "z": z.float()}
         return _run_batched(self.session, self.export, inputs, self.config.out_channels)
 
-    @torch.no_grad()
     def sample(
         self,
         n: int,
@@ -171,34 +172,38 @@ class OnnxStepSampler:
         progress: bool = True,
     ) -> torch.Tensor:
         """n samples in [-1, 1]: float32 (n, C, H, W) on this sampler's device."""
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        batch_size = batch_size or n
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        shape = (n, *self.export.image_shape())
-        if x_T is not None and tuple(x_T.shape) != shape:
-            raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
-        out = []
-        with tqdm(total=self.num_steps * -(-n // batch_size), disable=not progress, unit="step") as bar:
-            for start in range(0, n, batch_size):
-                size = min(batch_size, n - start)
-                x = (
-                    x_T[start : start + size].to(self.device, torch.float32)
-                    if x_T is not None
-                    else randn((size, *shape[1:]), generator, self.device)
-                )
-                for i in reversed(range(self.num_steps)):
-                    z = None
-                    if self.stochastic and i > 0:
-                        z = randn(x.shape, generator, self.device)
-                    x = self.step(x, i, z)
-                    bar.update(1)
-                out.append(x)
-        return torch.cat(out)
+        return loop.sample(
+            _StepGraph(self),
+            self.table,
+            n,
+            self.export.image_shape(),
+            self.device,
+            clip_x0=self.export.step.clip_x0,
+            batch_size=batch_size,
+            generator=generator,
+            x_T=x_T,
+            progress=progress,
+        )
 
     def __repr__(self) -> str:
         return f"OnnxStepSampler({str(self.export.path)!r}, device={str(self.device)!r})"
+
+
+class _StepGraph:
+    """The step strategy of a step export, and its own run (the loop runs one batch at a time):
+    step i is one call of the graph with z drawn from the batch's noise. The graph returns x_{t-1}
+    only, so a step exposes no eps (and takes no callback)."""
+
+    def __init__(self, sampler: OnnxStepSampler) -> None:
+        self.sampler = sampler
+
+    def start(self, x_T: torch.Tensor, table: StepTable, clip_x0: bool, noise: BatchNoise) -> _StepGraph:
+        self.x, self.stochastic, self.noise = x_T, table.stochastic, noise
+        return self
+
+    def step(self, i: int) -> None:
+        z = self.noise.z(i, self.x) if self.stochastic else None
+        self.x = self.sampler.step(self.x, i, z)
 
 
 def load(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> Sampler | OnnxStepSampler:

@@ -48,12 +48,20 @@ def group_norm_silu(
     cancellation. So the statistics are two-pass stable (a mean of 1e3 over a std of 0.01 costs
     nothing) and the normalisation is PyTorch's fused kernel (on the CPU, several times faster
     than the same arithmetic as separate elementwise ops).
+
+    Under torch.export (ONNX) it takes the form that exports to InstanceNormalization, which
+    TensorRT's parser maps to its normalization layer: (N, G, C/G * H * W) -> InstanceNormalization
+    (unit scale, zero bias) -> (N, C, H, W) -> * weight[c] + bias[c] -> SiLU.
     """
     N, C, H, W = x.shape
     h = x.float()
     if add is not None:
         h = h + add.float()[:, :, None, None]
     g = h.reshape(N, num_groups, -1)
+    if torch.compiler.is_exporting():
+        y = F.instance_norm(g, eps=eps).reshape(N, C, H, W)
+        y = y * weight.float()[:, None, None] + bias.float()[:, None, None]
+        return (F.silu(y) if silu else y).to(x.dtype)
     centered = (g - g.mean(dim=-1, keepdim=True)).reshape(N, C, H, W)
     y = F.group_norm(centered, num_groups, weight.float(), bias.float(), eps)
     if silu:

@@ -47,7 +47,7 @@ from . import images
 from .distributed import World
 from .io import atomic_write
 from .precision import DTYPES
-from .sampler import METHODS, NonFiniteSamplesError, Sampler, check_eta, check_steps, placement
+from .sampler import METHODS, NonFiniteSamplesError, Sampler, check_eta, check_steps
 
 MANIFEST = "run.json"
 SHARDS = "shards"
@@ -153,7 +153,7 @@ def precision_name(sampler: Sampler) -> str:
     on the CPU; on a GPU fp32 turns TF32 off where PyTorch's default keeps it in convolutions)."""
     if sampler.precision.mode is not None:
         return sampler.precision.mode
-    dtype = placement(sampler.unet)[1]
+    dtype = sampler.denoiser.dtype
     return next((mode for mode, d in DTYPES.items() if d == dtype and mode != "tf32"), str(dtype))
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -285,3 +286,82 @@ class StepTable:
 
     def to(self, device: torch.device | str) -> StepTable:
         return StepTable(self.coef.to(device), self.timesteps.to(device), self.stochastic)
+
+
+# --- The diffusion a model was trained with, and the step table a sampler runs -----------------
+
+METHODS = STEP_KINDS  # the sampling methods: ancestral (and respaced) DDPM, and DDIM
+# A respacing string: "ddim50", or section counts "10,20,30" (space_timesteps).
+SPACING = re.compile(r"ddim[1-9][0-9]*|[1-9][0-9]*(,[1-9][0-9]*)*")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and how to sample it: beta schedule, variance, clipping."""
+
+    beta_schedule: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    variance: str = "fixedlarge"
+    clip_x0: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variance not in VARIANCES:
+            raise ValueError(f"unknown variance {self.variance!r}; choose one of {', '.join(VARIANCES)}")
+        config_schema.check_diffusion(asdict(self), "DiffusionConfig")  # types and ranges, as loaders
+        self.schedule()  # rejects an unknown schedule name now, not at sampling time
+
+    def schedule(self) -> Schedule:
+        return Schedule.from_name(self.beta_schedule, self.num_timesteps, self.beta_start, self.beta_end)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiffusionConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown diffusion config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def check_steps(steps: object) -> int | str | None:
+    """`steps` as Sampler.sample takes it: None, a positive int, or a spacing string; else a ValueError."""
+    if steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        return steps
+    if isinstance(steps, str) and SPACING.fullmatch(steps):
+        return int(steps) if steps.isdigit() else steps
+    raise ValueError(
+        f"steps must be None (all T), a positive int, or a spacing like '10,20' or 'ddim50', got {steps!r}"
+    )
+
+
+def check_eta(eta: object, method: str) -> float:
+    """DDIM's eta: a finite number >= 0, and nonzero only with method 'ddim'; else a ValueError."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if eta != 0 and method != "ddim":
+        raise ValueError(f"eta applies to method 'ddim' (--sampler ddim), not {method!r}; got eta={eta}")
+    return float(eta)
+
+
+def step_table(
+    diffusion: DiffusionConfig,
+    steps: int | str | None = None,
+    method: str = "ddpm",
+    eta: float = 0.0,
+    variance: str | None = None,
+    device: torch.device | str = "cpu",
+) -> StepTable:
+    """The table a sampler runs for `diffusion`: all T steps (steps None) or respaced to `steps` (an
+    int S or a spacing string), by `method` ("ddpm" or "ddim" with `eta`), with `variance` (None:
+    the config's), on `device`. ValueError naming a bad argument."""
+    if method not in METHODS:
+        raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+    steps = check_steps(steps)
+    eta = check_eta(eta, method)
+    schedule = diffusion.schedule()
+    if steps is not None and steps != len(schedule):
+        schedule = schedule.respace(steps)
+    return schedule.step_table(method, variance or diffusion.variance, eta, device=device)

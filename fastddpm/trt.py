@@ -15,13 +15,14 @@ profile), then TensorRT's serialized engine. The header is checked before Tensor
 the engine, so an engine built for another GPU or TensorRT version fails with an error
 that says which, rather than TensorRT's deserialization failure.
 
-Sampling (`TensorRTSampler`): one reverse step, the engine's execute_async_v3 then
-fastddpm's fused `ops.ddpm_step` (backend "auto": the CUDA or Triton kernel where built),
-is captured in a CUDA graph per batch size and replayed once per step. The step index and
-the noise live in device buffers the graph reads: the index is written before each replay,
-and z is drawn inside the graph from a CUDA generator registered with it, so every replay
-gets fresh noise. (A seed= step would bake one Philox (seed, offset) into the graph, and
-every replay would reuse the same z.)
+Sampling (`TensorRTSampler`): the reverse loop (fastddpm.loop) with `TensorRTSteps` as its
+step strategy. One reverse step, the engine's execute_async_v3 then fastddpm's fused
+`ops.ddpm_step` (backend "auto": the CUDA or Triton kernel where built), is captured in a
+CUDA graph per batch size and replayed once per step. The step index and the noise live in
+device buffers the graph reads: the index is written before each replay, and z is drawn
+inside the graph from a CUDA generator registered with it, so every replay gets fresh noise.
+(A seed= step would bake one Philox (seed, offset) into the graph, and every replay would
+reuse the same z.)
 """
 
 from __future__ import annotations
@@ -36,9 +37,17 @@ import torch
 
 from . import config_schema as schema
 from . import ops
-from .export import ExportError, MissingPackageError, OnnxExport, info_from_metadata, read_export, require
 from .io import atomic_write
-from .sampler import Sampler, StepCallback
+from .noise import BatchNoise
+from .onnx_format import (
+    ExportError,
+    MissingPackageError,
+    OnnxExport,
+    info_from_metadata,
+    read_export,
+    require,
+)
+from .sampler import Sampler
 from .schedule import StepTable
 
 ENGINE_MAGIC = b"FDDPMTRT"
@@ -361,7 +370,8 @@ class TensorRTDenoiser:
 
 
 class _GraphedStep:
-    """One reverse step at batch n, captured in a CUDA graph: x <- ddpm_step(x, engine(x, t), i, z)."""
+    """One reverse step at batch n, captured in a CUDA graph: x <- ddpm_step(x, engine(x, t), i, z).
+    A StepRun of the reverse loop: `x` is the graph's x_t buffer, `step(i)` one replay."""
 
     def __init__(
         self, den: TensorRTDenoiser, table: StepTable, clip_x0: bool, n: int, noise: torch.Generator
@@ -396,47 +406,56 @@ class _GraphedStep:
         )
         self.x.copy_(x_prev)
 
+    def step(self, i: int) -> torch.Tensor:
+        """Step index i, one replay; returns the engine's eps buffer (its I/O dtype)."""
+        self.i.fill_(i)
+        self.graph.replay()
+        return self.eps
+
+
+class TensorRTSteps:
+    """The step strategy of a TensorRT engine: one CUDA graph replay per step (see the module
+    docstring), a graph per batch size and clip_x0 for the table it was captured with."""
+
+    def __init__(self, denoiser: TensorRTDenoiser) -> None:
+        self.denoiser = denoiser
+        self.noise = torch.Generator(device=denoiser.device)
+        self.graphs: dict[tuple[int, bool], _GraphedStep] = {}
+        self.table: StepTable | None = None
+
+    def start(self, x_T: torch.Tensor, table: StepTable, clip_x0: bool, noise: BatchNoise) -> _GraphedStep:
+        if noise.philox:
+            raise ValueError(
+                "the TensorRT sampler draws its noise from a CUDA generator seeded from generator=; not seed="
+            )
+        self.denoiser.check_batch(x_T.shape[0])
+        if table is not self.table:  # a graph reads the table it was captured with
+            self.graphs.clear()
+            self.table = table
+        key = (x_T.shape[0], clip_x0)
+        if key not in self.graphs:
+            self.graphs[key] = _GraphedStep(self.denoiser, table, clip_x0, x_T.shape[0], self.noise)
+        step = self.graphs[key]
+        generator = noise.generator
+        source = generator.device if generator is not None else torch.device("cpu")
+        self.noise.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=source)))
+        step.x.copy_(x_T)
+        return step
+
 
 class TensorRTSampler(Sampler):
     """Sampling with a fastddpm TensorRT engine, each step one CUDA graph replay.
 
     `TensorRTSampler("eps.engine").sample(n, steps=..., method=..., generator=...)` takes
-    Sampler.sample's arguments except callback. x_T comes from `generator` as in the
-    PyTorch sampler; the per-step noise from a CUDA generator seeded from it.
+    Sampler.sample's arguments except seed. x_T comes from `generator` as in the PyTorch
+    sampler; the per-step noise from a CUDA generator seeded from it.
     """
 
     def __init__(self, engine_path: str | os.PathLike, *, device: torch.device | str | None = None) -> None:
         denoiser = TensorRTDenoiser(engine_path, device=device)
         super().__init__(denoiser, denoiser.export.diffusion)
-        self._noise = torch.Generator(device=denoiser.device)
-        self._graphs: dict[tuple[int, bool], _GraphedStep] = {}
-        self._table: StepTable | None = None
+        self.engine_steps = TensorRTSteps(denoiser)
 
-    def _reverse(
-        self,
-        x: torch.Tensor,
-        table: StepTable,
-        clip_x0: bool,
-        generator: torch.Generator | None,
-        bar,
-        callback: StepCallback | None,
-        callback_every: int,
-    ) -> torch.Tensor:
-        if callback is not None:
-            raise ValueError("the TensorRT sampler runs each step as one CUDA graph and takes no callback")
-        self.unet.check_batch(x.shape[0])
-        if table is not self._table:  # a graph reads the table it was captured with
-            self._graphs.clear()
-            self._table = table
-        key = (x.shape[0], clip_x0)
-        if key not in self._graphs:
-            self._graphs[key] = _GraphedStep(self.unet, table, clip_x0, x.shape[0], self._noise)
-        step = self._graphs[key]
-        source = generator.device if generator is not None else torch.device("cpu")
-        self._noise.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=source)))
-        step.x.copy_(x)
-        for i in reversed(range(len(table))):
-            step.i.fill_(i)
-            step.graph.replay()
-            bar.update(1)
-        return step.x.clone()
+    @property
+    def strategy(self) -> TensorRTSteps:
+        return self.engine_steps

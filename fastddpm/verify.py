@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .io import atomic_write
 from .reference import memory_format_of
 

@@ -34,9 +34,9 @@ def test_pytorch_diffusion_pickle_loads_with_weights_only(tmp_path):
     unet = random_unet("cifar10")
     path = tmp_path / "ema_cifar10.ckpt"
     torch.save(unet.state_dict(), path)  # how pytorch_diffusion's files are stored
-    sampler = load_pytorch_diffusion(path, "cifar10", allow_pickle=True)
-    assert sampler.diffusion.variance == "fixedlarge"
-    assert same_output(unet, sampler.unet)
+    loaded, diffusion = load_pytorch_diffusion(path, "cifar10", allow_pickle=True)
+    assert diffusion.variance == "fixedlarge"
+    assert same_output(unet, loaded)
 
 
 def test_pytorch_diffusion_safetensors_and_256_variance(tmp_path):
@@ -55,9 +55,9 @@ def test_native_round_trip_keeps_weights_and_configs(tmp_path):
     )
     save_native(fastddpm.Sampler(unet, diffusion), tmp_path / "tiny.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.safetensors"]  # no temporary left behind
-    again = load_native(tmp_path / "tiny.safetensors")
-    assert again.unet.config == unet.config and again.diffusion == diffusion
-    assert same_output(unet, again.unet)
+    again, again_diffusion = load_native(tmp_path / "tiny.safetensors")
+    assert again.config == unet.config and again_diffusion == diffusion
+    assert same_output(unet, again)
     assert fastddpm.load(tmp_path / "tiny.safetensors").diffusion == diffusion
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastddpm
-from fastddpm import export, ort
+from fastddpm import export, onnx_format, ort
 from fastddpm.cli import main
 from fastddpm.unet import PRESETS, UNet
 
@@ -54,7 +54,7 @@ def test_export_passes_the_checker_and_names_its_inputs(diffusers_export):
     assert [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim][:1] == ["batch"]
     assert model.opset_import[0].version >= 18
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["fastddpm.format"] == export.FORMAT and meta["fastddpm.kind"] == "denoiser"
+    assert meta["fastddpm.format"] == onnx_format.FORMAT and meta["fastddpm.kind"] == "denoiser"
     assert export.read_export(path) == export.OnnxExport(
         "denoiser", sampler.unet.config, sampler.diffusion, "float32", None, 18, None, path
     )

@@ -236,7 +236,7 @@ def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def digits():
-    return checkpoints.load(str(checkpoints.DEFAULT_MODEL))
+    return fastddpm.load(str(checkpoints.DEFAULT_MODEL))
 
 
 def test_cli_progress_strip(digits, tmp_path):

@@ -13,12 +13,10 @@ import logging
 
 import pytest
 import torch
-from tqdm import tqdm
 
 import fastddpm
-from fastddpm import ops
+from fastddpm import loop, ops
 from fastddpm.graphs import GraphedStep
-from fastddpm.sampler import noise_offset
 
 from .conftest import tiny_unet
 
@@ -77,15 +75,27 @@ def test_cuda_graph_setting():
 # --- CPU: the work the graph holds, run eagerly on its static buffers ---------------------------------
 
 
-def run_body(sampler, n, kw, *, seed, batch_index=0, callback=None, every=1):
-    """Sample one batch with GraphedStep's body (uncaptured): x_T as Sampler.sample draws it."""
+class Body:
+    """A step strategy that runs GraphedStep's body (uncaptured) for each batch."""
+
+    def __init__(self, sampler):
+        self.sampler, self.steps = sampler, []
+
+    def start(self, x_T, table, clip_x0, noise):
+        step = GraphedStep(self.sampler.predict_eps, "torch", table, x_T, clip_x0)
+        self.steps.append(step)
+        return step.start(x_T, noise.seed, noise.offset(0))
+
+
+def run_body(sampler, n, kw, *, seed, batch_size=None, callback=None, every=1):
+    """Sample with GraphedStep's body through the reverse loop, x_T drawn as Sampler.sample draws it."""
     table = sampler.step_table(kw.get("steps"), kw.get("method", "ddpm"), kw.get("eta", 0.0))
-    S = len(table)
-    shape = (n, 3, 16, 16)
-    x_T = fastddpm.reference.philox_normal(seed, noise_offset(batch_index, S), shape)
-    step = GraphedStep(sampler.predict_eps, "torch", table, x_T, clip_x0=True)
-    with tqdm(disable=True) as bar:
-        return step.run(x_T, seed, noise_offset(batch_index, S, 0), bar, callback, every), step
+    body = Body(sampler)
+    out = loop.sample(
+        body, table, n, (3, 16, 16), torch.device("cpu"), clip_x0=True, batch_size=batch_size, seed=seed,
+        progress=False, callback=callback, callback_every=every,
+    )  # fmt: skip
+    return out, body.steps[-1]
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -104,8 +114,8 @@ def test_the_body_draws_each_batch_at_its_offsets():
     sampler = make_sampler(False)
     kw = CONFIGS["respaced"]
     whole = sampler.sample(4, seed=5, batch_size=2, progress=False, **kw)
-    second, _ = run_body(sampler, 2, kw, seed=5, batch_index=1)
-    assert torch.equal(second, whole[2:])
+    both, _ = run_body(sampler, 4, kw, seed=5, batch_size=2)
+    assert torch.equal(both, whole)
 
 
 def test_the_body_calls_back_with_the_eager_arguments():
