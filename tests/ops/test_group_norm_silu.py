@@ -250,6 +250,12 @@ def test_equals_torch_modules(backend, silu, with_add):
         ref = F.silu(ref) if silu else ref
         w, bias = (p.float().to(backend.device) for p in (norm.weight, norm.bias))
         out = backend.group_norm_silu(
-            x.to(backend.device), w, bias, 32, 1e-6, silu=silu, add=add.to(backend.device) if with_add else None
+            x.to(backend.device),
+            w,
+            bias,
+            32,
+            1e-6,
+            silu=silu,
+            add=add.to(backend.device) if with_add else None,
         )
     assert_within_tolerance(out, ref, "group_norm_silu", torch.float32)
