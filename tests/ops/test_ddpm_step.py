@@ -5,45 +5,21 @@ noise (float32 or the input's dtype) and in-kernel Philox noise at (seed, offset
 deterministic, N(0, 1), seed and offset as device tensors), three dtypes, NCHW and channels_last;
 the reference itself equals the papers' formulas in float64."""
 
-import functools
-
 import numpy as np
 import pytest
 import torch
 
 from fastddpm import ops, reference
 from fastddpm.check import tolerance
-from fastddpm.schedule import NUM_COEFS, SIGMA, Schedule, StepTable
+from fastddpm.schedule import Schedule
 
 from ..formulas import step_in_float64
 from .backends import needs_gpu
+from .tables import identity_noise_table, table
 from .tolerance import DTYPES, assert_equals_reference, assert_within_tolerance, reference_output
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 NOISE_BOUND = tolerance("ddpm_step", torch.float32)  # in-kernel z against reference.philox_normal
-
-
-TABLES = {  # name: the table, from the CIFAR10 schedule (linear betas, T = 1000)
-    "fixedlarge": lambda s: s.step_table("ddpm", "fixedlarge"),
-    "fixedsmall": lambda s: s.step_table("ddpm", "fixedsmall"),
-    "ddim": lambda s: s.respace("ddim50").step_table("ddim", eta=0.0),
-    "ddim_eta1": lambda s: s.respace("ddim50").step_table("ddim", eta=1.0),
-    "ddpm100": lambda s: s.respace(100).step_table("ddpm"),  # respaced to 100 steps
-    "ddim100": lambda s: s.respace(100).step_table("ddim", eta=0.5),
-    "ddim100_eta0": lambda s: s.respace(100).step_table("ddim", eta=0.0),  # adds no noise
-}
-
-
-@functools.cache
-def table(name: str, device: torch.device) -> StepTable:
-    return TABLES[name](Schedule.from_name()).to(device)
-
-
-def identity_noise_table(device: torch.device) -> StepTable:
-    """A one-row table with mean 0 and sigma 1: the step of x_t = eps = 0 returns z itself."""
-    coef = torch.zeros(1, NUM_COEFS)
-    coef[0, SIGMA] = 1.0
-    return StepTable(coef=coef.to(device), timesteps=torch.zeros(1, dtype=torch.long), stochastic=True)
 
 
 def tensors(b, shape, dtype=torch.float32, layout="nchw", *, seed=0, noise_dtype=None):
