@@ -5,6 +5,8 @@ noise (float32 or the input's dtype) and in-kernel Philox noise at (seed, offset
 deterministic, N(0, 1), seed and offset as device tensors), three dtypes, NCHW and channels_last;
 the reference itself equals the papers' formulas in float64."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -185,6 +187,33 @@ def test_reference_gathers_a_tensor_index_without_a_host_sync(backend):
 
 
 # --- in-kernel noise ------------------------------------------------------------------------------
+
+
+def test_reference_philox_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10."""
+    cases = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
+    for counter, key, expected in cases:
+        out = reference.philox4x32(tuple(torch.tensor([c]) for c in counter), key)
+        assert tuple(int(o) for o in out) == expected
+
+
+def test_reference_philox_normal_is_standard_normal_and_counter_based():
+    z = reference.philox_normal(123, 0, (1 << 18,))
+    n = z.numel()
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)  # 5 standard errors
+    assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / n)
+    assert abs((z**4).mean().item() - 3) < 5 * math.sqrt(96 / n)  # kurtosis of N(0, 1)
+    torch.testing.assert_close(reference.philox_normal(123, 0, (10,)), z[:10], rtol=0, atol=0)
+    assert not torch.equal(reference.philox_normal(123, 1, (10,)), z[:10])
+    assert not torch.equal(reference.philox_normal(124, 0, (10,)), z[:10])
 
 
 @pytest.mark.parametrize(

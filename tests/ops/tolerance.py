@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from fastddpm import reference
-from fastddpm.check import DTYPES, max_error, tolerance
+from fastddpm.check import DTYPES, TOLERANCE, max_error, tolerance
 from fastddpm.reference import memory_format_of
 from fastddpm.schedule import StepTable
 
@@ -28,13 +28,16 @@ def reference_output(op: str, *args, **kwargs) -> torch.Tensor:
     return getattr(reference, op)(*map(_fp32_cpu, args), **{k: _fp32_cpu(v) for k, v in kwargs.items()})
 
 
-def assert_within_tolerance(out: torch.Tensor, ref: torch.Tensor, op: str, dtype: torch.dtype) -> float:
-    """max_error(out, ref) within tolerance(op, dtype); a NaN in out fails. Returns the error."""
+def assert_within_tolerance(
+    out: torch.Tensor, ref: torch.Tensor, op: str | None, dtype: torch.dtype
+) -> float:
+    """max_error(out, ref) within tolerance(op, dtype) (op None: a network's output, held to the
+    ops' tolerance in dtype); a NaN in out fails. Returns the error."""
     out, ref = out.detach().cpu(), ref.detach().cpu()
     assert out.shape == ref.shape, f"shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
     assert not out.isnan().any(), "NaN in the output"
-    err, tol = max_error(out, ref, dtype), tolerance(op, dtype)
-    assert err <= tol, f"{op} in {dtype}: max error {err:.3g} > tolerance {tol:g}"
+    err, tol = max_error(out, ref, dtype), TOLERANCE[dtype] if op is None else tolerance(op, dtype)
+    assert err <= tol, f"{op or 'output'} in {dtype}: max error {err:.3g} > tolerance {tol:g}"
     return err
 
 
