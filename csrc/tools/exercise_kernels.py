@@ -22,24 +22,21 @@ def main() -> None:
         for layout in norm.LAYOUTS:
             for param in norm.CUDA_SHAPES:
                 norm.test_cuda_launch_paths(gpu, *param.values, dtype, layout)
-            norm.test_variants(gpu, dtype, "misaligned", layout)
         for param in norm.CUDA_NHWC_SHAPES:  # channels_last tiles, 16-byte and element-wise
             norm.test_cuda_channels_last_tiles(gpu, *param.values, dtype)
         norm.test_cuda_channels_last_tile_variants(gpu, (1, 384, 4, 4), 32, "misaligned", dtype)
         for param in attention.SHAPES:
             attention.test_head_dims_and_lengths(gpu, param.values[0], dtype)
-        attention.test_layouts_and_scale(gpu, "padded-rows", dtype, 64)
-        attention.test_layouts_and_scale(gpu, "unet", dtype, 8)  # head-dim tile 8, strided
-        for param in step.BAD_INDICES:  # device step indices outside the table: no read past it
-            for layout in step.LAYOUTS:
-                for noise in ("tensor", "seed"):
-                    step.test_step_index_outside_the_table_gives_nan_samples(
-                        gpu, *param.values, layout, dtype, noise
-                    )
-        for param in step.STEP_SHAPES:
-            for layout in step.LAYOUTS:
-                for noise in ("float32", "same-dtype", "seed"):
-                    step.test_dtypes_and_layouts(gpu, param.values[0], layout, dtype, noise)
+        attention.test_layouts_and_scale(gpu, "padded-rows", dtype)
+        attention.test_layouts_and_scale(gpu, "unet", dtype)  # head-dim tile 8, strided
+    for layout in norm.LAYOUTS:  # in every dtype
+        norm.test_variants(gpu, "misaligned", layout)
+    for param in step.BAD_INDICES:  # device step indices outside the table: no read past it
+        for noise in ("tensor", "seed"):
+            step.test_step_index_outside_the_table_gives_nan_samples(gpu, *param.values, noise)
+    for param in step.STEP_SHAPES:  # in every dtype and layout
+        for noise in ("float32", "same-dtype", "seed"):
+            step.test_dtypes_and_layouts(gpu, param.values[0], noise)
     torch.cuda.synchronize()
     print("exercised every kernel variant: results equal the reference")
 

@@ -65,18 +65,18 @@ STEP_SHAPES = [
 
 
 @pytest.mark.parametrize("noise", ["float32", "same-dtype", "seed"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", STEP_SHAPES)
-def test_dtypes_and_layouts(backend, shape, layout, dtype, noise):
-    """A per-sample step index; noise in float32 or in the input's dtype, or from a seed near 2**64."""
+def test_dtypes_and_layouts(backend, shape, noise):
+    """Each dtype and layout; a per-sample step index; noise in float32 or in the input's dtype, or
+    from a seed near 2**64."""
     tab = table("ddpm100", backend.device)
-    x, eps, z = tensors(
-        backend, shape, dtype, layout, seed=7, noise_dtype=torch.float32 if noise == "float32" else None
-    )
     i = torch.tensor([99, 1, 0, 50][: shape[0]], device=backend.device)
-    kw = {"seed": 2**64 - 3, "offset": 12345} if noise == "seed" else {"noise": z}
-    check(backend, x, eps * 0.5, i, tab, **kw)
+    for dtype in DTYPES:
+        for layout in LAYOUTS:
+            noise_dtype = torch.float32 if noise == "float32" else None
+            x, eps, z = tensors(backend, shape, dtype, layout, seed=7, noise_dtype=noise_dtype)
+            kw = {"seed": 2**64 - 3, "offset": 12345} if noise == "seed" else {"noise": z}
+            check(backend, x, eps * 0.5, i, tab, **kw)
 
 
 STEP_INDICES = [
@@ -145,27 +145,26 @@ BAD_INDICES = [  # (i, which samples are bad) for a device-side step index into 
 
 
 @pytest.mark.parametrize("noise", ["none", "tensor", "seed"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("i, bad", BAD_INDICES)
-def test_step_index_outside_the_table_gives_nan_samples(backend, i, bad, layout, dtype, noise):
+def test_step_index_outside_the_table_gives_nan_samples(backend, i, bad, noise):
     """A device step index outside the table cannot raise (fastddpm.ops cannot look without a host
     sync, so this calls the backend's op itself): every element of exactly the affected samples is
-    NaN, never clamped, never an index error; the other samples are the reference's step."""
+    NaN, never clamped, never an index error; the other samples are the reference's step. In each
+    dtype and layout; both mean forms in float32."""
     tab = table("ddim100_eta0" if noise == "none" else "ddpm100", backend.device)
-    x, eps, z = tensors(backend, (len(bad), 3, 4, 4), dtype, layout, seed=3)
-    kw = noise_kwargs(noise, z, seed=11, offset=0)
-    i = torch.tensor(i, device=backend.device)
-    bad = torch.tensor(bad)
-    for clip_x0 in (True, False):
-        out = backend.unchecked("ddpm_step")(x, eps, i, tab, clip_x0=clip_x0, **kw).cpu()
-        assert out[bad].isnan().all(), f"a sample of i = {i.tolist()} is not all NaN"
-        assert not out[~bad].isnan().any()
-        if not bad.all():  # the others: the reference's step, with the bad indices made valid
-            ref = reference_output(
-                "ddpm_step", x, eps, torch.where(bad, 0, i.cpu()), tab, clip_x0=clip_x0, **kw
-            )
-            assert_within_tolerance(out[~bad], ref[~bad], "ddpm_step", dtype)
+    i, bad = torch.tensor(i, device=backend.device), torch.tensor(bad)
+    for dtype in DTYPES:
+        for layout in LAYOUTS:
+            x, eps, z = tensors(backend, (len(bad), 3, 4, 4), dtype, layout, seed=3)
+            kw = noise_kwargs(noise, z, seed=11, offset=0)
+            for clip_x0 in (True, False) if dtype == torch.float32 else (True,):
+                out = backend.unchecked("ddpm_step")(x, eps, i, tab, clip_x0=clip_x0, **kw).cpu()
+                assert out[bad].isnan().all(), f"a sample of i = {i.tolist()} is not all NaN"
+                assert not out[~bad].isnan().any()
+                if not bad.all():  # the others: the reference's step, with the bad indices made valid
+                    i_ok = torch.where(bad, 0, i.cpu())
+                    ref = reference_output("ddpm_step", x, eps, i_ok, tab, clip_x0=clip_x0, **kw)
+                    assert_within_tolerance(out[~bad], ref[~bad], "ddpm_step", dtype)
 
 
 def test_ops_refuses_a_cpu_step_index_outside_the_table():
@@ -266,18 +265,19 @@ def test_reference_seeded_noise_is_philox_bit_for_bit(backend):
     "shape, layout",
     [((2, 4, 6, 5), "nchw"), ((3, 5, 3, 3), "nchw"), ((2, 5, 3, 7), "nhwc"), ((3, 3, 5, 7), "nchw")],
 )
-@pytest.mark.parametrize("on_device", ["offset", "seed", "both"])
 @pytest.mark.parametrize("seed, offset", [(7, 3), (2**64 - 1, 2**63 + 2**32 + 9)])
-def test_seed_and_offset_tensors_equal_ints_bit_for_bit(backend, shape, layout, on_device, seed, offset):
-    """A 0-d int64 device tensor (read in the kernel, as a replayed CUDA graph reads it) gives exactly
-    the step of the same value passed as an int; values >= 2**63 are held as their int64 bits."""
+def test_seed_and_offset_tensors_equal_ints_bit_for_bit(backend, shape, layout, seed, offset):
+    """A 0-d int64 device tensor for the offset, the seed or both (read in the kernel, as a replayed
+    CUDA graph reads it) gives exactly the step of the same values passed as ints; values >= 2**63
+    are held as their int64 bits."""
     tab = table("fixedlarge", backend.device)
     x, eps, _ = tensors(backend, shape, layout=layout, seed=6)
-    as_tensor = {"seed": seed, "offset": offset}
-    for name in ("seed", "offset") if on_device == "both" else (on_device,):
-        as_tensor[name] = torch.tensor(ops.uint64_as_int64(as_tensor[name]), device=backend.device)
     ints = backend.ddpm_step(x, eps, 600, tab, seed=seed, offset=offset)
-    assert torch.equal(backend.ddpm_step(x, eps, 600, tab, **as_tensor), ints)
+    for on_device in (("offset",), ("seed",), ("seed", "offset")):
+        as_tensor = {"seed": seed, "offset": offset}
+        for name in on_device:
+            as_tensor[name] = torch.tensor(ops.uint64_as_int64(as_tensor[name]), device=backend.device)
+        assert torch.equal(backend.ddpm_step(x, eps, 600, tab, **as_tensor), ints), on_device
     assert not torch.equal(ints, backend.ddpm_step(x, eps, 600, tab, seed=seed, offset=offset + 1))
 
 

@@ -35,14 +35,14 @@ def check(b, x, w, bias, groups, *, silu=True, add=None):
 # --- the contract: dtypes, layouts, add and SiLU -------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("with_add", [True, False], ids=["add", "noadd"])
 @pytest.mark.parametrize("silu", [True, False], ids=["silu", "nosilu"])
-def test_equals_reference(backend, dtype, layout, with_add, silu):
-    """Batch 1, 6 channels per group (not a power of two), 5x7 positions."""
-    x, w, bias, add = inputs(backend, (1, 24, 5, 7), dtype, layout)
-    check(backend, x, w, bias, 4, silu=silu, add=add if with_add else None)
+def test_equals_reference(backend, layout, with_add, silu):
+    """Each dtype; batch 1, 6 channels per group (not a power of two), 5x7 positions."""
+    for dtype in DTYPES:
+        x, w, bias, add = inputs(backend, (1, 24, 5, 7), dtype, layout)
+        check(backend, x, w, bias, 4, silu=silu, add=add if with_add else None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -52,16 +52,16 @@ def test_batch_2_with_add(backend, dtype, layout):
     check(backend, x, w, bias, 8, add=add)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "C, with_add, silu",
     [(64, True, True), (128, False, True), (256, True, False), (384, False, False), (512, True, True)],
 )
-def test_unet_channel_counts_channels_last(backend, dtype, C, with_add, silu):
-    """The U-Net's channel counts with its 32 groups (2, 4, 8, 12, 16 channels per group),
-    channels_last, 3x5 positions."""
-    x, w, bias, add = inputs(backend, (1, C, 3, 5), dtype, "nhwc", seed=C)
-    check(backend, x, w, bias, 32, silu=silu, add=add if with_add else None)
+def test_unet_channel_counts_channels_last(backend, C, with_add, silu):
+    """Each dtype; the U-Net's channel counts with its 32 groups (2, 4, 8, 12, 16 channels per
+    group), channels_last, 3x5 positions."""
+    for dtype in DTYPES:
+        x, w, bias, add = inputs(backend, (1, C, 3, 5), dtype, "nhwc", seed=C)
+        check(backend, x, w, bias, 32, silu=silu, add=add if with_add else None)
 
 
 VARIANTS = {
@@ -72,14 +72,15 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_variants(backend, dtype, variant, layout):
+def test_variants(backend, variant, layout):
+    """Each dtype, at 4 channels per group."""
     options = dict(VARIANTS[variant])
     silu, with_add = options.pop("silu", True), options.pop("with_add", True)
-    x, w, bias, add = inputs(backend, (2, 64, 4, 4), dtype, layout, seed=2, **options)
-    check(backend, x, w, bias, 16, silu=silu, add=add if with_add else None)
+    for dtype in DTYPES:
+        x, w, bias, add = inputs(backend, (2, 64, 4, 4), dtype, layout, seed=2, **options)
+        check(backend, x, w, bias, 16, silu=silu, add=add if with_add else None)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
