@@ -67,12 +67,11 @@ def test_launch_paths(dtype, shape, blocks, kv_splits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_head_dim_512(dtype):
-    """The 256x256 models' D = 512 (beyond FlashAttention and SDPA's flash path), production plan."""
-    q, k, v = qkv(1, 1, 20, 20, 512, dtype)
-    p = plan(1, 20, 20, 512, dtype, q.device)
+def test_head_dim_512_runs_in_chunks(dtype):
+    """The 256x256 models' D = 512 (beyond FlashAttention and SDPA's flash path): the production
+    plan takes q k^T and the output in D chunks (tests/ops checks the op's result at D = 512)."""
+    p = plan(1, 20, 20, 512, dtype, torch.device(DEVICE))
     assert p.num_dk(512) > 1 and p.num_dv(512) > 1
-    check(ops.attention(q, k, v, backend="triton"), q, k, v)
 
 
 def test_large_scores_do_not_overflow_in_split_keys():

@@ -133,11 +133,11 @@ def test_heuristic_splits_large_groups_at_batch_1():
         assert plan(1, C, HW, 32, cpu).one_tile
 
 
-@pytest.mark.parametrize("split, tile", [(4, 64), (1, 64), (None, None)], ids=["split", "looped", "onetile"])
+@pytest.mark.parametrize("split, tile", [(4, 64), (1, 64)], ids=["split", "looped"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_statistics_are_stable_for_a_large_mean(split, tile, channels_last):
-    """Mean 1e3, std 0.1: the float64 result on the same input is the truth (the reference op's
-    own error here is 4.4e-4)."""
+    """Mean 1e3, std 0.1, split and looped programs: the float64 result on the same input is the
+    truth (the reference op's own error here is 4.4e-4). The one-tile plan: tests/ops."""
     torch.manual_seed(2)
     x = 1e3 + torch.randn(1, 32, 8, 8) * 0.1
     ones, zeros = torch.ones(32, device=DEVICE), torch.zeros(32, device=DEVICE)

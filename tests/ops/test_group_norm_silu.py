@@ -1,7 +1,7 @@
 """group_norm_silu on every backend equals the reference within the contract's tolerance: three
 dtypes, NCHW and channels_last, add= and silu=False, the U-Net's channel counts, a strided add, a
 misaligned x, float32 parameters with 16-bit activations, and statistics that stay float32 and
-stable for a large mean; the reference itself equals torch's GroupNorm and SiLU modules."""
+stable for a large mean. The reference itself equals torch's GroupNorm and SiLU modules in float64."""
 
 import pytest
 import torch
@@ -45,13 +45,6 @@ def test_equals_reference(backend, layout, with_add, silu):
         check(backend, x, w, bias, 4, silu=silu, add=add if with_add else None)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_batch_2_with_add(backend, dtype, layout):
-    x, w, bias, add = inputs(backend, (2, 32, 4, 4), dtype, layout, seed=1)
-    check(backend, x, w, bias, 8, add=add)
-
-
 @pytest.mark.parametrize(
     "C, with_add, silu",
     [(64, True, True), (128, False, True), (256, True, False), (384, False, False), (512, True, True)],
@@ -75,7 +68,10 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_variants(backend, variant, layout):
-    """Each dtype, at 4 channels per group."""
+    """Each dtype, at 4 channels per group. Compiled code only: Triton's interpreter runs numpy on
+    whole arrays, with no vector loads to misalign and no register dtypes."""
+    if backend.name == "triton" and not backend.on_gpu:
+        pytest.skip("Triton's interpreter: these variants test compiled code's loads and dtypes")
     options = dict(VARIANTS[variant])
     silu, with_add = options.pop("silu", True), options.pop("with_add", True)
     for dtype in DTYPES:
@@ -234,12 +230,13 @@ def test_statistics_are_float32_in_low_precision(backend, dtype, layout):
     check(backend, x, w, bias, 4, silu=False)
 
 
-# --- against torch's modules ----------------------------------------------------------------------
+# --- the reference against torch's modules (every backend is held to the reference) ---------------
 
 
+@pytest.mark.parametrize("backend", ["torch"], indirect=True)
 @pytest.mark.parametrize("silu", [True, False], ids=["silu", "nosilu"])
 @pytest.mark.parametrize("with_add", [True, False], ids=["add", "noadd"])
-def test_equals_torch_modules(backend, silu, with_add):
+def test_reference_equals_torch_modules(backend, silu, with_add):
     """nn.GroupNorm (then F.silu) of x + add in float64, with random affine parameters."""
     torch.manual_seed(0)
     x, add = torch.randn(2, 64, 8, 8), torch.randn(2, 64)
