@@ -85,7 +85,7 @@ fi
   | tee -a "$O/summary.txt" >&3
 
 # --- tests: compiled, not interpreted -----------------------------------------------------------
-OP_TESTS=(tests/test_cuda_ops.py tests/test_triton_attention.py tests/test_triton_group_norm_silu.py
+OP_TESTS=(tests/ops tests/test_cuda_ops.py tests/test_triton_attention.py tests/test_triton_group_norm_silu.py
           tests/test_triton_ddpm_step.py tests/test_triton_backend.py)
 PYTEST=("$PY" -m pytest -p no:cacheprovider -rfE --tb=short -q)
 if [ "$DRY" = 1 ]; then

@@ -52,6 +52,7 @@ import pytest
 import torch
 
 import fastddpm
+from fastddpm import ops
 from fastddpm.checkpoints import (
     diffusion_config_from_diffusers,
     diffusion_config_to_diffusers,
@@ -67,7 +68,6 @@ GPU_STEPS, GPU_ROUNDS = 50, 3  # a round already averages 50 steps; the GPU mach
 CPU_STEPS, CPU_ROUNDS = 3, 3
 CUDA = torch.cuda.is_available()
 
-BACKENDS = ("torch", "triton", "cuda")
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 DIFFUSERS_PRECISIONS = ("fp32", "tf32", "fp16")
 COMPILE_PRECISIONS = ("fp32", "fp16")
@@ -319,7 +319,7 @@ def test_diffusers_gpu(benchmark, model, batch, mode, precision):
 @gpu_only
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ops.CONCRETE_BACKENDS)
 @pytest.mark.parametrize(("model", "batch"), GPU_CASES, ids=case_ids(GPU_CASES))
 def test_fastddpm_gpu(benchmark, model, batch, backend, precision, graph):
     case = Case(MODELS[model], GPU, batch, GPU_STEPS, GPU_ROUNDS)

@@ -76,7 +76,7 @@ def measure(benchmark, fn, *, nbytes: float | None = None, flops: float | None =
 
 NORM_SHAPES = [(b, 128, 32, 32) for b in CIFAR_BATCHES] + [(b, 256, 16, 16) for b in CIFAR_BATCHES]
 NORM_SHAPES += [(b, 128, 256, 256) for b in LARGE_BATCHES] + [(b, 512, 32, 32) for b in LARGE_BATCHES]
-NORM_IMPLS = ("torch", "triton", "cuda", "compile", "eager-F")
+NORM_IMPLS = (*ops.CONCRETE_BACKENDS, "compile", "eager-F")
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}  # NHWC: cuDNN's bf16 layout
 
 
@@ -90,7 +90,7 @@ def test_group_norm_silu(benchmark, shape, dtype, layout, impl):
     N, C = shape[:2]
     x = torch.randn(shape, device="cuda", dtype=dt).contiguous(memory_format=LAYOUTS[layout])
     w, b, add = (torch.randn(*s, device="cuda", dtype=dt) for s in ((C,), (C,), (N, C)))
-    if impl in ("torch", "triton", "cuda"):
+    if impl in ops.CONCRETE_BACKENDS:
         backend_or_skip(impl)
 
         def fn():
@@ -114,7 +114,7 @@ def test_group_norm_silu(benchmark, shape, dtype, layout, impl):
 ATTN_SHAPES = [(b, 1, 256, 256) for b in CIFAR_BATCHES] + [(b, 1, 256, 512) for b in LARGE_BATCHES]
 ATTN_SHAPES += [(b, 32, 256, 8) for b in CIFAR_BATCHES]
 SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
-ATTN_IMPLS = ("torch", "triton", "cuda", "compile") + tuple(f"sdpa-{k.lower()}" for k in SDPA)
+ATTN_IMPLS = (*ops.CONCRETE_BACKENDS, "compile") + tuple(f"sdpa-{k.lower()}" for k in SDPA)
 
 
 @pytest.mark.benchmark(group="attention")
@@ -124,7 +124,7 @@ ATTN_IMPLS = ("torch", "triton", "cuda", "compile") + tuple(f"sdpa-{k.lower()}" 
 def test_attention(benchmark, shape, dtype, impl):
     B, H, L, D = shape
     q, k, v = (torch.randn(shape, device="cuda", dtype=DTYPES[dtype]) for _ in range(3))
-    if impl in ("torch", "triton", "cuda"):
+    if impl in ops.CONCRETE_BACKENDS:
         backend_or_skip(impl)
 
         def fn():
@@ -149,7 +149,7 @@ def test_attention(benchmark, shape, dtype, impl):
 # --- ddpm_step: fp32 x_t and eps, as the sampler keeps them ----------------------------------------
 
 STEP_SHAPES = [(b, 3, 32, 32) for b in CIFAR_BATCHES] + [(b, 3, 256, 256) for b in LARGE_BATCHES]
-STEP_IMPLS = ("torch", "triton", "triton-philox", "cuda", "cuda-philox", "compile")
+STEP_IMPLS = (*ops.CONCRETE_BACKENDS, "triton-philox", "cuda-philox", "compile")  # -philox: in-kernel noise
 
 
 @pytest.mark.benchmark(group="ddpm_step")

@@ -18,7 +18,8 @@ import torch
 from . import verify
 from .schedule import StepTable
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+CONCRETE_BACKENDS = ("torch", "triton", "cuda")  # the reference, the Triton kernels, the CUDA library
+BACKENDS = ("auto", *CONCRETE_BACKENDS)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

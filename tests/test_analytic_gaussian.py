@@ -1,4 +1,4 @@
-"""Item 8(c): sampling Gaussian data with its exact eps-predictor reproduces mu and sigma.
+"""Sampling Gaussian data with its exact eps-predictor reproduces mu and sigma.
 
 For x0 ~ N(mu, diag sigma^2), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps is Gaussian
 with variance v_t = abar_t sigma^2 + 1 - abar_t, and the exact predictor is

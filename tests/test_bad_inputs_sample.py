@@ -1,5 +1,5 @@
 """Every bad input to the sampling side ends in a correct result or in exit 1 with one line naming
-the problem, never a traceback (issue 14). A generated table: each bad value of each option of
+the problem, never a traceback. A generated table: each bad value of each option of
 `fastddpm sample` (grid, --npz, run directory) and `fastddpm interpolate`, damaged run directories,
 and the API's bad arguments. The CLI cases run in-process through fastddpm.cli.main (argparse's
 errors included) on the bundled digits model with --steps 2; tests/test_cli.py and tests/test_runs.py

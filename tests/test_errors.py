@@ -1,4 +1,4 @@
-"""Item 9: bad input gets a clear error that names the problem."""
+"""Bad input gets a clear error that names the problem."""
 
 import json
 
@@ -218,7 +218,7 @@ def test_unsupported_diffusers_configs(change, message):
         unet_config_from_diffusers({**TINY_DIFFUSERS_UNET, **change})
 
 
-# --- issue 14: empty batches, non-finite attention, devices, images ------------------------------
+# --- empty batches, non-finite attention, devices, images ------------------------------------------
 
 
 @pytest.mark.parametrize("shape", [(0, 8, 4, 4), (2, 8, 0, 4), (2, 0, 4, 4)])

@@ -1,5 +1,6 @@
-"""Precision modes and channels_last (fastddpm.precision): conversion, accuracy against fp32,
-float32 statistics in every backend, the TF32 flags' scope, torch.compile, and bad input."""
+"""Precision modes and channels_last (fastddpm.precision): conversion, accuracy against fp32, the
+TF32 flags' scope, torch.compile, and bad input. The ops' float32 statistics and softmax in 16-bit
+inputs, on every backend: tests/ops."""
 
 import subprocess
 import sys
@@ -8,38 +9,9 @@ import pytest
 import torch
 
 import fastddpm
-from fastddpm import ops
 from fastddpm.precision import MODES, Precision
 
 from .conftest import tiny_unet
-from .test_reference_ops import TOLERANCE, relative_error
-
-# triton through its interpreter (tests/conftest.py); the cuda backend's kernels through the host
-# emulator of tests/cuda_cases.py (the same csrc/*.cu compiled by g++), as no GPU runs them here.
-CPU_BACKENDS = ["torch", "triton", "cuda-emulator"]
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    from fastddpm import cuda
-
-    from . import cuda_cases
-
-    return cuda_cases.EmulatedRunner(cuda.open_library(cuda_cases.build_emulator()))
-
-
-def group_norm(backend, request, x, w, b, groups):
-    """GroupNorm (no SiLU, no add) through `backend`, one of CPU_BACKENDS."""
-    if backend == "cuda-emulator":
-        return request.getfixturevalue("emulator").group_norm_silu(x, w, b, groups, 1e-6, False, None)
-    return ops.group_norm_silu(x, w, b, groups, silu=False, backend=backend)
-
-
-def attention(backend, request, q, k, v):
-    if backend == "cuda-emulator":
-        return request.getfixturevalue("emulator").attention(q, k, v, None)
-    return ops.attention(q, k, v, backend=backend)
-
 
 # Bounds on the final samples' max distance from fp32 (in [-1, 1] units) for the tiny random-weight
 # U-Net over 5 steps from the same noise: about 3x what an AVX-512 CPU gave (fp16 0.008-0.010,
@@ -110,49 +82,6 @@ def test_channels_last_activations_stay_channels_last():
         out = unet(x, torch.tensor([3, 700]))
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert lost == []
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_group_norm_statistics_are_float32_in_low_precision(backend, dtype, channels_last, request):
-    """Values near 300 put a group's sum of x^2 far above fp16's 65504, and their variance below
-    bf16's resolution of x^2: E[x^2] - E[x]^2 in the input dtype would overflow (fp16) or lose
-    the variance (bf16). Compared with the float32 reference on the same rounded input."""
-    torch.manual_seed(5)
-    x = (300.0 + 30.0 * torch.randn(2, 16, 8, 8)).to(dtype)
-    w, b = torch.randn(16).to(dtype), torch.randn(16).to(dtype)
-    ref = ops.group_norm_silu(x.float(), w.float(), b.float(), 4, silu=False, backend="torch")
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    out = group_norm(backend, request, x, w, b, 4)
-    assert out.dtype == dtype
-    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
-    assert relative_error(out, ref) <= TOLERANCE[dtype]
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_attention_softmax_is_float32_in_low_precision(backend, dtype, request):
-    """q k^T reaches ~1.3e5 (over fp16's 65504) before the 1/8 scale: fp16 scores would be inf.
-    Compared with the float32 reference on the same rounded inputs."""
-    torch.manual_seed(6)
-    q, k = (45.0 + torch.randn(1, 1, 16, 64) for _ in range(2))
-    q, k, v = q.to(dtype), k.to(dtype), torch.randn(1, 1, 16, 64).to(dtype)
-    assert (q.float() @ k.float().transpose(-1, -2)).max() > 65504
-    ref = ops.attention(q.float(), k.float(), v.float(), backend="torch")
-    out = attention(backend, request, q, k, v)
-    assert torch.isfinite(out).all()
-    assert relative_error(out, ref) <= TOLERANCE[dtype]
-
-
-def test_attention_reference_equals_the_explicit_formula_with_strided_heads():
-    """The reference runs SDPA on the U-Net's strided head views; it equals softmax(q k^T s) v."""
-    torch.manual_seed(7)
-    q, k, v = (torch.randn(2, 64, 4, 8).transpose(1, 2) for _ in range(3))  # (2, 4, 64, 8), strided
-    scores = (q.double() @ k.double().transpose(-1, -2)) * 8**-0.5
-    expected = scores.softmax(-1) @ v.double()
-    assert (ops.attention(q, k, v, backend="torch").double() - expected).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("mode", ["fp32", "tf32"])

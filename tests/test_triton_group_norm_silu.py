@@ -1,8 +1,10 @@
-"""Triton group_norm_silu equals the reference: dtypes, layouts, add and SiLU, every launch path.
+"""The Triton group_norm_silu's own paths: its plans (split, looped and one-tile programs, whole
+groups in 16-byte rows for channels_last), each forced through the launcher's `split`, `tile` and
+`groups` keywords and compared with the reference, and its launches under the inputs' device.
+The op itself on every backend: tests/ops/test_group_norm_silu.py.
 
 Runs through Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1), or
-compiled on a GPU when TRITON_INTERPRET=0. Shapes are small with odd sizes; the split and
-looping paths are forced through the launcher's `split` and `tile` keywords.
+compiled on a GPU when TRITON_INTERPRET=0.
 """
 
 import sys
@@ -17,16 +19,15 @@ from fastddpm.kernels._common import INTERPRET  # noqa: E402
 from fastddpm.kernels.group_norm_silu import launch_group_norm_silu as launch  # noqa: E402
 from fastddpm.kernels.group_norm_silu import plan  # noqa: E402
 
-from fastddpm import ops, reference  # noqa: E402
+from fastddpm import ops  # noqa: E402
 
-from .test_reference_ops import TOLERANCE  # noqa: E402  (DESIGN.md, "Equal means")
+from .ops.tolerance import DTYPES, assert_equals_reference  # noqa: E402
 from .test_triton_attention import NEEDS_TWO_GPUS, assert_launched_under, guarded_launches  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.skipif(
     not INTERPRET and not torch.cuda.is_available(), reason="needs a CUDA device or TRITON_INTERPRET=1"
 )
-DTYPES = list(TOLERANCE)
 
 
 def inputs(shape, dtype, channels_last=False, seed=0):
@@ -42,31 +43,10 @@ def inputs(shape, dtype, channels_last=False, seed=0):
 
 
 def check(out, xd, w, b, add, groups, silu, with_add):
-    """out equals the fp32 reference of the same (rounded) input, in dtype and layout."""
+    """out equals the reference on the same (rounded) input, in dtype and layout."""
     dtype = xd.dtype
-    ref = reference.group_norm_silu(
-        xd.cpu().float(), w.to(dtype).float(), b.to(dtype).float(), groups, 1e-6, silu=silu,
-        add=add.to(dtype).float() if with_add else None,
-    )  # fmt: skip
-    assert out.dtype == dtype and out.shape == xd.shape and out.device == xd.device
-    assert out.is_contiguous(memory_format=reference.memory_format_of(xd))
-    err = ((out.cpu().double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-    assert err <= TOLERANCE[dtype], err
-    return err
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("with_add", [True, False], ids=["add", "noadd"])
-@pytest.mark.parametrize("silu", [True, False], ids=["silu", "nosilu"])
-def test_equals_reference(dtype, channels_last, with_add, silu):
-    """Batch 1, 6 channels per group (not a power of two), 5x7 positions, through fastddpm.ops."""
-    xd, w, b, add = inputs((1, 24, 5, 7), dtype, channels_last)
-    out = ops.group_norm_silu(
-        xd, w.to(DEVICE, dtype), b.to(DEVICE, dtype), 4, silu=silu,
-        add=add.to(DEVICE, dtype) if with_add else None, backend="triton",
-    )  # fmt: skip
-    check(out, xd, w, b, add, 4, silu, with_add)
+    w, b, add = w.to(dtype), b.to(dtype), add.to(dtype) if with_add else None
+    assert_equals_reference("group_norm_silu", out, xd, w, b, groups, 1e-6, silu=silu, add=add)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -94,22 +74,6 @@ def test_launch_paths(dtype, shape, groups, split, tile, channels_last):
         add=add.to(DEVICE, dtype), split=split, tile=tile,
     )  # fmt: skip
     check(out, xd, w, b, add, groups, True, True)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "C, with_add, silu",
-    [(64, True, True), (128, False, True), (256, True, False), (384, False, False), (512, True, True)],
-)
-def test_unet_channel_counts_channels_last(dtype, C, with_add, silu):
-    """The U-Net's channel counts with its 32 groups (2, 4, 8, 12, 16 channels per group), channels_last,
-    3x5 positions, through fastddpm.ops."""
-    xd, w, b, add = inputs((1, C, 3, 5), dtype, channels_last=True, seed=C)
-    out = ops.group_norm_silu(
-        xd, w.to(DEVICE, dtype), b.to(DEVICE, dtype), 32, silu=silu,
-        add=add.to(DEVICE, dtype) if with_add else None, backend="triton",
-    )  # fmt: skip
-    check(out, xd, w, b, add, 32, silu, with_add)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -169,11 +133,11 @@ def test_heuristic_splits_large_groups_at_batch_1():
         assert plan(1, C, HW, 32, cpu).one_tile
 
 
-@pytest.mark.parametrize("split, tile", [(4, 64), (1, 64), (None, None)], ids=["split", "looped", "onetile"])
+@pytest.mark.parametrize("split, tile", [(4, 64), (1, 64)], ids=["split", "looped"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_statistics_are_stable_for_a_large_mean(split, tile, channels_last):
-    """Mean 1e3, std 0.1: the float64 result on the same input is the truth (the reference op's
-    own error here is 4.4e-4)."""
+    """Mean 1e3, std 0.1, split and looped programs: the float64 result on the same input is the
+    truth (the reference op's own error here is 4.4e-4). The one-tile plan: tests/ops."""
     torch.manual_seed(2)
     x = 1e3 + torch.randn(1, 32, 8, 8) * 0.1
     ones, zeros = torch.ones(32, device=DEVICE), torch.zeros(32, device=DEVICE)
@@ -183,31 +147,6 @@ def test_statistics_are_stable_for_a_large_mean(split, tile, channels_last):
     out = launch(xd, ones, zeros, 4, silu=False, split=split, tile=tile)
     ref = F.group_norm(x.double(), 4, eps=1e-6)
     assert (out.cpu().double() - ref).abs().max().item() < 1e-3
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_add_with_strides(channels_last):
-    """add may be any (N, C) view, e.g. a column slice."""
-    xd, w, b, _ = inputs((2, 16, 3, 3), torch.float32, channels_last)
-    wide = torch.randn(2, 40)
-    add = wide[:, 8:24]
-    out = ops.group_norm_silu(xd, w.to(DEVICE), b.to(DEVICE), 4, add=add.to(DEVICE), backend="triton")
-    check(out, xd, w, b, add.contiguous(), 4, True, True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels at full DDPM sizes need a CUDA device")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "shape", [(1, 128, 32, 32), (64, 256, 16, 16), (1, 384, 32, 32), (1, 128, 256, 256), (8, 128, 128, 128)]
-)
-def test_ddpm_shapes_on_gpu(dtype, shape):
-    for channels_last in (False, True):
-        xd, w, b, add = inputs(shape, dtype, channels_last)
-        out = ops.group_norm_silu(
-            xd, w.to(DEVICE, dtype), b.to(DEVICE, dtype), 32, add=add.to(DEVICE, dtype), backend="triton"
-        )
-        check(out, xd, w, b, add, 32, True, True)
 
 
 @pytest.mark.parametrize("split", [None, 3], ids=["fused", "split"])
