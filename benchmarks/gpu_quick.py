@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastddpm import Sampler, UNet, check, preset
+from fastddpm import Sampler, UNet, cases, check, preset
 from fastddpm.io import atomic_write
 from fastddpm.precision import MODES, Precision
 
@@ -120,7 +120,7 @@ class Run:
             fn()
             status = "ok"
         except Exception as err:  # an evidence run records the error and goes on
-            status = f"error: {check.error_line(err)}"
+            status = f"error: {cases.error_line(err)}"
         self.results["sections"][name] = {"status": status, "seconds": round(time.perf_counter() - start, 2)}
         print(f"== {name}: {status} ({time.perf_counter() - start:.1f} s)", flush=True)
         self.write()
@@ -141,7 +141,7 @@ class Run:
         try:
             fn()
         except Exception as err:
-            self.row(section, what=what, error=check.error_line(err))
+            self.row(section, what=what, error=cases.error_line(err))
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # after an out-of-memory error, the next row starts clean
 
@@ -189,9 +189,9 @@ class Run:
                 functools.partial(self._alternative, case),
             )
 
-    def _alternative(self, case: check.Case) -> None:
+    def _alternative(self, case: cases.Case) -> None:
         name, fn = ALTERNATIVES[case.op]
-        inputs = check.make_inputs(case, self.device)
+        inputs = cases.make_inputs(case, self.device)
         self.row("alternatives", **with_fractions(check.time_case(case, name, inputs, fn=fn)))
 
     def graphs(self) -> None:

@@ -2,8 +2,8 @@
 
 The first time a fused backend ("triton", "cuda"; never the reference "torch") runs an op on a
 class of inputs in a process, `fastddpm.ops` asks `trusted()`, which runs that backend's op once
-on small inputs of the class and compares it with fastddpm.reference by fastddpm.check's measure
-and tolerances (`check.small_cases`, `check.check_case`). A class is (op, backend, device, dtype,
+on small inputs of the class and compares it with fastddpm.reference by fastddpm.cases' measure
+and tolerances (`cases.small_cases`, `cases.check_case`). A class is (op, backend, device, dtype,
 layout); the layout is the memory format for group_norm_silu and ddpm_step, the head dimension D
 for attention (it picks the kernels' plan).
 
@@ -35,7 +35,10 @@ from pathlib import Path
 
 import torch
 
+from . import cases
 from ._version import __version__
+from .backends import get_backend
+from .cases import device_name
 from .io import atomic_write
 from .reference import memory_format_of
 
@@ -90,8 +93,6 @@ def _verdict(key: tuple, device: torch.device, dtype: torch.dtype) -> bool:
         _store(entry_key, entry)
         source = "verified on first use"
     if not entry["ok"]:
-        from .check import device_name
-
         warnings.warn(
             f"fastddpm: backend {backend!r} {op} on {device} ({device_name(device)}; {dtype}, {layout})"
             f" differs from the reference: {entry['message']} ({source}); using the reference"
@@ -105,13 +106,11 @@ def _verdict(key: tuple, device: torch.device, dtype: torch.dtype) -> bool:
 def _verify(op: str, backend: str, device: torch.device, dtype: torch.dtype, layout: str) -> dict | None:
     """Run the class's small cases on the backend against the reference: {ok, error, message}, or
     None where the backend refuses them."""
-    from . import check
-
     if op == "attention":
-        small = check.small_cases(op, dtype, head_dim=int(layout.removeprefix("D=")))
+        small = cases.small_cases(op, dtype, head_dim=int(layout.removeprefix("D=")))
     else:
-        small = check.small_cases(op, dtype, channels_last=layout == "channels_last")
-    outcomes = [check.check_case(case, backend, device) for case in small]
+        small = cases.small_cases(op, dtype, channels_last=layout == "channels_last")
+    outcomes = [cases.check_case(case, backend, device) for case in small]
     if any(o.refused for o in outcomes):
         return None
     failed = [o for o in outcomes if not o.passed]
@@ -178,9 +177,6 @@ def _entry_key(key: tuple, device: torch.device) -> str:
 def fingerprint(device: torch.device, backend: str) -> str:
     """What a verdict holds for: the device's model (and the driver), the versions of torch, of
     fastddpm and of the backend."""
-    from . import ops
-    from .check import device_name
-
     parts = [device_name(device)]
     if device.type == "cuda":
         parts.append(_driver())
@@ -193,7 +189,7 @@ def fingerprint(device: torch.device, backend: str) -> str:
 
         parts.append(f"C ABI {ABI_VERSION}, {library_info()['info']}")
     else:
-        parts.append(f"{backend} {getattr(ops.get_backend(backend), '__version__', 'unversioned')}")
+        parts.append(f"{backend} {getattr(get_backend(backend), '__version__', 'unversioned')}")
     return " | ".join([*parts, f"torch {torch.__version__}", f"fastddpm {__version__}"])
 
 

@@ -12,17 +12,17 @@ from types import ModuleType
 import pytest
 import torch
 
-from fastddpm import check, cli, ops, reference
+from fastddpm import backends, cases, check, cli, reference
 
 
 def register_backend(monkeypatch, name: str, **op_functions) -> ModuleType:
     """Register a backend module `name` in fastddpm.ops whose ops are the given functions (the
     reference's for the others), for this test only."""
     module = ModuleType(f"fastddpm_test_backend_{name}")
-    for op in check.OPS:
+    for op in cases.OPS:
         setattr(module, op, op_functions.get(op, getattr(reference, op)))
-    monkeypatch.setitem(ops.BACKEND_MODULES, name, module.__name__)
-    monkeypatch.setitem(ops._LOADED, name, module)
+    monkeypatch.setitem(backends.BACKEND_MODULES, name, module.__name__)
+    monkeypatch.setitem(backends._LOADED, name, module)
     return module
 
 
@@ -42,20 +42,20 @@ def contiguous_output(*args, **kwargs):
 
 def test_tolerances_are_designs():
     """DESIGN.md, "Equal means": fp32 1e-4 (1e-5 for ddpm_step); fp16 2e-3; bf16 2e-2."""
-    assert check.tolerance("attention", torch.float32) == 1e-4
-    assert check.tolerance("group_norm_silu", torch.float32) == 1e-4
-    assert check.tolerance("ddpm_step", torch.float32) == 1e-5
-    for op in check.OPS:
-        assert check.tolerance(op, torch.float16) == 2e-3
-        assert check.tolerance(op, torch.bfloat16) == 2e-2
+    assert cases.tolerance("attention", torch.float32) == 1e-4
+    assert cases.tolerance("group_norm_silu", torch.float32) == 1e-4
+    assert cases.tolerance("ddpm_step", torch.float32) == 1e-5
+    for op in cases.OPS:
+        assert cases.tolerance(op, torch.float16) == 2e-3
+        assert cases.tolerance(op, torch.bfloat16) == 2e-2
 
 
 def test_max_error_is_absolute_in_fp32_and_relative_to_the_output_scale_below():
     ref = torch.tensor([4.0, -8.0, 1.0])
     out = ref + torch.tensor([0.0, 0.5, -0.25])
-    assert check.max_error(out, ref, torch.float32) == 0.5
-    assert check.max_error(out.bfloat16(), ref, torch.bfloat16) == 0.5 / 8
-    assert check.max_error(torch.tensor([4.0, math.nan, 1.0]), ref, torch.float32) == math.inf
+    assert cases.max_error(out, ref, torch.float32) == 0.5
+    assert cases.max_error(out.bfloat16(), ref, torch.bfloat16) == 0.5 / 8
+    assert cases.max_error(torch.tensor([4.0, math.nan, 1.0]), ref, torch.float32) == math.inf
 
 
 def test_every_backend_passes_every_case_on_the_cpu():
@@ -105,13 +105,13 @@ def test_a_wrong_backend_is_reported_failing_with_its_error(monkeypatch):
 
 
 def test_a_nan_fails_and_the_report_stays_json(tmp_path):
-    case = check.Case("attention", (1, 1, 4, 8), torch.float32)
+    case = cases.Case("attention", (1, 1, 4, 8), torch.float32)
     device = torch.device("cpu")
-    inputs = check.make_inputs(case, device)
-    ref = check.reference_output(case, inputs, device)
+    inputs = cases.make_inputs(case, device)
+    ref = cases.reference_output(case, inputs, device)
     with pytest.MonkeyPatch.context() as mp:
         register_backend(mp, "nan", attention=lambda *args: torch.full_like(args[0], math.nan))
-        outcome = check.compare(case, "nan", inputs, ref)
+        outcome = cases.compare(case, "nan", inputs, ref)
     assert not outcome.passed and outcome.error is None and outcome.message.startswith("NaN or inf")
     report = check.Report({}, {"nan": None}, [{**check.describe(case, "nan"), **vars(outcome)}])
     report.write_json(tmp_path / "r.json")
@@ -119,14 +119,14 @@ def test_a_nan_fails_and_the_report_stays_json(tmp_path):
 
 
 def test_a_wrong_memory_format_fails():
-    case = check.Case("ddpm_step", (2, 3, 4, 4), torch.float32, channels_last=True, variant="noise")
+    case = cases.Case("ddpm_step", (2, 3, 4, 4), torch.float32, channels_last=True, variant="noise")
     device = torch.device("cpu")
-    inputs = check.make_inputs(case, device)
-    ref = check.reference_output(case, inputs, device)
-    assert check.compare(case, "torch", inputs, ref).passed
+    inputs = cases.make_inputs(case, device)
+    ref = cases.reference_output(case, inputs, device)
+    assert cases.compare(case, "torch", inputs, ref).passed
     with pytest.MonkeyPatch.context() as mp:
         register_backend(mp, "nchw", ddpm_step=contiguous_output)
-        outcome = check.compare(case, "nchw", inputs, ref)
+        outcome = cases.compare(case, "nchw", inputs, ref)
     assert not outcome.passed and "torch.contiguous_format" in outcome.message
 
 

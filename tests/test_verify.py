@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastddpm import check, ops, reference, verify
+from fastddpm import cases, ops, reference, verify
 
 from .test_check import plus_one, register_backend
 
@@ -76,7 +76,7 @@ def test_a_wrong_backend_warns_once_and_the_reference_serves_that_class(cache, m
     x, w, b = norm_inputs()
     out, warned = caught(lambda: norm(x, w, b, "wrong"))
     torch.testing.assert_close(out, reference.group_norm_silu(x, w, b, 4), rtol=0, atol=0)
-    assert calls == [(2, 64, 4, 4)] * len(check.NORM_VARIANTS)  # the small cases only, not the call
+    assert calls == [(2, 64, 4, 4)] * len(cases.NORM_VARIANTS)  # the small cases only, not the call
     (warning,) = warned
     message = str(warning.message)
     assert "backend 'wrong' group_norm_silu on cpu" in message and "torch.float32, contiguous" in message
@@ -100,18 +100,18 @@ def test_a_right_backend_runs_verified_and_its_verdict_is_cached(cache, monkeypa
     assert calls == [(1, 2, 32, 24), (1, 2, 8, 24)]  # the small case of the class (D = 24), the call
     (key,) = json.loads(cache.read_text())["verdicts"]
     assert key.endswith("| attention float32 D=24") and f"fastddpm {verify.__version__}" in key
-    assert check.device_name(torch.device("cpu")) in key
+    assert cases.device_name(torch.device("cpu")) in key
     torch.testing.assert_close(out, reference.attention(q, q, q), rtol=0, atol=0)
 
     new_process(monkeypatch)  # a cached machine: nothing is verified again
-    monkeypatch.setattr(check, "check_case", lambda *a: pytest.fail("verified again despite the cache"))
+    monkeypatch.setattr(cases, "check_case", lambda *a: pytest.fail("verified again despite the cache"))
     ops.attention(q, q, q, backend="right")
     assert len(calls) == 3
 
 
 def test_a_cached_mismatch_warns_in_each_new_process(cache, monkeypatch):
     register_backend(monkeypatch, "wrong", ddpm_step=plus_one("ddpm_step"))
-    table = check._table(torch.device("cpu"))
+    table = cases.cifar10_table(torch.device("cpu"))
     x = torch.randn(2, 3, 4, 4)
 
     def step():
@@ -120,7 +120,7 @@ def test_a_cached_mismatch_warns_in_each_new_process(cache, monkeypatch):
     _, warned = caught(step)
     assert len(warned) == 1 and "verified on first use" in str(warned[0].message)
     new_process(monkeypatch)
-    monkeypatch.setattr(check, "check_case", lambda *a: pytest.fail("verified again despite the cache"))
+    monkeypatch.setattr(cases, "check_case", lambda *a: pytest.fail("verified again despite the cache"))
     out, warned = caught(step)
     assert len(warned) == 1 and f"cached in {cache}" in str(warned[0].message)
     torch.testing.assert_close(out, reference.ddpm_step(x, x, 7, table, seed=1), rtol=0, atol=0)
@@ -192,7 +192,7 @@ def test_nothing_is_verified_during_a_capture(cache, monkeypatch):
     cached one, else trusts the backend: it never runs a check (simulated: no GPU here)."""
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(verify, "fingerprint", lambda device, backend: "a GPU")
-    monkeypatch.setattr(check, "check_case", lambda *a: pytest.fail("verified during a capture"))
+    monkeypatch.setattr(cases, "check_case", lambda *a: pytest.fail("verified during a capture"))
     cuda = torch.device("cuda:0")
     assert verify.trusted("attention", "triton", cuda, torch.float32, "D=8")
     assert not verify._VERDICTS  # trusting is no verdict: the next call outside a capture checks
@@ -236,8 +236,8 @@ def test_the_triton_kernels_pass_their_first_use_check(cache):
 # another name: verifying it is quick), then times a call on a class it has seen.
 COST_SCRIPT = """
 import time, torch
-from fastddpm import ops, verify
-ops.BACKEND_MODULES["right"] = "fastddpm.reference"
+from fastddpm import backends, verify
+backends.BACKEND_MODULES["right"] = "fastddpm.reference"
 classes = [("group_norm_silu", "contiguous"), ("group_norm_silu", "channels_last"), ("attention", "D=64"),
            ("attention", "D=256"), ("ddpm_step", "contiguous")]
 cpu, start = torch.device("cpu"), time.perf_counter()

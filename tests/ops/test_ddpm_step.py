@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastddpm import ops, reference
-from fastddpm.check import tolerance
+from fastddpm.cases import tolerance
 from fastddpm.schedule import Schedule
 
 from ..formulas import step_in_float64

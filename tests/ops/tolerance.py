@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from fastddpm import reference
-from fastddpm.check import DTYPES, TOLERANCE, max_error, tolerance
+from fastddpm.cases import DTYPES, TOLERANCE, max_error, tolerance
 from fastddpm.reference import memory_format_of
 from fastddpm.schedule import StepTable
 
