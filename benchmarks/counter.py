@@ -110,7 +110,7 @@ def category(func: torch._ops.OpOverload) -> str:
         return "fused"
     if name in _CONVOLUTION:
         return "convolution"
-    if name in _GEMM:
+    if name.rstrip("_") in _GEMM:  # in place too (baddbmm_)
         return "gemm"
     if name in _NORM:
         return "norm"
