@@ -124,7 +124,10 @@ def category(func: torch._ops.OpOverload) -> str:
 
 
 def _flops(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> int:
+    name = func._schema.name.split("::")[-1]
     formula = flop_registry.get(func._overloadpacket)
+    if formula is None and name.endswith("_"):  # in place (baddbmm_): the out-of-place op's formula
+        formula = flop_registry.get(getattr(torch.ops.aten, name[:-1], None))
     return int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
 
 
