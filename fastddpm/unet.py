@@ -192,7 +192,7 @@ class AttnBlock(nn.Module):
 
         o = ops.attention(project(self.q), project(self.k), project(self.v), backend=backend)
         o = o.transpose(1, 2).reshape(N, L, C)  # a view unless the backend wrote (N, heads, L, D)
-        out = x + self.proj_out.bias.view(C, 1, 1)
+        out = x + self.proj_out.bias.view(C, 1, 1).to(x.dtype)  # x's dtype under autocast too
         add_pointwise_(out.view(N, C, L), self.proj_out.weight.view(C, C), o.mT)
         return out
 
@@ -201,9 +201,11 @@ def add_pointwise_(acc: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> 
     """acc += weight @ x at each of L positions (a 1x1 convolution's arithmetic), in place, as one
     batched GEMM whose epilogue reads acc: acc (N, C_out, L), weight (C_out, C_in), x (N, C_in, L).
 
-    acc has unit stride along L (NCHW) or along C (NHWC); x is read in place with either.
+    acc has unit stride along L (NCHW) or along C (NHWC); x is read in place with either. weight and
+    x are cast to acc's dtype (a no-op but under autocast, which leaves in-place ops alone).
     """
     N = acc.shape[0]
+    weight, x = weight.to(acc.dtype), x.to(acc.dtype)
     if acc.stride(2) == 1:  # (C_out, L) += (C_out, C_in) @ (C_in, L)
         return acc.baddbmm_(weight.expand(N, -1, -1), x)
     acc.mT.baddbmm_(x.mT, weight.mT.expand(N, -1, -1))  # (L, C_out) += (L, C_in) @ (C_in, C_out)

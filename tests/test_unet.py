@@ -161,3 +161,20 @@ def test_time_projections_are_each_blocks_in_call_order():
     for (block, temb), projection in zip(called, projections, strict=True):
         torch.testing.assert_close(projection, block.temb_proj(silu_temb), rtol=1e-6, atol=1e-6)
         assert temb.shape == projection.shape
+
+
+def test_bf16_autocast_forward_and_backward_run_as_training_does():
+    """Training runs the U-Net under bf16 autocast (on CUDA; the CPU's autocast casts the same ops):
+    the in-place GEMMs take their operands in the accumulator's dtype."""
+    torch.manual_seed(0)
+    unet = UNet(PRESETS["tiny"]).train()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 9])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = unet(x, t)
+    y.float().square().mean().backward()
+    assert y.dtype == torch.bfloat16 and all(p.grad is not None for p in unet.parameters())
+    with torch.no_grad():
+        ref = unet.eval()(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = unet(x, t)
+    assert (low.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
