@@ -292,13 +292,6 @@ class UNet(nn.Module):
 
         self.norm_out = Norm(block_in, cfg.num_groups, cfg.eps)
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
-        # Every ResnetBlock in the order forward calls it, for the one time-projection GEMM.
-        self._resnet_blocks = (
-            *(block for level in self.down for block in level.block),
-            self.mid.block_1,
-            self.mid.block_2,
-            *(block for level in reversed(self.up) for block in level.block),
-        )
 
     def _check_input(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         cfg = self.config
@@ -319,10 +312,19 @@ class UNet(nn.Module):
             raise ValueError(f"t has {t.shape[0]} entries for a batch of {x.shape[0]}")
         return t.expand(x.shape[0])
 
+    def resnet_blocks(self) -> tuple[ResnetBlock, ...]:
+        """Every ResnetBlock, in the order forward calls them."""
+        return (
+            *(block for level in self.down for block in level.block),
+            self.mid.block_1,
+            self.mid.block_2,
+            *(block for level in reversed(self.up) for block in level.block),
+        )
+
     def time_projections(self, silu_temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """silu_temb (N, 4 ch) -> every ResnetBlock's temb_proj(silu_temb) (N, c_out), in the order
         forward calls the blocks: one GEMM over their weights, stacked at use."""
-        projs = [block.temb_proj for block in self._resnet_blocks]
+        projs = [block.temb_proj for block in self.resnet_blocks()]
         weight = torch.cat([p.weight for p in projs])  # (sum of c_out, 4 ch)
         bias = torch.cat([p.bias for p in projs])
         return F.linear(silu_temb, weight, bias).split([p.out_features for p in projs], dim=1)

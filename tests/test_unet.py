@@ -148,7 +148,7 @@ def test_time_projections_are_each_blocks_in_call_order():
     torch.manual_seed(0)
     unet = UNet(PRESETS["tiny"]).eval()
     blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock)]
-    assert sorted(map(id, unet._resnet_blocks)) == sorted(map(id, blocks))
+    assert sorted(map(id, unet.resnet_blocks())) == sorted(map(id, blocks))
     silu_temb = torch.randn(3, 4 * unet.config.ch)
     called = []
     hooks = [b.register_forward_pre_hook(lambda m, args: called.append((m, args[1]))) for b in blocks]
@@ -157,7 +157,7 @@ def test_time_projections_are_each_blocks_in_call_order():
         unet(torch.randn(3, 3, 16, 16), 5)
     for h in hooks:
         h.remove()
-    assert [m for m, _ in called] == list(unet._resnet_blocks)
+    assert [m for m, _ in called] == list(unet.resnet_blocks())
     for (block, temb), projection in zip(called, projections, strict=True):
         torch.testing.assert_close(projection, block.temb_proj(silu_temb), rtol=1e-6, atol=1e-6)
         assert temb.shape == projection.shape
