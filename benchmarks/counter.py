@@ -111,7 +111,7 @@ def category(func: torch._ops.OpOverload) -> str:
         return "fused"
     if name in _CONVOLUTION:
         return "convolution"
-    if name in _GEMM:
+    if name.rstrip("_") in _GEMM:  # in place too (baddbmm_)
         return "gemm"
     if name in _NORM:
         return "norm"
@@ -130,7 +130,10 @@ def attention_flops(q: torch.Tensor, k: torch.Tensor) -> int:
 
 
 def _flops(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> int:
+    name = func._schema.name.split("::")[-1]
     formula = flop_registry.get(func._overloadpacket)
+    if formula is None and name.endswith("_"):  # in place (baddbmm_): the out-of-place op's formula
+        formula = flop_registry.get(getattr(torch.ops.aten, name[:-1], None))
     return int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
 
 

@@ -141,17 +141,27 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
-    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor, backend: str) -> torch.Tensor:
-        """x (N, c_in, H, W), silu_temb (N, temb_ch) = SiLU(temb) -> (N, c_out, H, W)."""
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, backend: str) -> torch.Tensor:
+        """x (N, c_in, H, W), temb (N, c_out) = temb_proj(SiLU(temb)) -> (N, c_out, H, W).
+
+        The residual add is folded into the last op: in place into conv2's output, or, with a 1x1
+        shortcut, as a GEMM accumulating nin_shortcut(x) into it (conv2 carrying both biases).
+        """
         h = self.conv1(self.norm1(x, silu=True, backend=backend))
-        h = self.norm2(h, silu=True, add=self.temb_proj(silu_temb), backend=backend)
-        h = self.conv2(self.dropout(h))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        h = self.dropout(self.norm2(h, silu=True, add=temb, backend=backend))
+        if self.nin_shortcut is None:
+            return self.conv2(h).add_(x)
+        if torch.compiler.is_exporting():  # ONNX: the shortcut stays a Conv, not a MatMul
+            return self.nin_shortcut(x) + self.conv2(h)
+        out = F.conv2d(h, self.conv2.weight, self.conv2.bias + self.nin_shortcut.bias, padding=1)
+        N, C, H, W = out.shape
+        add_pointwise_(out.view(N, C, H * W), self.nin_shortcut.weight.flatten(1), x.flatten(2))
+        return out
 
 
 class AttnBlock(nn.Module):
     """x + proj_out(attention(q, k, v)) over the H*W positions of GN(x); q, k, v, proj_out are 1x1
-    convs (the original network's parameters), applied as matmuls."""
+    convs (the original network's parameters), applied as batched GEMMs."""
 
     def __init__(self, channels: int, cfg: UNetConfig) -> None:
         super().__init__()
@@ -163,30 +173,43 @@ class AttnBlock(nn.Module):
         self.heads = 1 if cfg.attn_head_dim is None else channels // cfg.attn_head_dim
 
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        """x (N, C, H, W) -> (N, C, H, W); attention over L = H*W with D = C // heads per head.
+        """x (N, C, H, W) -> (N, C, H, W) in x's memory format; attention over L = H*W positions
+        with D = C // heads per head.
 
-        The 1x1 convolutions run as matmuls over the channels of the (N, L, C) view of GN(x)
-        (`F.linear` with the conv weight viewed (C, C): the same arithmetic, about twice as fast
-        as a 1x1 convolution on the CPU). q, k, v are then (N, L, C) contiguous, viewed as
-        (N, heads, L, D) with unit stride along D, as attention kernels read best; the result
-        returns to x's memory format.
+        GN(x) is read in place as (N, L, C) tokens (a transposed view for NCHW): q, k and v are each
+        one batched GEMM with the bias as its initial value (baddbmm), written (N, L, C) contiguous
+        and viewed (N, heads, L, D) with unit stride along D, as attention kernels read best. The
+        output projection accumulates into x + proj_out.bias in x's layout: the residual add and the
+        projection are one GEMM.
         """
         N, C, H, W = x.shape
         L, D = H * W, C // self.heads
-        h = self.norm(x, silu=False, backend=backend).flatten(2).transpose(1, 2)  # (N, L, C) view
+        tokens = self.norm(x, silu=False, backend=backend).view(N, C, L).mT  # (N, L, C)
 
-        def project(conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:  # (N, L, C) -> (N, L, C)
-            return F.linear(t, conv.weight.view(C, C), conv.bias)
+        def project(conv: nn.Conv2d) -> torch.Tensor:  # tokens -> (N, heads, L, D)
+            weight_t = conv.weight.view(C, C).mT.expand(N, C, C)  # (N, C_in, C_out), not copied
+            return torch.baddbmm(conv.bias, tokens, weight_t).view(N, L, self.heads, D).transpose(1, 2)
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (N, L, C) -> (N, heads, L, D)
-            return t.view(N, L, self.heads, D).transpose(1, 2)
+        o = ops.attention(project(self.q), project(self.k), project(self.v), backend=backend)
+        o = o.transpose(1, 2).reshape(N, L, C)  # a view unless the backend wrote (N, heads, L, D)
+        out = x + self.proj_out.bias.view(C, 1, 1).to(x.dtype)  # x's dtype under autocast too
+        add_pointwise_(out.view(N, C, L), self.proj_out.weight.view(C, C), o.mT)
+        return out
 
-        q, k, v = (heads(project(conv, h)) for conv in (self.q, self.k, self.v))
-        out = ops.attention(q, k, v, backend=backend).transpose(1, 2).reshape(N, L, C)
-        out = project(self.proj_out, out).transpose(1, 2).view(N, C, H, W)  # NHWC-strided
-        if not x.is_contiguous(memory_format=torch.channels_last):
-            out = out.contiguous()
-        return x + out
+
+def add_pointwise_(acc: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """acc += weight @ x at each of L positions (a 1x1 convolution's arithmetic), in place, as one
+    batched GEMM whose epilogue reads acc: acc (N, C_out, L), weight (C_out, C_in), x (N, C_in, L).
+
+    acc has unit stride along L (NCHW) or along C (NHWC); x is read in place with either. weight and
+    x are cast to acc's dtype (a no-op but under autocast, which leaves in-place ops alone).
+    """
+    N = acc.shape[0]
+    weight, x = weight.to(acc.dtype), x.to(acc.dtype)
+    if acc.stride(2) == 1:  # (C_out, L) += (C_out, C_in) @ (C_in, L)
+        return acc.baddbmm_(weight.expand(N, -1, -1), x)
+    acc.mT.baddbmm_(x.mT, weight.mT.expand(N, -1, -1))  # (L, C_out) += (L, C_in) @ (C_in, C_out)
+    return acc
 
 
 class Downsample(nn.Module):
@@ -289,29 +312,47 @@ class UNet(nn.Module):
             raise ValueError(f"t has {t.shape[0]} entries for a batch of {x.shape[0]}")
         return t.expand(x.shape[0])
 
+    def resnet_blocks(self) -> tuple[ResnetBlock, ...]:
+        """Every ResnetBlock, in the order forward calls them."""
+        return (
+            *(block for level in self.down for block in level.block),
+            self.mid.block_1,
+            self.mid.block_2,
+            *(block for level in reversed(self.up) for block in level.block),
+        )
+
+    def time_projections(self, silu_temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """silu_temb (N, 4 ch) -> every ResnetBlock's temb_proj(silu_temb) (N, c_out), in the order
+        forward calls the blocks: one GEMM over their weights, stacked at use."""
+        projs = [block.temb_proj for block in self.resnet_blocks()]
+        weight = torch.cat([p.weight for p in projs])  # (sum of c_out, 4 ch)
+        bias = torch.cat([p.bias for p in projs])
+        return F.linear(silu_temb, weight, bias).split([p.out_features for p in projs], dim=1)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         t = self._check_input(x, t)
         backend = self.backend
         temb = timestep_embedding(t, self.config.ch).to(self.conv_in.weight.dtype)
         silu_temb = F.silu(self.temb.dense[1](F.silu(self.temb.dense[0](temb))))
+        temb_proj = iter(self.time_projections(silu_temb))
 
         hs = [self.conv_in(x)]
         for level in self.down:
             for j, block in enumerate(level.block):
-                h = block(hs[-1], silu_temb, backend)
+                h = block(hs[-1], next(temb_proj), backend)
                 if len(level.attn):
                     h = level.attn[j](h, backend)
                 hs.append(h)
             if hasattr(level, "downsample"):
                 hs.append(level.downsample(hs[-1]))
 
-        h = self.mid.block_1(hs[-1], silu_temb, backend)
+        h = self.mid.block_1(hs[-1], next(temb_proj), backend)
         h = self.mid.attn_1(h, backend)
-        h = self.mid.block_2(h, silu_temb, backend)
+        h = self.mid.block_2(h, next(temb_proj), backend)
 
         for level in reversed(self.up):
             for j, block in enumerate(level.block):
-                h = block(torch.cat([h, hs.pop()], dim=1), silu_temb, backend)
+                h = block(torch.cat([h, hs.pop()], dim=1), next(temb_proj), backend)
                 if len(level.attn):
                     h = level.attn[j](h, backend)
             if hasattr(level, "upsample"):

@@ -19,7 +19,7 @@ from .conftest import tiny_unet
 STANDARD_OPS = {
     "Add", "Cast", "Concat", "Conv", "Cos", "Gather", "Gemm", "InstanceNormalization", "MatMul", "Mul",
     "Reshape", "Resize", "Sigmoid", "Sin", "Softmax", "Transpose", "Unsqueeze", "Shape", "Pad", "Clip",
-    "Sub", "Expand", "Squeeze",
+    "Sub", "Expand", "Squeeze", "Split",
 }  # fmt: skip
 
 

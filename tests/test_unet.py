@@ -2,9 +2,19 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastddpm.checkpoints import native_to_diffusers_key
-from fastddpm.unet import PRESETS, UNet, UNetConfig, preset, timestep_embedding
+from fastddpm.unet import (
+    PRESETS,
+    AttnBlock,
+    ResnetBlock,
+    UNet,
+    UNetConfig,
+    add_pointwise_,
+    preset,
+    timestep_embedding,
+)
 
 from .conftest import reference_json
 
@@ -63,3 +73,108 @@ def test_multi_head_attention_splits_channels():
 def test_config_round_trips_through_a_dict():
     cfg = preset("lsun256")
     assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# --- the fused forms equal the plain formulas -------------------------------------------------------
+
+
+def _formats(x: torch.Tensor) -> list[torch.Tensor]:
+    return [x.contiguous(), x.contiguous(memory_format=torch.channels_last)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_add_pointwise_is_a_1x1_convolution_accumulated_in_place(channels_last):
+    torch.manual_seed(0)
+    acc, x = torch.randn(2, 6, 3, 5), torch.randn(2, 4, 3, 5)
+    weight = torch.randn(6, 4)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    expected = acc + F.conv2d(x, weight[:, :, None, None])
+    for x_in in _formats(x):  # x is read in place in either layout
+        out = acc.clone(memory_format=fmt)
+        flat = out.view(2, 6, 15)
+        assert add_pointwise_(flat, weight, x_in.flatten(2)) is flat
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous(memory_format=fmt)
+
+
+def _resnet_formula(block: ResnetBlock, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    """The block as the paper writes it: GN, SiLU, conv3, + temb, GN, SiLU, conv3, + shortcut(x)."""
+    groups, eps = block.norm1.num_groups, block.norm1.eps
+    h = block.conv1(F.silu(F.group_norm(x, groups, block.norm1.weight, block.norm1.bias, eps)))
+    h = h + temb[:, :, None, None]
+    h = block.conv2(F.silu(F.group_norm(h, groups, block.norm2.weight, block.norm2.bias, eps)))
+    return (x if block.nin_shortcut is None else block.nin_shortcut(x)) + h
+
+
+@pytest.mark.parametrize("c_in", [16, 24])  # an identity shortcut, a 1x1 one
+def test_resnet_block_equals_its_formula(c_in):
+    torch.manual_seed(0)
+    block = ResnetBlock(c_in, 16, 32, PRESETS["tiny"]).eval()
+    x, temb = torch.randn(2, c_in, 8, 8), torch.randn(2, 16)
+    expected = _resnet_formula(block, x, temb)
+    with torch.no_grad():
+        for x_in in _formats(x):
+            out = block(x_in, temb, "torch")
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            assert out.stride() == block.conv1(x_in).stride()  # x's memory format
+
+
+def _attention_formula(block: AttnBlock, x: torch.Tensor) -> torch.Tensor:
+    """x + proj_out(softmax(q^T k / sqrt(D)) v) per head, q, k, v the 1x1 convs of GN(x)."""
+    N, C, H, W = x.shape
+    heads, D = block.heads, C // block.heads
+    h = F.group_norm(x, block.norm.num_groups, block.norm.weight, block.norm.bias, block.norm.eps)
+    q, k, v = (conv(h).reshape(N, heads, D, H * W) for conv in (block.q, block.k, block.v))
+    p = torch.softmax(q.transpose(-1, -2) @ k / D**0.5, dim=-1)  # (N, heads, L, L)
+    o = (v @ p.transpose(-1, -2)).reshape(N, C, H, W)
+    return x + block.proj_out(o)
+
+
+@pytest.mark.parametrize("head_dim", [None, 8])
+def test_attention_block_equals_its_formula(head_dim):
+    torch.manual_seed(0)
+    cfg = UNetConfig(**{**PRESETS["tiny"].to_dict(), "attn_head_dim": head_dim})
+    block = AttnBlock(32, cfg).eval()
+    x = torch.randn(2, 32, 4, 6)
+    expected = _attention_formula(block, x)
+    with torch.no_grad():
+        for x_in in _formats(x):
+            out = block(x_in, "torch")
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            assert out.stride() == x_in.stride()
+
+
+def test_time_projections_are_each_blocks_in_call_order():
+    torch.manual_seed(0)
+    unet = UNet(PRESETS["tiny"]).eval()
+    blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock)]
+    assert sorted(map(id, unet.resnet_blocks())) == sorted(map(id, blocks))
+    silu_temb = torch.randn(3, 4 * unet.config.ch)
+    called = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: called.append((m, args[1]))) for b in blocks]
+    with torch.no_grad():
+        projections = unet.time_projections(silu_temb)
+        unet(torch.randn(3, 3, 16, 16), 5)
+    for h in hooks:
+        h.remove()
+    assert [m for m, _ in called] == list(unet.resnet_blocks())
+    for (block, temb), projection in zip(called, projections, strict=True):
+        torch.testing.assert_close(projection, block.temb_proj(silu_temb), rtol=1e-6, atol=1e-6)
+        assert temb.shape == projection.shape
+
+
+def test_bf16_autocast_forward_and_backward_run_as_training_does():
+    """Training runs the U-Net under bf16 autocast (on CUDA; the CPU's autocast casts the same ops):
+    the in-place GEMMs take their operands in the accumulator's dtype."""
+    torch.manual_seed(0)
+    unet = UNet(PRESETS["tiny"]).train()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 9])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = unet(x, t)
+    y.float().square().mean().backward()
+    assert y.dtype == torch.bfloat16 and all(p.grad is not None for p in unet.parameters())
+    with torch.no_grad():
+        ref = unet.eval()(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = unet(x, t)
+    assert (low.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
