@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from fastddpm.kernels._common import INTERPRET  # noqa: E402
 
 import fastddpm  # noqa: E402
-from fastddpm import kernels, ops  # noqa: E402
+from fastddpm import cases, kernels, ops  # noqa: E402
 from fastddpm.schedule import Schedule  # noqa: E402
 
 from .conftest import tiny_unet as conftest_tiny_unet  # noqa: E402
@@ -52,20 +52,42 @@ def test_available_here_and_says_why_not_without_cuda_or_interpreter():
     assert "no CUDA device" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
 
 
-def test_inputs_the_kernels_cannot_take_raise_value_errors():
-    meta = torch.device("meta")
-    x = torch.empty(1, 8, 4, 4, device=meta)
-    with pytest.raises(ValueError, match=r"group_norm_silu \(backend 'triton'\): x is on meta; .*CUDA"):
-        ops.group_norm_silu(x, torch.ones(8, device=meta), torch.zeros(8, device=meta), 4, backend="triton")
-    q = torch.empty(1, 1, 4, 8, device=meta)
-    with pytest.raises(ValueError, match=r"attention \(backend 'triton'\): q is on meta"):
-        ops.attention(q, q, q, backend="triton")
-    table = Schedule.from_name().step_table(device=meta)
-    with pytest.raises(ValueError, match=r"ddpm_step \(backend 'triton'\): x_t is on meta"):
-        ops.ddpm_step(x, x, 3, table, seed=0, backend="triton")
+def test_inputs_the_kernels_cannot_take_raise_value_errors(monkeypatch):
+    """CPU tensors outside the interpreter (here: the backend's ops with it turned off) are refused
+    with a one-line error naming the op and the tensor; so is attention without keys."""
+    from fastddpm.kernels import _common
+
+    norm, attention, step = (ops.backend_op("triton", op) for op in cases.OPS)
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    cpu = torch.device("cpu")
+    x = torch.empty(1, 8, 4, 4, device=cpu)
+    with pytest.raises(ValueError, match=r"group_norm_silu \(backend 'triton'\): x is on cpu; .*CUDA"):
+        norm(x, torch.ones(8), torch.zeros(8), 4)
+    q = torch.empty(1, 1, 4, 8, device=cpu)
+    with pytest.raises(ValueError, match=r"attention \(backend 'triton'\): q is on cpu"):
+        attention(q, q, q)
+    table = Schedule.from_name().step_table(device=cpu)
+    with pytest.raises(ValueError, match=r"ddpm_step \(backend 'triton'\): x_t is on cpu"):
+        step(x, x, 3, table, seed=0)
+    monkeypatch.undo()
     q, k = torch.randn(1, 1, 4, 8, device=DEVICE), torch.randn(1, 1, 0, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"no keys \(Lk = 0\)"):
         ops.attention(q, k, k, backend="triton")
+
+
+def test_meta_tensors_run_the_custom_ops_fakes():
+    """Shape-only tensors (how benchmarks.counter counts a forward): no kernel, outputs of the
+    right shape, dtype and memory format."""
+    meta = torch.device("meta")
+    x = torch.empty(2, 8, 4, 4, device=meta).contiguous(memory_format=torch.channels_last)
+    y = ops.group_norm_silu(x, torch.ones(8, device=meta), torch.zeros(8, device=meta), 4, backend="triton")
+    assert y.device == meta and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    q = torch.empty(1, 2, 5, 8, device=meta, dtype=torch.bfloat16)
+    out = ops.attention(q, q, q, backend="triton")
+    assert out.device == meta and out.shape == q.shape and out.dtype == torch.bfloat16
+    table = Schedule.from_name().step_table(device=meta)
+    x = torch.empty(2, 3, 4, 4, device=meta)
+    assert ops.ddpm_step(x, x, 3, table, seed=0, backend="triton").shape == x.shape
 
 
 # --- the U-Net and the sampler --------------------------------------------------------------------
