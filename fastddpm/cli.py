@@ -22,7 +22,7 @@ import torch
 from . import checkpoints, figures, images, io, ops
 from ._version import __version__
 from .devices import check_device
-from .precision import MODES
+from .precision import AUTO, MODES, Precision
 from .sampler import METHODS, Sampler, check_steps
 
 SEED_LIMIT = 2**63  # seeds are ints in [0, 2**63): what a torch.Generator and a run's Philox seeds take
@@ -216,8 +216,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
         sampler = _load(args, model)
         if not _is_run_dir(args.out):  # a run moves it to its rank's device (_sample_run)
             sampler.unet.to(args.device)
+        # "auto" (the default) for the device the run will use: a run moves the network later.
+        precision = Precision(args.precision or AUTO, args.channels_last).resolved(torch.device(args.device))
         sampler = Sampler(
-            sampler.unet, sampler.diffusion, precision=args.precision, channels_last=args.channels_last
+            sampler.unet, sampler.diffusion, precision=precision.mode, channels_last=args.channels_last
         )
     if not _is_run_dir(args.out):
         _check_in_memory(args, sampler)
@@ -359,9 +361,10 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     _add_device_options(s)
     s.add_argument(
         "--precision",
-        choices=MODES,
+        choices=(*MODES, AUTO),
         default=None,
-        help="the network's precision (default: the checkpoint's dtype); x_t and the step stay fp32",
+        help="the network's precision (default auto: bf16 where the device has bf16 units that beat fp32,"
+        " else fp32; see the README); x_t and the step stay fp32",
     )
     s.add_argument("--channels-last", action="store_true", help="run the network channels_last (NHWC)")
     s.add_argument(

@@ -86,7 +86,9 @@ class Sampler:
 
     precision: None (default) runs the network in its own dtype; "fp32", "tf32", "fp16" or
     "bf16" converts it IN PLACE to that mode's dtype (see fastddpm.precision), so
-    `sampler.unet` is the caller's module, converted. channels_last=True converts its
+    `sampler.unet` is the caller's module, converted; "auto" picks the fastest of those that the
+    network's device runs natively, now (fastddpm.precision.auto_mode; `sampler.precision.mode`
+    says which). channels_last=True converts its
     convolution weights in place to channels_last and feeds it NHWC-strided inputs. In every
     mode x_t stays float32 and the reverse step runs in float32. compile=True runs the network
     through `torch.compile(unet, fullgraph=True)` (Inductor; the first call of each batch size
@@ -107,11 +109,12 @@ class Sampler:
         compile: bool = False,
         cuda_graph: bool | None = None,
     ) -> None:
-        self.precision = Precision(precision, channels_last)
+        is_module = isinstance(unet, torch.nn.Module)
+        device = next(unet.parameters()).device if is_module else torch.device(unet.device)
+        self.precision = Precision(precision, channels_last).resolved(device)
         self.unet = self.precision.apply(unet)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be a bool, got {compile!r}")
-        is_module = isinstance(unet, torch.nn.Module)
         if compile and not is_module:
             raise ValueError(f"compile=True compiles a torch module; {type(unet).__name__} is not one")
         self.network = torch.compile(unet, fullgraph=True) if compile else unet

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -66,6 +67,8 @@ def test_sample_writes_png_and_npz(tiny_diffusers, tmp_path):
         "--no-progress",
         "--seed",
         "3",
+        "--precision",
+        "fp32",  # the API's numbers (the CLI's default is auto)
     )
     assert out.returncode == 0, out.stderr
     with np.load(npz) as f:
@@ -128,7 +131,9 @@ def test_sample_runs_an_onnx_export_with_onnxruntime(tiny_diffusers, tmp_path):
     assert exported.returncode == 0, exported.stderr
     args = ("-n", "2", "--steps", "4", "--seed", "1", "--no-progress")
     assert run("sample", "--model", str(onnx_file), "--npz", str(tmp_path / "ort.npz"), *args).returncode == 0
-    assert run("sample", "--model", str(folder), "--npz", str(tmp_path / "torch.npz"), *args).returncode == 0
+    torch_run = ("sample", "--model", str(folder), "--npz", str(tmp_path / "torch.npz"))
+    torch_run += ("--precision", "fp32")  # the export's
+    assert run(*torch_run, *args).returncode == 0
     with np.load(tmp_path / "ort.npz") as a, np.load(tmp_path / "torch.npz") as b:
         ours, theirs = a["arr_0"].astype(int), b["arr_0"].astype(int)
     assert np.abs(ours - theirs).max() <= 1  # float32 agreement to ~1e-6 can flip a rounding
@@ -138,6 +143,7 @@ def test_philox_noise_option_gives_the_seeded_sampler_images(tiny_diffusers, tmp
     folder, _ = tiny_diffusers
     npz = tmp_path / "s.npz"
     common = ("sample", "--model", str(folder), "-n", "3", "--steps", "5", "--seed", "4", "--no-progress")
+    common += ("--precision", "fp32")
     out = run(*common, "--noise", "philox", "--npz", str(npz))
     assert out.returncode == 0, out.stderr
     expected = fastddpm.load(str(folder)).sample(3, steps=5, seed=4, progress=False)
@@ -237,3 +243,21 @@ def test_interpolate_refuses_directories_and_broken_images(tmp_path, capsys):
     ok = in_process(capsys, "interpolate", ok_png, ok_png, "--steps", "2", "--t", "0",
                     "--out", str(tmp_path / "i.png"), "--no-progress")  # fmt: skip
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("chosen", ["bf16", "fp32"])
+def test_sample_defaults_to_the_precision_auto_chooses(tiny_diffusers, tmp_path, capsys, monkeypatch, chosen):
+    """No --precision: the mode precision.auto_mode picks for the device (here made to pick
+    `chosen`), and the images are the API's in that mode."""
+    from fastddpm import precision
+
+    monkeypatch.setattr(precision, "auto_mode", lambda device, channels_last=False: chosen)
+    folder, _ = tiny_diffusers
+    npz = tmp_path / "auto.npz"
+    args = ("sample", "--model", str(folder), "-n", "2", "--steps", "3", "--seed", "2", "--no-progress")
+    assert in_process(capsys, *args, "--npz", str(npz)).returncode == 0
+    x = fastddpm.load(folder)
+    x = fastddpm.Sampler(x.unet, x.diffusion, precision=chosen)
+    expected = x.sample(2, steps=3, progress=False, generator=torch.Generator().manual_seed(2))
+    with np.load(npz) as f:
+        np.testing.assert_array_equal(f["arr_0"], fastddpm.to_uint8(expected))

@@ -254,6 +254,8 @@ def test_cli_progress_strip(digits, tmp_path):
         "999,555",
         "--png-scale",
         "2",
+        "--precision",
+        "fp32",
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
