@@ -289,7 +289,9 @@ def test_two_cli_runs_on_one_directory_do_not_mix(sampler, tmp_path):
     checkpoints.save_native(sampler, model)
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    first = subprocess.Popen(cli(model, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # 96 images in 48 shards: long enough to outlast the second process's start-up on a fast CPU.
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
+    first = subprocess.Popen(cli(model, out, n=96), env=env, **quiet)
     try:
         deadline = time.monotonic() + 300
         while not runs.shard_path(out, 0).exists():  # the first holds the lock from before run.json
@@ -305,7 +307,7 @@ def test_two_cli_runs_on_one_directory_do_not_mix(sampler, tmp_path):
         first.kill()
         first.wait()
     assert json.loads((out / "run.json").read_text())["spec"]["seed"] == 3
-    for k in range(12):
+    for k in range(48):
         assert json.loads(runs.identity_path(out, k).read_text())["seed"] == runs.shard_seed(3, k)
 
 
@@ -345,9 +347,9 @@ def test_streamed_npz_checks_its_chunks(tmp_path):
     assert not (tmp_path / "x.npz").exists()
 
 
-def cli(model, out, *extra):
+def cli(model, out, *extra, n=24):
     return [
-        sys.executable, "-m", "fastddpm", "sample", "--model", str(model), "-n", "24",
+        sys.executable, "-m", "fastddpm", "sample", "--model", str(model), "-n", str(n),
         "--shard-size", "2", "--batch-size", "2", "--seed", "3",
         "--out", str(out), "--no-progress", *extra,
     ]  # fmt: skip
