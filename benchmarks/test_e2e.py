@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import gc
 import json
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -53,13 +52,14 @@ import torch
 
 import fastddpm
 from fastddpm import ops
+from fastddpm.cases import device_name
 from fastddpm.checkpoints import (
     diffusion_config_from_diffusers,
     diffusion_config_to_diffusers,
     unet_config_from_diffusers,
     unet_config_to_diffusers,
 )
-from fastddpm.precision import Precision
+from fastddpm.precision import Precision, cpu_capability
 
 from .common import backend_or_skip
 
@@ -140,18 +140,6 @@ def case_ids(cases: list[tuple[str, int]]) -> list[str]:
     return [f"{model}-b{batch}" for model, batch in cases]
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def installed_version(package: str) -> str | None:
     try:
         return version(package)
@@ -207,6 +195,7 @@ def time_rounds(
         model=case.model.name,
         device_type=case.device.type,
         device=device_name(case.device),
+        **(cpu_capability() if case.device.type == "cpu" else {}),  # AVX2 / AVX512, bf16 units
         batch=case.batch,
         steps_per_round=case.steps,
         ms_per_step=step * 1e3,
