@@ -4,8 +4,7 @@ the split-KV combine) runs at interpreter-sized shapes, each compared with the r
 (keys split to fill the GPU at small batch, D = 512 in chunks); and the device guard every Triton
 launcher runs under. The op itself on every backend: tests/ops/test_attention.py.
 
-Runs through Triton's interpreter on the CPU (tests/conftest.py), or compiled on a GPU when
-TRITON_INTERPRET=0.
+Runs where tests/triton_device.py says: the interpreter on the CPU, compiled on a GPU.
 """
 
 import contextlib
@@ -16,18 +15,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastddpm.kernels._common import INTERPRET, device_guard  # noqa: E402
+from fastddpm.kernels._common import device_guard  # noqa: E402
 from fastddpm.kernels.attention import launch_attention as launch  # noqa: E402
 from fastddpm.kernels.attention import plan  # noqa: E402
 
 from fastddpm import ops  # noqa: E402
 
 from .ops.tolerance import DTYPES, assert_equals_reference  # noqa: E402
+from .triton_device import DEVICE, RUNNABLE  # noqa: E402
 
-DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(), reason="needs a CUDA device or TRITON_INTERPRET=1"
-)
+pytestmark = RUNNABLE
 
 
 def qkv(B, H, Lq, Lk, D, dtype, layout="contiguous", seed=0):

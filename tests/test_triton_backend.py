@@ -1,8 +1,7 @@
 """The "triton" backend end to end: availability, its own input errors, the U-Net and a sampling run
 against backend="torch", torch.compile(fullgraph=True), and gradients through the reference.
 
-Runs through Triton's interpreter on the CPU (tests/conftest.py), or compiled on a GPU when
-TRITON_INTERPRET=0.
+Runs where tests/triton_device.py says: the interpreter on the CPU, compiled on a GPU.
 """
 
 import os
@@ -14,18 +13,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastddpm.kernels._common import INTERPRET  # noqa: E402
 
 import fastddpm  # noqa: E402
 from fastddpm import cases, kernels, ops  # noqa: E402
 from fastddpm.schedule import Schedule  # noqa: E402
 
 from .conftest import tiny_unet as conftest_tiny_unet  # noqa: E402
+from .triton_device import DEVICE, INTERPRET, RUNNABLE  # noqa: E402
 
-DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(), reason="needs a CUDA device or TRITON_INTERPRET=1"
-)
+pytestmark = RUNNABLE
 
 
 def tiny_unet(backend: str) -> fastddpm.UNet:

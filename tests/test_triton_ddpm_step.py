@@ -3,8 +3,7 @@ to (4 elements per Philox call, one per element, channels_last) equals the refer
 noise kernel alone is standard normal, and the step and the noise launch under the inputs' device.
 The op itself on every backend: tests/ops/test_ddpm_step.py.
 
-Runs through Triton's interpreter on the CPU (tests/conftest.py), or compiled on a GPU when
-TRITON_INTERPRET=0.
+Runs where tests/triton_device.py says: the interpreter on the CPU, compiled on a GPU.
 """
 
 import math
@@ -15,21 +14,18 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastddpm.kernels._common import INTERPRET  # noqa: E402
 from fastddpm.kernels.ddpm_step import CHANNELS_LAST, FLAT, GROUPED, philox_normal  # noqa: E402
 from fastddpm.kernels.ddpm_step import launch_ddpm_step as launch  # noqa: E402
 
 from fastddpm import ops, reference  # noqa: E402
-from fastddpm.check import tolerance  # noqa: E402
+from fastddpm.cases import tolerance  # noqa: E402
 
 from .ops.tables import identity_noise_table, table  # noqa: E402
 from .ops.tolerance import assert_equals_reference  # noqa: E402
 from .test_triton_attention import NEEDS_TWO_GPUS, assert_launched_under, guarded_launches  # noqa: E402
+from .triton_device import DEVICE, RUNNABLE  # noqa: E402
 
-DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(), reason="needs a CUDA device or TRITON_INTERPRET=1"
-)
+pytestmark = RUNNABLE
 NOISE_BOUND = tolerance(
     "ddpm_step", torch.float32
 )  # math-library rounding: float32 here, float64 in the reference

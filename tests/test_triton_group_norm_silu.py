@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from fastddpm.kernels._common import INTERPRET  # noqa: E402
 from fastddpm.kernels.group_norm_silu import launch_group_norm_silu as launch  # noqa: E402
 from fastddpm.kernels.group_norm_silu import plan  # noqa: E402
 
@@ -23,11 +22,9 @@ from fastddpm import ops  # noqa: E402
 
 from .ops.tolerance import DTYPES, assert_equals_reference  # noqa: E402
 from .test_triton_attention import NEEDS_TWO_GPUS, assert_launched_under, guarded_launches  # noqa: E402
+from .triton_device import DEVICE, RUNNABLE  # noqa: E402
 
-DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(), reason="needs a CUDA device or TRITON_INTERPRET=1"
-)
+pytestmark = RUNNABLE
 
 
 def inputs(shape, dtype, channels_last=False, seed=0):
