@@ -23,7 +23,8 @@ from . import checkpoints, figures, images, io, ops
 from ._version import __version__
 from .devices import check_device
 from .precision import AUTO, MODES, Precision
-from .sampler import METHODS, Sampler, check_steps
+from .sampler import Sampler
+from .schedule import METHODS, check_steps
 
 SEED_LIMIT = 2**63  # seeds are ints in [0, 2**63): what a torch.Generator and a run's Philox seeds take
 DEFAULT_BATCH = 256  # images per network call when --batch-size is not given: min(n, 256)
@@ -408,7 +409,7 @@ def _add_strip_options(s: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from . import config_schema, distributed, train
-    from .sampler import DiffusionConfig
+    from .schedule import DiffusionConfig
     from .unet import preset
 
     given = {name: getattr(args, name) for name in train.TrainConfig.__dataclass_fields__}

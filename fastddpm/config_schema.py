@@ -186,7 +186,7 @@ def check_unet(d: dict, source: str) -> dict:
 
 
 def check_diffusion(d: dict, source: str) -> dict:
-    """Diffusion config values (fastddpm.sampler.DiffusionConfig's fields); beta_start <= beta_end."""
+    """Diffusion config values (fastddpm.schedule.DiffusionConfig's fields); beta_start <= beta_end."""
     out = check(DIFFUSION, d, source)
     if out["beta_start"] > out["beta_end"]:
         raise ConfigError(f"{source}: beta_start {out['beta_start']} is above beta_end {out['beta_end']}")

@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from . import images
-from .sampler import Sampler, randn
+from .noise import randn
+from .sampler import Sampler
 from .schedule import Schedule
 
 DEFAULT_COLUMNS = 8

@@ -46,8 +46,10 @@ from tqdm.auto import tqdm
 from . import images
 from .distributed import World
 from .io import atomic_write
+from .loop import NonFiniteSamplesError
 from .precision import DTYPES
-from .sampler import METHODS, NonFiniteSamplesError, Sampler, check_eta, check_steps
+from .sampler import Sampler
+from .schedule import METHODS, check_eta, check_steps
 
 MANIFEST = "run.json"
 SHARDS = "shards"

@@ -14,23 +14,12 @@ import torch
 
 from . import loop
 from .graphs import GraphRunner
-from .loop import Denoiser, EagerSteps, NonFiniteSamplesError, StepCallback, StepStrategy
-from .noise import noise_offset, randn
+from .loop import Denoiser, EagerSteps, StepCallback, StepStrategy
 from .precision import Precision
-from .schedule import METHODS, DiffusionConfig, StepTable, check_eta, check_steps, step_table
+from .schedule import DiffusionConfig, StepTable, step_table
 from .unet import UNet, UNetConfig
 
-__all__ = [
-    "METHODS",
-    "DiffusionConfig",
-    "NonFiniteSamplesError",
-    "Sampler",
-    "StepCallback",
-    "check_eta",
-    "check_steps",
-    "noise_offset",
-    "randn",
-]
+__all__ = ["Sampler", "TorchDenoiser"]
 
 
 class TorchDenoiser:

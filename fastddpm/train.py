@@ -49,7 +49,8 @@ from .checkpoints import (
 )
 from .distributed import World
 from .io import atomic_write
-from .sampler import DiffusionConfig, Sampler
+from .sampler import Sampler
+from .schedule import DiffusionConfig
 from .unet import UNet, UNetConfig
 
 TRAIN_FORMAT = "fastddpm-train-1"

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastddpm.sampler import DiffusionConfig, Sampler
-from fastddpm.schedule import DIRECT_EPS, DIRECT_XT, SIGMA, Schedule
+from fastddpm.sampler import Sampler
+from fastddpm.schedule import DIRECT_EPS, DIRECT_XT, SIGMA, DiffusionConfig, Schedule
 from fastddpm.unet import UNetConfig
 
 CHAINS = 4096

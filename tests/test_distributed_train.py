@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from fastddpm import distributed, train
-from fastddpm.sampler import DiffusionConfig
+from fastddpm.schedule import DiffusionConfig
 
 from .conftest import free_port, run_reaped
 from .test_train import SMALL

@@ -13,7 +13,7 @@ import fastddpm
 from fastddpm import checkpoints, figures
 from fastddpm.cli import main
 from fastddpm.images import to_rgb, to_uint8
-from fastddpm.sampler import randn
+from fastddpm.noise import randn
 
 from .conftest import tiny_unet
 

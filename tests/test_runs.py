@@ -16,7 +16,7 @@ import torch
 
 import fastddpm
 from fastddpm import checkpoints, images, runs
-from fastddpm.sampler import NonFiniteSamplesError
+from fastddpm.loop import NonFiniteSamplesError
 from tests.conftest import tiny_unet
 
 

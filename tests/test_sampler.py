@@ -155,7 +155,7 @@ def test_non_finite_samples_name_their_batch(sampler):
     """A NaN anywhere in batch 1 (images 2..3) is reported, naming it, never returned."""
     x_T = torch.randn(5, 3, 16, 16)
     x_T[3, 0, 0, 0] = float("nan")
-    with pytest.raises(fastddpm.sampler.NonFiniteSamplesError, match=r"^batch 1 \(images 2..3\) produced"):
+    with pytest.raises(fastddpm.loop.NonFiniteSamplesError, match=r"^batch 1 \(images 2..3\) produced"):
         sampler.sample(5, x_T=x_T, steps=3, method="ddim", batch_size=2, progress=False)
     x_T[3, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"batch 1 \(images 2..3\) produced non-finite values \((NaN|Inf)\)"):

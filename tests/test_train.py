@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import fastddpm
 from fastddpm import data, train
-from fastddpm.sampler import DiffusionConfig
+from fastddpm.schedule import DiffusionConfig
 from fastddpm.unet import UNetConfig
 
 SMALL = UNetConfig(
