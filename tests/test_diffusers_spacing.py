@@ -173,6 +173,19 @@ def test_the_last_step_adds_noise_where_its_timestep_is_above_zero():
         assert table.coef[0, SIGMA].item() == pytest.approx(sigma, rel=1e-6)
 
 
+@pytest.mark.parametrize("spacing", DIFFUSERS_SPACINGS)
+@pytest.mark.parametrize(
+    "kind, variance, eta",
+    [("ddpm", "fixedlarge", 0.0), ("ddpm", "fixedsmall", 0.0), ("ddim", "fixedlarge", 0.5)],
+)
+def test_all_steps_give_the_full_schedules_table_bit_for_bit(spacing, kind, variance, eta):
+    """At S = T (steps_offset 0) every spacing visits every t, and its table is today's full one."""
+    schedule = Schedule.from_name("linear", T)
+    full = schedule.step_table(kind, variance, eta)
+    table = diffusers_step_table(schedule, T, spacing, 0, kind, variance, eta)
+    assert torch.equal(table.coef, full.coef) and torch.equal(table.timesteps, full.timesteps)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
