@@ -84,6 +84,48 @@ def _check_betas(betas: np.ndarray) -> None:
         raise ValueError("betas must be a non-empty 1-D array with every value in (0, 1] (none NaN)")
 
 
+def _check_abar(abar: np.ndarray) -> None:
+    """abar_t = 0 (beta_t = 1, as jsd ends) leaves x0 undefined from eps: a ValueError."""
+    if np.any(abar == 0.0):
+        raise ValueError(
+            "this schedule ends with beta_T = 1 (abar_T = 0, as jsd does): x0 cannot be predicted"
+            " from eps at t = T, so the reverse step is undefined"
+        )
+
+
+def _ddim_sigma(abar: np.ndarray, abar_prev: np.ndarray, eta: float) -> np.ndarray:
+    """DDIM's sigma = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev), (S,) float64."""
+    if eta < 0:
+        raise ValueError(f"DDIM eta must be >= 0, got {eta}")
+    return eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
+
+
+def _step_columns(
+    kind: str, abar: np.ndarray, abar_prev: np.ndarray, betas: np.ndarray, sigma: np.ndarray
+) -> np.ndarray:
+    """The (S, NUM_COEFS) float64 table of steps from abar to abar_prev with betas = 1 - abar/abar_prev
+    and noise scale sigma, all (S,). ddpm: the posterior mean. ddim: x_{t-1} = sqrt(abar_prev) x0 +
+    sqrt(1 - abar_prev - sigma^2) eps + sigma z with eps re-derived from x0, which gives the same two
+    linear forms."""
+    coef = np.zeros((len(abar), NUM_COEFS), dtype=np.float64)
+    coef[:, SQRT_RECIP_ABAR] = np.sqrt(1.0 / abar)
+    coef[:, SQRT_RECIPM1_ABAR] = np.sqrt(1.0 / abar - 1.0)
+    if kind == "ddpm":
+        alphas = 1.0 - betas
+        coef[:, COEF_X0] = betas * np.sqrt(abar_prev) / (1.0 - abar)
+        coef[:, COEF_XT] = (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)
+        coef[:, DIRECT_XT] = 1.0 / np.sqrt(alphas)
+        coef[:, DIRECT_EPS] = betas / (np.sqrt(alphas) * np.sqrt(1.0 - abar))
+    else:
+        dir_xt = np.sqrt(np.maximum(1 - abar_prev - sigma**2, 0.0))
+        coef[:, COEF_X0] = np.sqrt(abar_prev) - dir_xt * np.sqrt(abar) / np.sqrt(1 - abar)
+        coef[:, COEF_XT] = dir_xt / np.sqrt(1 - abar)
+        coef[:, DIRECT_XT] = np.sqrt(abar_prev / abar)
+        coef[:, DIRECT_EPS] = np.sqrt(abar_prev) * coef[:, SQRT_RECIPM1_ABAR] - dir_xt
+    coef[:, SIGMA] = sigma
+    return coef
+
+
 def space_timesteps(num_timesteps: int, spacing: int | str) -> list[int]:
     """The timesteps kept when respacing T steps to fewer (Improved DDPM rule).
 
@@ -224,34 +266,66 @@ class Schedule:
         Sigma is 0 at step index 0: no noise is added to the final sample.
         """
         abar, abar_prev = self.abar, self.abar_prev
-        if abar[-1] == 0.0:
-            raise ValueError(
-                "this schedule ends with beta_T = 1 (abar_T = 0, as jsd does): x0 cannot be predicted"
-                " from eps at t = T, so the reverse step is undefined"
-            )
-        coef = np.zeros((len(self), NUM_COEFS), dtype=np.float64)
-        coef[:, SQRT_RECIP_ABAR] = self.sqrt_recip_abar
-        coef[:, SQRT_RECIPM1_ABAR] = self.sqrt_recipm1_abar
+        _check_abar(abar)
         if kind == "ddpm":
             sigma = np.exp(0.5 * self.log_variance(variance))
-            coef[:, COEF_X0] = self.posterior_mean_coef1
-            coef[:, COEF_XT] = self.posterior_mean_coef2
-            coef[:, DIRECT_XT] = 1.0 / np.sqrt(self.alphas)
-            coef[:, DIRECT_EPS] = self.betas / (np.sqrt(self.alphas) * np.sqrt(1.0 - abar))
         elif kind == "ddim":
-            if eta < 0:
-                raise ValueError(f"DDIM eta must be >= 0, got {eta}")
-            sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
-            dir_xt = np.sqrt(np.maximum(1 - abar_prev - sigma**2, 0.0))
-            coef[:, COEF_X0] = np.sqrt(abar_prev) - dir_xt * np.sqrt(abar) / np.sqrt(1 - abar)
-            coef[:, COEF_XT] = dir_xt / np.sqrt(1 - abar)
-            coef[:, DIRECT_XT] = np.sqrt(abar_prev / abar)
-            coef[:, DIRECT_EPS] = np.sqrt(abar_prev) * self.sqrt_recipm1_abar - dir_xt
+            sigma = _ddim_sigma(abar, abar_prev, eta)
         else:
             raise ValueError(f"unknown step kind {kind!r}; choose one of {', '.join(STEP_KINDS)}")
-        coef[:, SIGMA] = sigma
+        coef = _step_columns(kind, abar, abar_prev, self.betas, sigma)
         coef[0, SIGMA] = 0.0
         return coef
+
+    def pair_coefficients(
+        self,
+        timesteps: np.ndarray,
+        prev_timesteps: np.ndarray,
+        kind: str = "ddpm",
+        variance: str = "fixedlarge",
+        eta: float = 0.0,
+        final_abar: float = 1.0,
+    ) -> np.ndarray:
+        """The (S, NUM_COEFS) float64 table of the steps t_i -> prev_t_i of this full schedule, row i
+        for step index i, as diffusers' DDPMScheduler and DDIMScheduler compute them.
+
+        timesteps, prev_timesteps: (S,) ints (`diffusers_timesteps`, `previous_timesteps`). Each step
+        takes abar_prev = abar[prev_t], or `final_abar` where prev_t < 0 (DDPMScheduler: 1;
+        DDIMScheduler: final_alpha_cumprod), and its own beta = 1 - abar_t / abar_prev.
+        ddpm: the posterior mean; variance fixedsmall: max(beta_tilde, 1e-20) with
+        beta_tilde = (1 - abar_prev) / (1 - abar_t) beta, fixedlarge: beta; sigma = sqrt(variance)
+        at every t > 0 and 0 at t = 0 (DDPMScheduler adds noise where t > 0, so a last step at
+        t > 0 adds some).
+        ddim: eps re-derived from the clipped x0 (use_clipped_model_output=True) and
+        sigma = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)) at every step.
+        """
+        if len(self.timesteps) != len(self) or not np.array_equal(self.timesteps, np.arange(len(self))):
+            raise ValueError("pair_coefficients needs the full schedule, not a respaced one")
+        t = np.asarray(timesteps, dtype=np.int64)
+        prev = np.asarray(prev_timesteps, dtype=np.int64)
+        if t.ndim != 1 or t.shape != prev.shape or not len(t):
+            raise ValueError("timesteps and prev_timesteps must be non-empty 1-D arrays of one length")
+        if t.min() < 0 or t.max() >= len(self) or np.any(prev >= t):
+            raise ValueError(f"each step needs 0 <= prev_t < t < {len(self)} (prev_t < 0: the final abar)")
+        if not 0.0 < final_abar <= 1.0:
+            raise ValueError(f"final_abar must be in (0, 1], got {final_abar}")
+        abar = self.abar[t]
+        _check_abar(abar)
+        abar_prev = np.where(prev >= 0, self.abar[np.maximum(prev, 0)], final_abar)
+        betas = 1.0 - abar / abar_prev
+        if kind == "ddpm":
+            if variance == "fixedlarge":
+                sigma = np.sqrt(betas)
+            elif variance == "fixedsmall":
+                sigma = np.sqrt(np.maximum((1.0 - abar_prev) / (1.0 - abar) * betas, 1e-20))
+            else:
+                raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+            sigma = np.where(t > 0, sigma, 0.0)
+        elif kind == "ddim":
+            sigma = _ddim_sigma(abar, abar_prev, eta)
+        else:
+            raise ValueError(f"unknown step kind {kind!r}; choose one of {', '.join(STEP_KINDS)}")
+        return _step_columns(kind, abar, abar_prev, betas, sigma)
 
     def step_table(
         self,
@@ -260,12 +334,7 @@ class Schedule:
         eta: float = 0.0,
         device: torch.device | str = "cpu",
     ) -> StepTable:
-        coef = self.step_coefficients(kind, variance, eta)
-        return StepTable(
-            coef=torch.tensor(coef, dtype=torch.float32, device=device),
-            timesteps=torch.tensor(self.timesteps, dtype=torch.long, device=device),
-            stochastic=bool(np.any(coef[:, SIGMA] > 0)),
-        )
+        return StepTable.from_float64(self.step_coefficients(kind, variance, eta), self.timesteps, device)
 
 
 @dataclass(frozen=True)
@@ -281,11 +350,103 @@ class StepTable:
     timesteps: torch.Tensor
     stochastic: bool
 
+    @classmethod
+    def from_float64(
+        cls, coef: np.ndarray, timesteps: np.ndarray, device: torch.device | str = "cpu"
+    ) -> StepTable:
+        """The table of float64 coef (S, NUM_COEFS) and timesteps (S,), cast once onto `device`."""
+        return cls(
+            coef=torch.tensor(coef, dtype=torch.float32, device=device),
+            timesteps=torch.tensor(timesteps, dtype=torch.long, device=device),
+            stochastic=bool(np.any(coef[:, SIGMA] > 0)),
+        )
+
     def __len__(self) -> int:
         return self.coef.shape[0]
 
     def to(self, device: torch.device | str) -> StepTable:
         return StepTable(self.coef.to(device), self.timesteps.to(device), self.stochastic)
+
+
+# --- diffusers' timestep spacing ----------------------------------------------------------------
+# "improved" is the Improved-DDPM rule of `space_timesteps` (`Schedule.respace`); the others are
+# diffusers' `timestep_spacing` (`diffusers_timesteps`), whose steps `diffusers_step_table` builds.
+SPACINGS = ("improved", "leading", "trailing", "linspace")
+DIFFUSERS_SPACINGS = SPACINGS[1:]
+
+
+def diffusers_timesteps(
+    num_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0
+) -> np.ndarray:
+    """The timesteps DDPMScheduler and DDIMScheduler visit after `set_timesteps(steps)`, (S,) int64
+    in step-index order (row i is step index i: `scheduler.timesteps` reversed).
+
+    With T = num_timesteps and k = 0..S-1: leading: k (T // S) + steps_offset; trailing:
+    round(T - k T / S) - 1; linspace: round(k (T - 1) / (S - 1)). diffusers adds steps_offset in
+    leading spacing only. ValueError for a timestep outside [0, T).
+    """
+    T, S = num_timesteps, steps
+    if spacing not in DIFFUSERS_SPACINGS:
+        raise ValueError(
+            f"unknown timestep spacing {spacing!r}; choose one of {', '.join(DIFFUSERS_SPACINGS)}"
+        )
+    for name, value, low in (("num_timesteps", T, 1), ("steps", S, 1), ("steps_offset", steps_offset, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if S > T:
+        raise ValueError(f"cannot take {S} steps out of {T}")
+    if spacing == "leading":
+        t = np.arange(S) * (T // S) + steps_offset
+    elif spacing == "trailing":
+        t = np.round(np.arange(T, 0, -T / S))[::-1] - 1
+    else:
+        t = np.linspace(0, T - 1, S).round()
+    t = t.astype(np.int64)
+    if len(t) != S or t[0] < 0 or t[-1] >= T:
+        raise ValueError(
+            f"{spacing} spacing of {S} steps with steps_offset {steps_offset} leaves [0, {T}):"
+            f" timesteps {t[0]}..{t[-1]}"
+        )
+    return t
+
+
+def previous_timesteps(timesteps: np.ndarray, kind: str, num_timesteps: int) -> np.ndarray:
+    """Each step's prev_t as diffusers' step computes it, (S,) int64 in step-index order; negative:
+    past t = 0 (the scheduler's final abar).
+
+    ddpm (DDPMScheduler.previous_timestep): the next timestep visited, timesteps[i - 1], and -1 at
+    i = 0. ddim (DDIMScheduler.step): t - T // S, which in trailing and linspace spacing need not
+    be a visited timestep.
+    """
+    t = np.asarray(timesteps, dtype=np.int64)
+    if kind == "ddpm":
+        return np.append(-1, t[:-1])
+    if kind == "ddim":
+        return t - num_timesteps // len(t)
+    raise ValueError(f"unknown step kind {kind!r}; choose one of {', '.join(STEP_KINDS)}")
+
+
+def diffusers_step_table(
+    schedule: Schedule,
+    steps: int,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    kind: str = "ddpm",
+    variance: str = "fixedlarge",
+    eta: float = 0.0,
+    set_alpha_to_one: bool = True,
+    device: torch.device | str = "cpu",
+) -> StepTable:
+    """The table of `steps` steps of the full `schedule` as diffusers' DDPMScheduler (kind ddpm) or
+    DDIMScheduler (kind ddim, with use_clipped_model_output=True) runs them after set_timesteps,
+    with that scheduler's `timestep_spacing` and `steps_offset` (`diffusers_timesteps`),
+    `variance_type` (ddpm) and `eta` and `set_alpha_to_one` (ddim: the final abar is 1, else
+    abar_0; `Schedule.pair_coefficients`), on `device`."""
+    timesteps = diffusers_timesteps(len(schedule), steps, spacing, steps_offset)
+    prev = previous_timesteps(timesteps, kind, len(schedule))
+    final_abar = 1.0 if kind == "ddpm" or set_alpha_to_one else float(schedule.abar[0])
+    coef = schedule.pair_coefficients(timesteps, prev, kind, variance, eta, final_abar)
+    return StepTable.from_float64(coef, timesteps, device)
 
 
 # --- The diffusion a model was trained with, and the step table a sampler runs -----------------
