@@ -290,6 +290,9 @@ _DIFFUSERS_SCHEDULER = {  # the settings read from a DDPMScheduler scheduler_con
     "thresholding": schema.Field("bool"),
     "clip_sample_range": schema.Field("float"),
     "trained_betas": schema.Field("json", optional=True),
+    "timestep_spacing": schema.Field("str", choices=("leading", "trailing", "linspace")),
+    "steps_offset": schema.DIFFUSION["steps_offset"],
+    "set_alpha_to_one": schema.Field("bool"),
 }
 
 
@@ -309,6 +312,11 @@ def diffusion_config_from_diffusers(cfg: dict, source: str = "DDPMScheduler conf
         "beta_end": typed.get("beta_end", 0.02),
         "variance": _DIFFUSERS_VARIANCES[typed.get("variance_type", "fixed_small")],
         "clip_x0": typed.get("clip_sample", True),
+        # Respaced steps as diffusers' DDPMScheduler / DDIMScheduler take them, diffusers' defaults
+        # where the file has no key (google/ddpm-cifar10-32's has none: leading, 0, True).
+        "spacing": typed.get("timestep_spacing", "leading"),
+        "steps_offset": typed.get("steps_offset", 0),
+        "set_alpha_to_one": typed.get("set_alpha_to_one", True),
     }
     return diffusion_config_from_dict(config, source)
 
@@ -337,6 +345,11 @@ def diffusion_config_to_diffusers(cfg: DiffusionConfig) -> dict:
         "variance_type": {v: k for k, v in _DIFFUSERS_VARIANCES.items()}[cfg.variance],
         "clip_sample": cfg.clip_x0,
         "prediction_type": "epsilon",
+        # diffusers has no Improved-DDPM spacing: a config that respaces by it is written with
+        # diffusers' default ("leading"), which is what a diffusers pipeline will run.
+        "timestep_spacing": cfg.spacing if cfg.spacing != "improved" else "leading",
+        "steps_offset": cfg.steps_offset,
+        **({} if cfg.set_alpha_to_one else {"set_alpha_to_one": False}),  # DDIMScheduler's key
     }
 
 

@@ -14,6 +14,7 @@ import platform
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -24,7 +25,7 @@ from ._version import __version__
 from .devices import check_device
 from .precision import AUTO, MODES, Precision
 from .sampler import Sampler
-from .schedule import METHODS, check_steps
+from .schedule import METHODS, SPACINGS, DiffusionConfig, check_steps
 
 SEED_LIMIT = 2**63  # seeds are ints in [0, 2**63): what a torch.Generator and a run's Philox seeds take
 DEFAULT_BATCH = 256  # images per network call when --batch-size is not given: min(n, 256)
@@ -108,10 +109,17 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, steps_help: str, seed_help: str) -> None:
-    """The reverse process: --steps, --sampler, --eta (DDIM's), and the --seed of its noise."""
+    """The reverse process: --steps, --sampler, --eta (DDIM's), --spacing, and the --seed of its noise."""
     p.add_argument("--steps", type=_steps, default=None, help=steps_help)
     p.add_argument("--sampler", choices=METHODS, default="ddpm")
     p.add_argument("--eta", type=_eta, default=None, help="with --sampler ddim: DDIM eta (default 0)")
+    p.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        default=None,
+        help="which timesteps --steps S visits (default: the model's; a diffusers folder's scheduler"
+        " timestep_spacing, else improved, Improved DDPM's rule)",
+    )
     p.add_argument("--seed", type=_seed, default=0, help=seed_help)
 
 
@@ -122,14 +130,17 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, path: str) -> Sampler:
-    return Sampler(
-        *checkpoints.load(
-            path,
-            preset_name=args.preset,
-            allow_pickle=args.allow_pickle,
-            backend=getattr(args, "backend", "auto"),
-        )
-    )
+    """The checkpoint at `path` as a Sampler, with --spacing (where the command has it) applied."""
+    options = {"preset_name": args.preset, "allow_pickle": args.allow_pickle}
+    unet, diffusion = checkpoints.load(path, **options, backend=getattr(args, "backend", "auto"))
+    return Sampler(unet, _spaced(args, diffusion))
+
+
+def _spaced(args: argparse.Namespace, diffusion: DiffusionConfig) -> DiffusionConfig:
+    """The diffusion with --spacing's override: part of the diffusion, so a run's model identity
+    records it."""
+    spacing = getattr(args, "spacing", None)
+    return diffusion if spacing is None else replace(diffusion, spacing=spacing)
 
 
 def _is_run_dir(out: str | None) -> bool:
@@ -213,6 +224,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
                 " drop --precision and --channels-last"
             )
         sampler = ort.load(model, device=args.device)
+        if isinstance(sampler, Sampler):  # a denoiser export: its steps are sampled here
+            sampler.diffusion = _spaced(args, sampler.diffusion)
     else:
         sampler = _load(args, model)
         if not _is_run_dir(args.out):  # a run moves it to its rank's device (_sample_run)
@@ -235,7 +248,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         options["seed"] = options.pop("generator").initial_seed()
     if isinstance(sampler, Sampler):
         options |= {"steps": args.steps, "method": args.sampler, "eta": eta}
-    elif args.steps is not None or args.sampler != "ddpm" or args.eta is not None:
+    elif args.steps is not None or args.sampler != "ddpm" or args.eta is not None or args.spacing:
         raise ValueError(
             f"{model} is a full-step export: its steps and sampler were fixed when it was exported"
         )

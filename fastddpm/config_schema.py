@@ -145,7 +145,13 @@ DIFFUSION = {
     "beta_end": Field("float", 0, 1, lo_open=True),
     "variance": Field("str", choices=("fixedlarge", "fixedsmall")),
     "clip_x0": Field("bool"),
+    "spacing": Field("str", choices=("improved", "leading", "trailing", "linspace")),
+    "steps_offset": Field("int", 0, MAX_TIMESTEPS),
+    "set_alpha_to_one": Field("bool"),
 }
+# How a diffusion config respaces, for configs written before these keys existed: the
+# Improved-DDPM rule, as every fastddpm release before them sampled.
+DIFFUSION_DEFAULTS = {"spacing": "improved", "steps_offset": 0, "set_alpha_to_one": True}
 
 TRAIN = {
     "data": Field("str"),
@@ -187,7 +193,7 @@ def check_unet(d: dict, source: str) -> dict:
 
 def check_diffusion(d: dict, source: str) -> dict:
     """Diffusion config values (fastddpm.schedule.DiffusionConfig's fields); beta_start <= beta_end."""
-    out = check(DIFFUSION, d, source)
+    out = check(DIFFUSION, d, source, defaults=DIFFUSION_DEFAULTS)
     if out["beta_start"] > out["beta_end"]:
         raise ConfigError(f"{source}: beta_start {out['beta_start']} is above beta_end {out['beta_end']}")
     return out

@@ -51,6 +51,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -85,7 +86,7 @@ class GraphedStep:
         self.predict_eps, self.backend, self.clip_x0 = predict_eps, backend, clip_x0
         self.seeded = table.stochastic  # steps that add noise draw it in-kernel from (seed, base + i)
         # A graph reads these addresses at every replay: its own copies, alive as long as it is.
-        self.table = StepTable(table.coef.clone(), table.timesteps.clone(), table.stochastic)
+        self.table = replace(table, coef=table.coef.clone(), timesteps=table.timesteps.clone())
         self.x = x_T.detach().clone()
         self.eps: torch.Tensor | None = None  # set by each step before a capture, then the graph's output
         self.i = torch.full((), len(table) - 1, dtype=torch.int64, device=device)

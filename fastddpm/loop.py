@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -154,7 +155,7 @@ def sample(
             raise ValueError(f"start_step must be an int in [0, {S - 1}], got {start_step!r}")
         # Steps start_step..0 keep their rows: the loop over the shortened table is the chain's tail.
         keep = slice(start_step + 1)
-        table = StepTable(table.coef[keep], table.timesteps[keep], table.stochastic)
+        table = replace(table, coef=table.coef[keep], timesteps=table.timesteps[keep])
     shape = (n, *image_shape)
     if x_T is not None and tuple(x_T.shape) != shape:
         raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
@@ -163,7 +164,7 @@ def sample(
     with tqdm(total=len(table) * -(-n // batch_size), disable=not progress, unit="step") as bar:
         for b, start in enumerate(range(0, n, batch_size)):
             size = min(batch_size, n - start)
-            noise = BatchNoise(len(table), generator, seed, b)
+            noise = BatchNoise(len(table), generator, seed, b, table.final_draw)
             if x_T is not None:
                 x = x_T[start : start + size].to(device, torch.float32)
             else:

@@ -9,6 +9,7 @@ a Philox `seed` (fastddpm.noise).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -142,9 +143,12 @@ class Sampler:
         method: str = "ddpm",
         eta: float = 0.0,
         variance: str | None = None,
+        spacing: str | None = None,
     ) -> StepTable:
-        """The table for `steps` (None: all T; int or spacing string: respaced) on the denoiser's device."""
-        return step_table(self.diffusion, steps, method, eta, variance, self.denoiser.device)
+        """The table for `steps` (None: all T; int or spacing string: respaced) on the denoiser's
+        device; `spacing` (one of schedule.SPACINGS) overrides the diffusion config's."""
+        diffusion = self.diffusion if spacing is None else replace(self.diffusion, spacing=spacing)
+        return step_table(diffusion, steps, method, eta, variance, self.denoiser.device)
 
     def sample(
         self,
@@ -154,6 +158,7 @@ class Sampler:
         method: str = "ddpm",
         eta: float = 0.0,
         variance: str | None = None,
+        spacing: str | None = None,
         clip_x0: bool | None = None,
         batch_size: int | None = None,
         generator: torch.Generator | None = None,
@@ -166,17 +171,19 @@ class Sampler:
     ) -> torch.Tensor:
         """n samples in [-1, 1]: float32 (n, C, H, W) on the U-Net's device.
 
-        steps: None for all T steps; an int S < T or an Improved-DDPM spacing string
-        ("10,20", "ddim50") to respace. method: "ddpm" (ancestral) or "ddim" (with eta).
-        variance, clip_x0: override the diffusion config's. Noise: from `generator`
-        (DDPMPipeline's order; default torch's global CPU generator) or from Philox
-        `seed` (fastddpm.noise); not both. x_T: the starting noise (n, C, H, W), else
+        steps: None for all T steps; an int S < T, respaced by the diffusion config's spacing
+        (a diffusers folder: its scheduler's timestep_spacing, so the images are its pipeline's;
+        fastddpm's own checkpoints: Improved DDPM's rule), or an Improved-DDPM spacing string
+        ("10,20", "ddim50"). method: "ddpm" (ancestral) or "ddim" (with eta). variance,
+        spacing ("improved", "leading", "trailing", "linspace"), clip_x0: override the config's.
+        Noise: from `generator` (DDPMPipeline's order; default torch's global CPU generator) or
+        from Philox `seed` (fastddpm.noise); not both. x_T: the starting noise (n, C, H, W), else
         drawn from that source. start_step: the step index i to start the reverse process
         at (default S-1, the whole chain); it needs x_T, then the x_t at that step (e.g. a
         sample of q(x_t | x_0)). callback(i, t, x_t, x0_pred) runs every `callback_every`
         steps and at the last one.
         """
-        table = self.step_table(steps, method, eta, variance)
+        table = self.step_table(steps, method, eta, variance, spacing)
         device = table.coef.device
         self.precision.check_device(device)
         cfg = self.denoiser.config

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -344,11 +344,15 @@ class StepTable:
     coef: (S, NUM_COEFS) float32, row i for step index i.
     timesteps: (S,) int64, the original t the network receives at step index i.
     stochastic: whether any step adds noise (False for DDIM with eta = 0).
+    final_draw: whether the last step (i = 0) draws z from a torch.Generator too. diffusers'
+    schedulers do where its t > 0 (DDPM) or eta > 0 (DDIM), so the draws stay in their order;
+    Improved DDPM's tables add no noise there and draw none.
     """
 
     coef: torch.Tensor
     timesteps: torch.Tensor
     stochastic: bool
+    final_draw: bool = False
 
     @classmethod
     def from_float64(
@@ -365,7 +369,7 @@ class StepTable:
         return self.coef.shape[0]
 
     def to(self, device: torch.device | str) -> StepTable:
-        return StepTable(self.coef.to(device), self.timesteps.to(device), self.stochastic)
+        return replace(self, coef=self.coef.to(device), timesteps=self.timesteps.to(device))
 
 
 # --- diffusers' timestep spacing ----------------------------------------------------------------
@@ -446,7 +450,9 @@ def diffusers_step_table(
     prev = previous_timesteps(timesteps, kind, len(schedule))
     final_abar = 1.0 if kind == "ddpm" or set_alpha_to_one else float(schedule.abar[0])
     coef = schedule.pair_coefficients(timesteps, prev, kind, variance, eta, final_abar)
-    return StepTable.from_float64(coef, timesteps, device)
+    table = StepTable.from_float64(coef, timesteps, device)
+    final_draw = table.stochastic and (timesteps[0] > 0 if kind == "ddpm" else eta > 0)
+    return replace(table, final_draw=bool(final_draw))
 
 
 # --- The diffusion a model was trained with, and the step table a sampler runs -----------------
@@ -458,7 +464,7 @@ SPACING = re.compile(r"ddim[1-9][0-9]*|[1-9][0-9]*(,[1-9][0-9]*)*")
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The forward process and how to sample it: beta schedule, variance, clipping."""
+    """The forward process and how to sample it: beta schedule, variance, clipping, spacing."""
 
     beta_schedule: str = "linear"
     num_timesteps: int = 1000
@@ -466,6 +472,12 @@ class DiffusionConfig:
     beta_end: float = 0.02
     variance: str = "fixedlarge"
     clip_x0: bool = True
+    # Which timesteps a respaced sampler visits (SPACINGS): "improved" (Improved DDPM's rule, the
+    # default of fastddpm's own checkpoints) or diffusers' timestep_spacing with its steps_offset
+    # (a diffusers folder's scheduler config); set_alpha_to_one: DDIM's final abar is 1, else abar_0.
+    spacing: str = "improved"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
 
     def __post_init__(self) -> None:
         if self.variance not in VARIANCES:
@@ -515,14 +527,22 @@ def step_table(
     variance: str | None = None,
     device: torch.device | str = "cpu",
 ) -> StepTable:
-    """The table a sampler runs for `diffusion`: all T steps (steps None) or respaced to `steps` (an
-    int S or a spacing string), by `method` ("ddpm" or "ddim" with `eta`), with `variance` (None:
-    the config's), on `device`. ValueError naming a bad argument."""
+    """The table a sampler runs for `diffusion`: all T steps (steps None or T) or respaced to
+    `steps`, by `method` ("ddpm" or "ddim" with `eta`), with `variance` (None: the config's), on
+    `device`. An int S respaces by the config's spacing: Improved DDPM's rule, or diffusers'
+    scheduler's (`diffusers_step_table`); a string ("10,20", "ddim50") is always Improved DDPM's.
+    ValueError naming a bad argument."""
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
     steps = check_steps(steps)
     eta = check_eta(eta, method)
+    variance = variance or diffusion.variance
     schedule = diffusion.schedule()
-    if steps is not None and steps != len(schedule):
-        schedule = schedule.respace(steps)
-    return schedule.step_table(method, variance or diffusion.variance, eta, device=device)
+    if steps is None or steps == len(schedule):
+        return schedule.step_table(method, variance, eta, device=device)
+    if isinstance(steps, int) and diffusion.spacing in DIFFUSERS_SPACINGS:
+        return diffusers_step_table(
+            schedule, steps, diffusion.spacing, diffusion.steps_offset, method, variance, eta,
+            diffusion.set_alpha_to_one, device,
+        )  # fmt: skip
+    return schedule.respace(steps).step_table(method, variance, eta, device=device)
