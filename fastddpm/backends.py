@@ -74,3 +74,15 @@ def backend_status() -> dict[str, str]:
         module = _backend_module(name)
         status[name] = module if isinstance(module, str) else "available"
     return status
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The concrete backend that `name` means for tensors on `device`."""
+    if name != "auto":
+        get_backend(name)
+        return name
+    if device.type == "cuda":
+        for candidate in ("cuda", "triton"):
+            if not isinstance(_backend_module(candidate), str):
+                return candidate
+    return "torch"

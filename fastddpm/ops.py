@@ -1,9 +1,10 @@
 """The one seam: each fused op's entry point, its input checks, and backend dispatch.
 
-backend = "auto" picks "cuda" if that library is built and the tensors are on a
-CUDA device, else "triton" on a CUDA device, else "torch" (the reference). The
-U-Net and the samplers call only these functions. A fused backend is checked against the
-reference the first time it meets a class of inputs (fastddpm.verify; FASTDDPM_VERIFY=0: never).
+backend = "auto" picks "cuda" if that library is built and the tensors are on a CUDA device, else
+"triton" on a CUDA device, else "torch" (the reference): fastddpm.backends.resolve_backend, with
+the rest of the backend registry. The U-Net and the samplers call only these functions. A fused
+backend is checked against the reference the first time it meets a class of inputs
+(fastddpm.verify; FASTDDPM_VERIFY=0: never).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from .backends import (  # the registry, re-exported: ops is where callers find 
     BACKENDS,
     CONCRETE_BACKENDS,
     BackendUnavailableError,
-    _backend_module,
     backend_op,
     backend_status,
     get_backend,
+    resolve_backend,
 )
 from .schedule import StepTable
 
@@ -32,18 +33,6 @@ __all__ = [
     "uint64_as_int64",
 ]  # fmt: skip
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The concrete backend that `name` means for tensors on `device`."""
-    if name != "auto":
-        get_backend(name)
-        return name
-    if device.type == "cuda":
-        for candidate in ("cuda", "triton"):
-            if not isinstance(_backend_module(candidate), str):
-                return candidate
-    return "torch"
 
 
 def _impl(op: str, name: str, x: torch.Tensor) -> Callable:

@@ -256,8 +256,8 @@ def test_sample_defaults_to_the_precision_auto_chooses(tiny_diffusers, tmp_path,
     npz = tmp_path / "auto.npz"
     args = ("sample", "--model", str(folder), "-n", "2", "--steps", "3", "--seed", "2", "--no-progress")
     assert in_process(capsys, *args, "--npz", str(npz)).returncode == 0
-    x = fastddpm.load(folder)
-    x = fastddpm.Sampler(x.unet, x.diffusion, precision=chosen)
-    expected = x.sample(2, steps=3, progress=False, generator=torch.Generator().manual_seed(2))
+    loaded = fastddpm.load(folder)
+    sampler = fastddpm.Sampler(loaded.unet, loaded.diffusion, precision=chosen)
+    expected = sampler.sample(2, steps=3, progress=False, generator=torch.Generator().manual_seed(2))
     with np.load(npz) as f:
         np.testing.assert_array_equal(f["arr_0"], fastddpm.to_uint8(expected))
