@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -81,25 +82,45 @@ def worker_pids(parent: int) -> dict[int, int]:
     return workers
 
 
+def start_and_kill_rank_1(model: Path, out: Path, log: Path) -> int:
+    """Start a 2-rank run, SIGKILL rank 1 once its first shard is written, and return torchrun's
+    exit status; -1 when torchrun ended before rank 1 wrote a shard (a start that failed: its
+    stderr is in `log`)."""
+    marker = f"kill-test-{os.getpid()}-{time.monotonic_ns()}"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [*torchrun(2), "-m", "fastddpm", *sample_args(model, out)],
+            env={**ENV, "FASTDDPM_REAP": marker}, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while not runs.shard_path(out, 1).exists():  # rank 1's first shard
+                if proc.poll() is not None:
+                    return -1
+                assert time.monotonic() < deadline, "rank 1 wrote no shard in 300 s"
+                time.sleep(0.01)
+            os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+            return proc.wait(timeout=300)
+        finally:
+            kill_marked(f"FASTDDPM_REAP={marker}".encode())  # whatever rank outlived torchrun
+            proc.wait()
+
+
 def test_killed_rank_then_one_process_completes_the_set(model, one_process, tmp_path):
     out = tmp_path / "run"
-    marker = f"FASTDDPM_REAP=kill-test-{os.getpid()}"
-    proc = subprocess.Popen(
-        [*torchrun(2), "-m", "fastddpm", *sample_args(model, out)],
-        env={**ENV, "FASTDDPM_REAP": marker.split("=")[1]}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while not runs.shard_path(out, 1).exists():  # rank 1's first shard
-            assert proc.poll() is None, "torchrun ended before rank 1 wrote a shard"
-            assert time.monotonic() < deadline, "rank 1 wrote no shard in 300 s"
-            time.sleep(0.01)
-        os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
-        assert proc.wait(timeout=300) != 0, "torchrun reports the dead rank"
-    finally:
-        kill_marked(marker.encode())  # whatever rank outlived torchrun
-        proc.wait()
+    log = tmp_path / "first.log"
+    status = start_and_kill_rank_1(model, out, log)
+    if status == -1 and not any(out.glob("shards/shard-*.npz")):
+        # The job failed before any rank wrote a shard, so nothing this test is about has run yet
+        # (test_two_ranks_equal_one_process checks starting). One start is retried, with the
+        # failure shown as a warning, so that a gloo or rendezvous hiccup on a loaded machine is
+        # reported, not hidden; a second failure fails the test.
+        first = log.read_text()[-3000:]
+        warnings.warn(f"torchrun failed to start; retrying once. Its stderr: {first}", stacklevel=1)
+        log = tmp_path / "second.log"
+        status = start_and_kill_rank_1(model, out, log)
+    assert status != -1, f"torchrun ended before rank 1 wrote a shard; stderr: {log.read_text()[-3000:]}"
+    assert status != 0, "torchrun reports the dead rank"
     done = {p.name for p in (out / "shards").glob("shard-*.npz")}
     assert "shard-000001.npz" in done and len(done) < N // SHARD, f"killed mid-run: {sorted(done)}"
     assert not (out / "samples.npz").exists()
