@@ -22,6 +22,7 @@ from .schedule import (
     SQRT_RECIPM1_ABAR,
     StepTable,
 )
+from .solver_table import COL_EPS, COL_X, COL_Z, ROW_D, ROW_KEEP_A, ROW_KEEP_B, ROW_X, SolverTable
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
@@ -163,6 +164,51 @@ def ddpm_step(
         z = noise.float() if noise is not None else philox_normal(seed, offset, x_t.shape, x_t.device)
         mean = mean + _column(coef, SIGMA) * z
     return mean.to(x_t.dtype).contiguous(memory_format=memory_format_of(x_t))
+
+
+def solver_x0(
+    x: torch.Tensor, eps: torch.Tensor, i: int, table: SolverTable, clip_x0: bool = False
+) -> torch.Tensor:
+    """A solver step's x0 prediction D = W[i, ROW_D] . [x, eps] (x, eps (N, C, H, W)), clamped to
+    [-1, 1] if clip_x0; float32."""
+    w = table.weights[i, ROW_D]
+    x0 = w[COL_X] * x.float() + w[COL_EPS] * eps.float()
+    return x0.clamp(-1.0, 1.0) if clip_x0 else x0
+
+
+def multistep_update(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    history: torch.Tensor,
+    i: int | torch.Tensor,
+    table: SolverTable,
+    *,
+    noise: torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
+    clip_x0: bool = False,
+) -> torch.Tensor:
+    """One solver step at step index i (fastddpm.solver_table): x_next from x, eps (N, C, H, W)
+    float32, z and the history slots (M, N, C, H, W) float32, which it updates in place (rows
+    ROW_KEEP_A and ROW_KEEP_B into slots dest[i]). z is `noise`, or philox_normal(seed, offset),
+    read only where the step's noise weights are nonzero."""
+    w, dest = table.weights[i], table.dest[i]
+    d = w[ROW_D, COL_X] * x + w[ROW_D, COL_EPS] * eps
+    if clip_x0:
+        d = d.clamp(-1.0, 1.0)
+    inputs = [x, eps, d, torch.zeros_like(x), *history.unbind(0)]
+    if table.stochastic:
+        inputs[COL_Z] = noise.float() if noise is not None else philox_normal(seed, offset, x.shape, x.device)
+
+    def combine(row: int) -> torch.Tensor:
+        return sum(w[row, c] * value for c, value in enumerate(inputs))
+
+    kept = [(slot, combine(row)) for slot, row in zip(dest.tolist(), (ROW_KEEP_A, ROW_KEEP_B), strict=True)]
+    x_next = combine(ROW_X)
+    for slot, value in kept:  # written after every row has read the slots
+        if slot >= 0:
+            history[slot] = value
+    return x_next
 
 
 # --- Counter-based Gaussian noise -------------------------------------------------------------

@@ -19,6 +19,7 @@ BELOW_OPS = {
     "ops",
     "reference",
     "schedule",
+    "solver_table",
     "config_schema",
     "custom_ops",
     "cuda",
