@@ -24,11 +24,13 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .noise import BatchNoise
-from .reference import predict_x0
+from .reference import predict_x0, solver_x0
 from .schedule import StepTable
+from .solver_table import SolverTable
 from .unet import UNetConfig
 
-# callback(step_index, t, x_t, x0_pred): x_t and x0_pred are float32 (N, C, H, W).
+# callback(step_index, t, x_t, x0_pred): x_t (as the sampler holds it: a solver's own parameterization)
+# and x0_pred are float32 (N, C, H, W); t is the network's timestep (a float where it is fractional).
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -73,8 +75,11 @@ class StepRun(Protocol):
 class StepStrategy(Protocol):
     """How the steps of a batch run; the loop starts one run per batch, one batch at a time."""
 
-    def start(self, x_T: torch.Tensor, table: StepTable, clip_x0: bool, noise: BatchNoise) -> StepRun:
-        """A run of every step of `table` from x_T (N, C, H, W) float32, drawing from `noise`."""
+    def start(
+        self, x_T: torch.Tensor, table: StepTable | SolverTable, clip_x0: bool, noise: BatchNoise
+    ) -> StepRun:
+        """A run of every step of `table` from x_T (N, C, H, W) float32, drawing from `noise`
+        (a SolverTable's strategy is fastddpm.solvers.steps.SolverSteps)."""
         ...
 
 
@@ -114,7 +119,7 @@ def check_count(name: str, value: object) -> int:
 @torch.no_grad()
 def sample(
     strategy: StepStrategy,
-    table: StepTable,
+    table: StepTable | SolverTable,
     n: int,
     image_shape: tuple[int, int, int],
     device: torch.device,
@@ -148,6 +153,8 @@ def sample(
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     if start_step is not None:
+        if isinstance(table, SolverTable):
+            raise ValueError(f"start_step: the {table.name} solver starts at its first step only")
         if x_T is None:
             raise ValueError("start_step needs x_T: the x_t to start the reverse process from")
         S = len(table)
@@ -156,6 +163,7 @@ def sample(
         # Steps start_step..0 keep their rows: the loop over the shortened table is the chain's tail.
         keep = slice(start_step + 1)
         table = replace(table, coef=table.coef[keep], timesteps=table.timesteps[keep])
+    x0_of = solver_x0 if isinstance(table, SolverTable) else predict_x0
     shape = (n, *image_shape)
     if x_T is not None and tuple(x_T.shape) != shape:
         raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
@@ -176,7 +184,7 @@ def sample(
                     x_t = run.x.clone() if due else None  # as it was before the step
                     eps = run.step(i)
                     if due:
-                        callback(i, int(table.timesteps[i]), x_t, predict_x0(x_t, eps, i, table, clip_x0))
+                        callback(i, table.timesteps[i].item(), x_t, x0_of(x_t, eps, i, table, clip_x0))
                     bar.update(1)
                 x0 = run.x.clone()  # the run's buffer may be the next batch's
             _check_finite(x0, b, start)

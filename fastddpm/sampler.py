@@ -17,10 +17,15 @@ from . import loop
 from .graphs import GraphRunner
 from .loop import Denoiser, EagerSteps, StepCallback, StepStrategy
 from .precision import Precision
-from .schedule import DiffusionConfig, StepTable, step_table
+from .schedule import METHODS, DiffusionConfig, StepTable, check_eta, step_table
+from .solver_table import SolverTable
+from .solvers import SOLVERS, solver_table
+from .solvers.steps import SolverSteps
 from .unet import UNet, UNetConfig
 
-__all__ = ["Sampler", "TorchDenoiser"]
+__all__ = ["SAMPLERS", "Sampler", "TorchDenoiser"]
+
+SAMPLERS = (*METHODS, *SOLVERS)  # every `method` Sampler.sample takes
 
 
 class TorchDenoiser:
@@ -144,10 +149,18 @@ class Sampler:
         eta: float = 0.0,
         variance: str | None = None,
         spacing: str | None = None,
-    ) -> StepTable:
+    ) -> StepTable | SolverTable:
         """The table for `steps` (None: all T; int or spacing string: respaced) on the denoiser's
-        device; `spacing` (one of schedule.SPACINGS) overrides the diffusion config's."""
+        device; `spacing` (one of schedule.SPACINGS) overrides the diffusion config's. A solver
+        (fastddpm.solvers.SOLVERS) needs an int `steps` and takes no eta or variance."""
         diffusion = self.diffusion if spacing is None else replace(self.diffusion, spacing=spacing)
+        if method in SOLVERS:
+            check_eta(eta, method)
+            if variance is not None:
+                raise ValueError(f"variance applies to methods ddpm and ddim, not the {method} solver")
+            return solver_table(method, diffusion, steps, self.denoiser.device)
+        if method not in METHODS:
+            raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(SAMPLERS)}")
         return step_table(diffusion, steps, method, eta, variance, self.denoiser.device)
 
     def sample(
@@ -174,7 +187,9 @@ class Sampler:
         steps: None for all T steps; an int S < T, respaced by the diffusion config's spacing
         (a diffusers folder: its scheduler's timestep_spacing, so the images are its pipeline's;
         fastddpm's own checkpoints: Improved DDPM's rule), or an Improved-DDPM spacing string
-        ("10,20", "ddim50"). method: "ddpm" (ancestral) or "ddim" (with eta). variance,
+        ("10,20", "ddim50"). method: "ddpm" (ancestral), "ddim" (with eta), or a few-step
+        solver of fastddpm.solvers (SOLVERS: "dpmpp-2m", "unipc", "euler", ...; an int `steps`,
+        equal to that diffusers scheduler's steps, not clipping x0 unless clip_x0=True). variance,
         spacing ("improved", "leading", "trailing", "linspace"), clip_x0: override the config's.
         Noise: from `generator` (DDPMPipeline's order; default torch's global CPU generator) or
         from Philox `seed` (fastddpm.noise); not both. x_T: the starting noise (n, C, H, W), else
@@ -184,16 +199,19 @@ class Sampler:
         steps and at the last one.
         """
         table = self.step_table(steps, method, eta, variance, spacing)
-        device = table.coef.device
+        device = self.denoiser.device
         self.precision.check_device(device)
         cfg = self.denoiser.config
+        solver = isinstance(table, SolverTable)
+        if clip_x0 is None:  # diffusers' solvers do not clip x0 (without thresholding)
+            clip_x0 = False if solver else self.diffusion.clip_x0
         return loop.sample(
-            self.strategy,
+            SolverSteps(self.denoiser) if solver else self.strategy,
             table,
             n,
             (cfg.in_channels, cfg.resolution, cfg.resolution),
             device,
-            clip_x0=self.diffusion.clip_x0 if clip_x0 is None else clip_x0,
+            clip_x0=clip_x0,
             batch_size=batch_size,
             generator=generator,
             seed=seed,

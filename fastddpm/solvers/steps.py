@@ -1,0 +1,48 @@
+"""The step strategy of a SolverTable (fastddpm.loop.StepStrategy): each step calls the network on
+input_scale[i] x at timesteps[i], then the solver's update (reference.multistep_update) with the
+run's history slots. Not graph-captured yet: each step runs eagerly."""
+
+from __future__ import annotations
+
+import torch
+
+from ..loop import Denoiser
+from ..noise import BatchNoise
+from ..reference import multistep_update
+from ..solver_table import SolverTable
+
+
+class SolverSteps:
+    """Runs the steps of a SolverTable with `denoiser`."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.denoiser = denoiser
+
+    def start(self, x_T: torch.Tensor, table: SolverTable, clip_x0: bool, noise: BatchNoise) -> _SolverRun:
+        # A TorchDenoiser (which has the torch module) embeds any real t; ONNX and TensorRT graphs
+        # take int64 timesteps.
+        if table.timesteps.dtype.is_floating_point and not hasattr(self.denoiser, "module"):
+            raise ValueError(
+                f"the {table.name} solver visits fractional timesteps here, which only a torch network"
+                " takes; choose --spacing leading or trailing"
+            )
+        return _SolverRun(self.denoiser, x_T, table, clip_x0, noise)
+
+
+class _SolverRun:
+    """One batch's solver steps: x (N, C, H, W) float32 in the solver's parameterization (x_T times
+    init_scale), and the history slots (M, N, C, H, W)."""
+
+    def __init__(
+        self, denoiser: Denoiser, x_T: torch.Tensor, table: SolverTable, clip_x0: bool, noise: BatchNoise
+    ) -> None:
+        self.denoiser, self.table, self.clip_x0, self.noise = denoiser, table, clip_x0, noise
+        self.x = x_T * table.init_scale
+        self.history = x_T.new_zeros((table.num_slots, *x_T.shape))
+
+    def step(self, i: int) -> torch.Tensor:
+        x, table = self.x, self.table
+        eps = self.denoiser(x * table.input_scale[i], table.timesteps[i].expand(x.shape[0]))
+        noise = self.noise.step(i, x) if table.stochastic else {}
+        self.x = multistep_update(x, eps, self.history, i, table, clip_x0=self.clip_x0, **noise)
+        return eps
