@@ -316,7 +316,7 @@ def diffusion_config_from_diffusers(cfg: dict, source: str = "DDPMScheduler conf
         # where the file has no key (google/ddpm-cifar10-32's has none: leading, 0, True).
         "spacing": typed.get("timestep_spacing", "leading"),
         "steps_offset": typed.get("steps_offset", 0),
-        "set_alpha_to_one": typed.get("set_alpha_to_one", True),
+        "set_alpha_to_one": typed.get("set_alpha_to_one"),  # None: each scheduler's default
     }
     return diffusion_config_from_dict(config, source)
 
@@ -349,7 +349,7 @@ def diffusion_config_to_diffusers(cfg: DiffusionConfig) -> dict:
         # diffusers' default ("leading"), which is what a diffusers pipeline will run.
         "timestep_spacing": cfg.spacing if cfg.spacing != "improved" else "leading",
         "steps_offset": cfg.steps_offset,
-        **({} if cfg.set_alpha_to_one else {"set_alpha_to_one": False}),  # DDIMScheduler's key
+        **({} if cfg.set_alpha_to_one is None else {"set_alpha_to_one": cfg.set_alpha_to_one}),
     }
 
 

@@ -24,7 +24,7 @@ from . import checkpoints, figures, images, io, ops
 from ._version import __version__
 from .devices import check_device
 from .precision import AUTO, MODES, Precision
-from .sampler import Sampler
+from .sampler import SAMPLERS, Sampler
 from .schedule import METHODS, SPACINGS, DiffusionConfig, check_steps
 
 SEED_LIMIT = 2**63  # seeds are ints in [0, 2**63): what a torch.Generator and a run's Philox seeds take
@@ -111,7 +111,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_sampling_options(p: argparse.ArgumentParser, steps_help: str, seed_help: str) -> None:
     """The reverse process: --steps, --sampler, --eta (DDIM's), --spacing, and the --seed of its noise."""
     p.add_argument("--steps", type=_steps, default=None, help=steps_help)
-    p.add_argument("--sampler", choices=METHODS, default="ddpm")
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="ddpm",
+        help="ddpm (ancestral), ddim, or a few-step solver equal to its diffusers scheduler"
+        " (dpmpp-2m, unipc, euler, ...: they need --steps)",
+    )
     p.add_argument("--eta", type=_eta, default=None, help="with --sampler ddim: DDIM eta (default 0)")
     p.add_argument(
         "--spacing",

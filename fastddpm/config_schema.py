@@ -147,11 +147,11 @@ DIFFUSION = {
     "clip_x0": Field("bool"),
     "spacing": Field("str", choices=("improved", "leading", "trailing", "linspace")),
     "steps_offset": Field("int", 0, MAX_TIMESTEPS),
-    "set_alpha_to_one": Field("bool"),
+    "set_alpha_to_one": Field("bool", optional=True),
 }
 # How a diffusion config respaces, for configs written before these keys existed: the
 # Improved-DDPM rule, as every fastddpm release before them sampled.
-DIFFUSION_DEFAULTS = {"spacing": "improved", "steps_offset": 0, "set_alpha_to_one": True}
+DIFFUSION_DEFAULTS = {"spacing": "improved", "steps_offset": 0, "set_alpha_to_one": None}
 
 TRAIN = {
     "data": Field("str"),

@@ -48,8 +48,9 @@ from .distributed import World
 from .io import atomic_write
 from .loop import NonFiniteSamplesError
 from .precision import DTYPES
-from .sampler import Sampler
-from .schedule import METHODS, check_eta, check_steps
+from .sampler import SAMPLERS, Sampler
+from .schedule import check_eta, check_steps
+from .solvers import SOLVERS
 
 MANIFEST = "run.json"
 SHARDS = "shards"
@@ -96,9 +97,11 @@ class RunSpec:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown sampling method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in SAMPLERS:
+            raise ValueError(f"unknown sampling method {self.method!r}; choose one of {', '.join(SAMPLERS)}")
         object.__setattr__(self, "steps", check_steps(self.steps))
+        if self.method in SOLVERS and not isinstance(self.steps, int):
+            raise ValueError(f"the {self.method} solver needs steps, an int; got {self.steps!r}")
         object.__setattr__(self, "eta", check_eta(self.eta, self.method))
 
     @property

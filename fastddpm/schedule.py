@@ -474,10 +474,12 @@ class DiffusionConfig:
     clip_x0: bool = True
     # Which timesteps a respaced sampler visits (SPACINGS): "improved" (Improved DDPM's rule, the
     # default of fastddpm's own checkpoints) or diffusers' timestep_spacing with its steps_offset
-    # (a diffusers folder's scheduler config); set_alpha_to_one: DDIM's final abar is 1, else abar_0.
+    # (a diffusers folder's scheduler config); set_alpha_to_one: the final abar of DDIM and PNDM is
+    # 1, else abar_0; None (a config without the key): each scheduler's default, DDIM's True and
+    # PNDM's False.
     spacing: str = "improved"
     steps_offset: int = 0
-    set_alpha_to_one: bool = True
+    set_alpha_to_one: bool | None = None
 
     def __post_init__(self) -> None:
         if self.variance not in VARIANCES:
@@ -543,6 +545,6 @@ def step_table(
     if isinstance(steps, int) and diffusion.spacing in DIFFUSERS_SPACINGS:
         return diffusers_step_table(
             schedule, steps, diffusion.spacing, diffusion.steps_offset, method, variance, eta,
-            diffusion.set_alpha_to_one, device,
+            diffusion.set_alpha_to_one is not False, device,
         )  # fmt: skip
     return schedule.respace(steps).step_table(method, variance, eta, device=device)

@@ -330,7 +330,9 @@ def test_bad_specs():
     with pytest.raises(ValueError, match="shard_size must be a positive int"):
         runs.RunSpec(n=1, shard_size=1.5, batch_size=1)
     with pytest.raises(ValueError, match="unknown sampling method"):
-        runs.RunSpec(n=1, shard_size=1, batch_size=1, method="euler")
+        runs.RunSpec(n=1, shard_size=1, batch_size=1, method="heun")
+    with pytest.raises(ValueError, match="the euler solver needs steps, an int"):
+        runs.RunSpec(n=1, shard_size=1, batch_size=1, method="euler", steps="ddim10")
     with pytest.raises(ValueError, match="eta applies to method 'ddim'"):
         runs.RunSpec(n=1, shard_size=1, batch_size=1, eta=0.5)
     for eta in (math.nan, math.inf, -1.0):

@@ -32,7 +32,7 @@ SCHEDULERS = {
     "dpmpp-2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "unipc-bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
-    "pndm": ("PNDMScheduler", {"set_alpha_to_one": True}),  # fastddpm's config default
+    "pndm": ("PNDMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
 }

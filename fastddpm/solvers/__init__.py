@@ -15,7 +15,7 @@
 config's timestep_spacing and steps_offset (a diffusers folder's scheduler config, as
 `Scheduler.from_config(pipe.scheduler.config)` takes them), or the scheduler's own default spacing
 where the config has Improved DDPM's ("improved", fastddpm's own checkpoints). PNDM's final abar
-follows the config's set_alpha_to_one. The solvers do not clip x0 (diffusers' do not, without
+follows the config's set_alpha_to_one (None, a config without the key: PNDMScheduler's False). The solvers do not clip x0 (diffusers' do not, without
 thresholding), unless asked to. `SolverSteps` (fastddpm.solvers.steps) runs a table.
 """
 
@@ -61,7 +61,7 @@ def solver_table(
         if steps < pndm.PNDM_ORDER:
             raise ValueError(f"the pndm solver needs at least {pndm.PNDM_ORDER} steps, got {steps}")
         timesteps = pndm_timesteps(T, steps, spacing, offset)
-        final_abar = 1.0 if diffusion.set_alpha_to_one else float(schedule.abar[0])
+        final_abar = 1.0 if diffusion.set_alpha_to_one is True else float(schedule.abar[0])
         return build(name, pndm.program(timesteps, schedule.abar, final_abar), device=device)
     if family == "euler":
         timesteps = euler_timesteps(T, steps, spacing, offset)
