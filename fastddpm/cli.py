@@ -120,6 +120,11 @@ def _add_sampling_options(p: argparse.ArgumentParser, steps_help: str, seed_help
     )
     p.add_argument("--eta", type=_eta, default=None, help="with --sampler ddim: DDIM eta (default 0)")
     p.add_argument(
+        "--clipped-model-output",
+        action="store_true",
+        help="with --sampler ddim: eps re-derived from the clipped x0 (diffusers' use_clipped_model_output)",
+    )
+    p.add_argument(
         "--spacing",
         choices=SPACINGS,
         default=None,
@@ -155,9 +160,14 @@ def _is_run_dir(out: str | None) -> bool:
 
 
 def _check_eta(args: argparse.Namespace) -> float:
-    """--eta's value (0 when not given); refused with a sampler other than ddim."""
-    if args.eta is not None and args.sampler != "ddim":
-        raise ValueError(f"--eta applies to --sampler ddim, not --sampler {args.sampler}")
+    """--eta's value (0 when not given); it and --clipped-model-output are refused with a sampler
+    other than ddim."""
+    for flag, given in (
+        ("--eta", args.eta is not None),
+        ("--clipped-model-output", args.clipped_model_output),
+    ):
+        if given and args.sampler != "ddim":
+            raise ValueError(f"{flag} applies to --sampler ddim, not --sampler {args.sampler}")
     return 0.0 if args.eta is None else args.eta
 
 
@@ -253,8 +263,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise ValueError(f"{model} is a full-step export: it takes its noise as an input; drop --noise")
         options["seed"] = options.pop("generator").initial_seed()
     if isinstance(sampler, Sampler):
-        options |= {"steps": args.steps, "method": args.sampler, "eta": eta}
-    elif args.steps is not None or args.sampler != "ddpm" or args.eta is not None or args.spacing:
+        options |= {
+            "steps": args.steps, "method": args.sampler, "eta": eta,
+            "use_clipped_model_output": args.clipped_model_output,
+        }  # fmt: skip
+    elif (
+        args.steps is not None
+        or args.sampler != "ddpm"
+        or args.eta is not None
+        or args.spacing
+        or args.clipped_model_output
+    ):
         raise ValueError(
             f"{model} is a full-step export: its steps and sampler were fixed when it was exported"
         )
@@ -323,6 +342,7 @@ def _sample_run(args: argparse.Namespace, sampler: Sampler) -> None:
         steps=args.steps,
         method=args.sampler,
         eta=_check_eta(args),
+        use_clipped_model_output=args.clipped_model_output,
     )
     world = distributed.init(args.device)
     try:
@@ -693,7 +713,10 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
         raise ValueError(f"--seeds takes two seeds A,B, got {len(seeds)}")
     if not all(0 <= seed < SEED_LIMIT for seed in seeds):
         raise ValueError(f"--seeds must be in [0, 2**63), got {','.join(map(str, seeds))}")
-    options = {"steps": args.steps, "method": args.sampler, "eta": _check_eta(args)}
+    options = {
+        "steps": args.steps, "method": args.sampler, "eta": _check_eta(args),
+        "use_clipped_model_output": args.clipped_model_output,
+    }  # fmt: skip
     check_device(args.device)
     if not args.out.lower().endswith(".png"):
         raise ValueError(f"--out takes a file name ending in .png, got {args.out!r}")

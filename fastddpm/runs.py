@@ -48,7 +48,7 @@ from .distributed import World
 from .io import atomic_write
 from .loop import NonFiniteSamplesError
 from .precision import DTYPES
-from .sampler import SAMPLERS, Sampler
+from .sampler import SAMPLERS, Sampler, check_clipped_model_output
 from .schedule import check_eta, check_steps
 from .solvers import SOLVERS
 
@@ -79,7 +79,7 @@ class RunSpec:
 
     n: images in all; shard_size: images per shard file; batch_size: images per network call
     (Philox offsets are per batch, so it changes the images); seed: the run seed; steps, method,
-    eta: as in Sampler.sample.
+    eta, use_clipped_model_output: as in Sampler.sample.
     """
 
     n: int
@@ -89,6 +89,7 @@ class RunSpec:
     steps: int | str | None = None
     method: str = "ddpm"
     eta: float = 0.0
+    use_clipped_model_output: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n", "shard_size", "batch_size"):
@@ -103,6 +104,7 @@ class RunSpec:
         if self.method in SOLVERS and not isinstance(self.steps, int):
             raise ValueError(f"the {self.method} solver needs steps, an int; got {self.steps!r}")
         object.__setattr__(self, "eta", check_eta(self.eta, self.method))
+        check_clipped_model_output(self.use_clipped_model_output, self.method)
 
     @property
     def num_shards(self) -> int:
@@ -450,6 +452,7 @@ def _sample_shard(sampler: Sampler, out_dir: Path, spec: RunSpec, identity: dict
             steps=spec.steps,
             method=spec.method,
             eta=spec.eta,
+            use_clipped_model_output=spec.use_clipped_model_output,
             batch_size=spec.batch_size,
             seed=identity["seed"],
             progress=False,

@@ -17,15 +17,24 @@ from . import loop
 from .graphs import GraphRunner
 from .loop import Denoiser, EagerSteps, StepCallback, StepStrategy
 from .precision import Precision
-from .schedule import METHODS, DiffusionConfig, StepTable, check_eta, step_table
+from .schedule import METHODS, DiffusionConfig, StepTable, check_eta, step_coefficients, step_table
 from .solver_table import SolverTable
 from .solvers import SOLVERS, solver_table
+from .solvers.ddim import ddim_eps_table
 from .solvers.steps import SolverSteps
 from .unet import UNet, UNetConfig
 
 __all__ = ["SAMPLERS", "Sampler", "TorchDenoiser"]
 
 SAMPLERS = (*METHODS, *SOLVERS)  # every `method` Sampler.sample takes
+
+
+def check_clipped_model_output(value: object, method: str) -> None:
+    """use_clipped_model_output: a bool, and True only with method 'ddim'; else a ValueError."""
+    if not isinstance(value, bool):
+        raise ValueError(f"use_clipped_model_output must be a bool, got {value!r}")
+    if value and method != "ddim":
+        raise ValueError(f"use_clipped_model_output applies to method 'ddim', not {method!r}")
 
 
 class TorchDenoiser:
@@ -149,10 +158,13 @@ class Sampler:
         eta: float = 0.0,
         variance: str | None = None,
         spacing: str | None = None,
+        model_eps: bool = False,
     ) -> StepTable | SolverTable:
         """The table for `steps` (None: all T; int or spacing string: respaced) on the denoiser's
         device; `spacing` (one of schedule.SPACINGS) overrides the diffusion config's. A solver
-        (fastddpm.solvers.SOLVERS) needs an int `steps` and takes no eta or variance."""
+        (fastddpm.solvers.SOLVERS) needs an int `steps` and takes no eta or variance.
+        model_eps (method ddim): DDIM with the network's eps in the direction term
+        (fastddpm.solvers.ddim), a SolverTable."""
         diffusion = self.diffusion if spacing is None else replace(self.diffusion, spacing=spacing)
         if method in SOLVERS:
             check_eta(eta, method)
@@ -161,6 +173,9 @@ class Sampler:
             return solver_table(method, diffusion, steps, self.denoiser.device)
         if method not in METHODS:
             raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(SAMPLERS)}")
+        if model_eps and method == "ddim":
+            coef = step_coefficients(diffusion, steps, method, eta, variance)
+            return ddim_eps_table(*coef, device=self.denoiser.device)
         return step_table(diffusion, steps, method, eta, variance, self.denoiser.device)
 
     def sample(
@@ -173,6 +188,7 @@ class Sampler:
         variance: str | None = None,
         spacing: str | None = None,
         clip_x0: bool | None = None,
+        use_clipped_model_output: bool = False,
         batch_size: int | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
@@ -191,6 +207,9 @@ class Sampler:
         solver of fastddpm.solvers (SOLVERS: "dpmpp-2m", "unipc", "euler", ...; an int `steps`,
         equal to that diffusers scheduler's steps, not clipping x0 unless clip_x0=True). variance,
         spacing ("improved", "leading", "trailing", "linspace"), clip_x0: override the config's.
+        use_clipped_model_output (method ddim, as diffusers' DDIMPipeline takes it): the direction
+        term uses eps re-derived from the clipped x0 (the fused DDPM step's form, graph-captured);
+        False (default, diffusers' default) keeps the network's eps (fastddpm.solvers.ddim).
         Noise: from `generator` (DDPMPipeline's order; default torch's global CPU generator) or
         from Philox `seed` (fastddpm.noise); not both. x_T: the starting noise (n, C, H, W), else
         drawn from that source. start_step: the step index i to start the reverse process
@@ -198,13 +217,15 @@ class Sampler:
         sample of q(x_t | x_0)). callback(i, t, x_t, x0_pred) runs every `callback_every`
         steps and at the last one.
         """
-        table = self.step_table(steps, method, eta, variance, spacing)
+        check_clipped_model_output(use_clipped_model_output, method)
+        if clip_x0 is None:  # diffusers' solvers do not clip x0 (without thresholding)
+            clip_x0 = False if method in SOLVERS else self.diffusion.clip_x0
+        model_eps = method == "ddim" and clip_x0 and not use_clipped_model_output
+        table = self.step_table(steps, method, eta, variance, spacing, model_eps=model_eps)
         device = self.denoiser.device
         self.precision.check_device(device)
         cfg = self.denoiser.config
         solver = isinstance(table, SolverTable)
-        if clip_x0 is None:  # diffusers' solvers do not clip x0 (without thresholding)
-            clip_x0 = False if solver else self.diffusion.clip_x0
         return loop.sample(
             SolverSteps(self.denoiser) if solver else self.strategy,
             table,

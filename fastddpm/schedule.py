@@ -334,7 +334,9 @@ class Schedule:
         eta: float = 0.0,
         device: torch.device | str = "cpu",
     ) -> StepTable:
-        return StepTable.from_float64(self.step_coefficients(kind, variance, eta), self.timesteps, device)
+        return StepTable.from_float64(
+            self.step_coefficients(kind, variance, eta), self.timesteps, device=device
+        )
 
 
 @dataclass(frozen=True)
@@ -356,13 +358,18 @@ class StepTable:
 
     @classmethod
     def from_float64(
-        cls, coef: np.ndarray, timesteps: np.ndarray, device: torch.device | str = "cpu"
+        cls,
+        coef: np.ndarray,
+        timesteps: np.ndarray,
+        final_draw: bool = False,
+        device: torch.device | str = "cpu",
     ) -> StepTable:
         """The table of float64 coef (S, NUM_COEFS) and timesteps (S,), cast once onto `device`."""
         return cls(
             coef=torch.tensor(coef, dtype=torch.float32, device=device),
             timesteps=torch.tensor(timesteps, dtype=torch.long, device=device),
             stochastic=bool(np.any(coef[:, SIGMA] > 0)),
+            final_draw=final_draw,
         )
 
     def __len__(self) -> int:
@@ -446,13 +453,29 @@ def diffusers_step_table(
     with that scheduler's `timestep_spacing` and `steps_offset` (`diffusers_timesteps`),
     `variance_type` (ddpm) and `eta` and `set_alpha_to_one` (ddim: the final abar is 1, else
     abar_0; `Schedule.pair_coefficients`), on `device`."""
+    coef, timesteps, final_draw = diffusers_step_coefficients(
+        schedule, steps, spacing, steps_offset, kind, variance, eta, set_alpha_to_one
+    )
+    return StepTable.from_float64(coef, timesteps, final_draw, device)
+
+
+def diffusers_step_coefficients(
+    schedule: Schedule,
+    steps: int,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    kind: str = "ddpm",
+    variance: str = "fixedlarge",
+    eta: float = 0.0,
+    set_alpha_to_one: bool = True,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """`diffusers_step_table`'s float64 coefficients (S, NUM_COEFS), timesteps (S,) and final_draw."""
     timesteps = diffusers_timesteps(len(schedule), steps, spacing, steps_offset)
     prev = previous_timesteps(timesteps, kind, len(schedule))
     final_abar = 1.0 if kind == "ddpm" or set_alpha_to_one else float(schedule.abar[0])
     coef = schedule.pair_coefficients(timesteps, prev, kind, variance, eta, final_abar)
-    table = StepTable.from_float64(coef, timesteps, device)
-    final_draw = table.stochastic and (timesteps[0] > 0 if kind == "ddpm" else eta > 0)
-    return replace(table, final_draw=bool(final_draw))
+    stochastic = bool(np.any(coef[:, SIGMA] > 0))
+    return coef, timesteps, stochastic and bool(timesteps[0] > 0 if kind == "ddpm" else eta > 0)
 
 
 # --- The diffusion a model was trained with, and the step table a sampler runs -----------------
@@ -534,17 +557,28 @@ def step_table(
     `device`. An int S respaces by the config's spacing: Improved DDPM's rule, or diffusers'
     scheduler's (`diffusers_step_table`); a string ("10,20", "ddim50") is always Improved DDPM's.
     ValueError naming a bad argument."""
+    return StepTable.from_float64(*step_coefficients(diffusion, steps, method, eta, variance), device)
+
+
+def step_coefficients(
+    diffusion: DiffusionConfig,
+    steps: int | str | None = None,
+    method: str = "ddpm",
+    eta: float = 0.0,
+    variance: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """`step_table`'s float64 coefficients (S, NUM_COEFS), timesteps (S,) and final_draw."""
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
     steps = check_steps(steps)
     eta = check_eta(eta, method)
     variance = variance or diffusion.variance
     schedule = diffusion.schedule()
-    if steps is None or steps == len(schedule):
-        return schedule.step_table(method, variance, eta, device=device)
-    if isinstance(steps, int) and diffusion.spacing in DIFFUSERS_SPACINGS:
-        return diffusers_step_table(
+    if isinstance(steps, int) and steps != len(schedule) and diffusion.spacing in DIFFUSERS_SPACINGS:
+        return diffusers_step_coefficients(
             schedule, steps, diffusion.spacing, diffusion.steps_offset, method, variance, eta,
-            diffusion.set_alpha_to_one is not False, device,
+            diffusion.set_alpha_to_one is not False,
         )  # fmt: skip
-    return schedule.respace(steps).step_table(method, variance, eta, device=device)
+    if steps is not None and steps != len(schedule):
+        schedule = schedule.respace(steps)
+    return schedule.step_coefficients(method, variance, eta), schedule.timesteps, False

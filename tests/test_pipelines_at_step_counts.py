@@ -1,6 +1,7 @@
 """A diffusers folder samples as its pipelines do at every step count: `fastddpm.load(folder)
 .sample(n, steps=S, generator=g)` against DDPMPipeline(num_inference_steps=S) and DDIMPipeline
-(use_clipped_model_output=True) from the same seed, on a tiny random network with T = 1000.
+(with its default use_clipped_model_output=False, and True) from the same seed, on a tiny random
+network with T = 1000.
 
 Bound 1e-4 in [0, 1] pixels: diffusers' float32 tables lose about that much per step at short
 steps (tests/test_scheduler_step.py measures 1.8e-4 on a step's raw output), fastddpm's are cast
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import fastddpm
+from fastddpm import reference
 
 from .conftest import TINY_DIFFUSERS_UNET, reference_json, require_diffusers, write_diffusers_folder
 
@@ -58,9 +60,16 @@ def test_ddpm_equals_ddpm_pipeline_at_every_step_count(tiny_1000, S):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("S", "clipped"), [*((S, True) for S in STEP_COUNTS), (10, False)], ids=lambda v: str(v)
+)
 @pytest.mark.parametrize("eta", [0.0, 0.5])
-@pytest.mark.parametrize("S", STEP_COUNTS)
-def test_ddim_equals_ddim_pipeline_with_clipped_model_output(tiny_1000, S, eta):
+def test_ddim_equals_ddim_pipeline(tiny_1000, S, eta, clipped):
+    """DDIMPipeline's default keeps the network's eps in the direction term (clipped False); with
+    use_clipped_model_output=True it re-derives eps from the clipped x0. Clip on, as the config.
+    The default form is chaotic on this random network: diffusers against itself with x_T moved
+    by 1e-6 differs by 5e-5 at 10 steps and by 0.17 at 50, so whole chains are compared at 10
+    steps; every step at every S is compared below."""
     folder, model = tiny_1000
     pipe = diffusers.DDIMPipeline(unet=model, scheduler=diffusers.DDIMScheduler.from_pretrained(folder))
     pipe.set_progress_bar_config(disable=True)
@@ -70,14 +79,38 @@ def test_ddim_equals_ddim_pipeline_with_clipped_model_output(tiny_1000, S, eta):
         generator=g,
         eta=eta,
         num_inference_steps=S,
-        use_clipped_model_output=True,
+        use_clipped_model_output=clipped,
         output_type="np",
     ).images
     sampler = fastddpm.load(folder)
     ours = sampler.sample(
-        2, steps=S, method="ddim", eta=eta, generator=torch.Generator().manual_seed(6), progress=False
-    )
+        2, steps=S, method="ddim", eta=eta, use_clipped_model_output=clipped,
+        generator=torch.Generator().manual_seed(6), progress=False,
+    )  # fmt: skip
     assert np.abs(pixels(ours) - theirs).max() <= BOUND
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("S", STEP_COUNTS)
+@torch.no_grad()
+def test_ddim_default_form_takes_every_step_as_the_scheduler(tiny_1000, S, eta):
+    """DDIMScheduler's default step (use_clipped_model_output=False) from its own x_t, with the
+    network's eps and the same z, at every step of S: fastddpm's step equals it within 1e-5."""
+    folder, model = tiny_1000
+    scheduler = diffusers.DDIMScheduler.from_pretrained(folder)
+    scheduler.set_timesteps(S)
+    table = fastddpm.load(folder).step_table(S, "ddim", eta, model_eps=True)
+    history = torch.zeros(table.num_slots, 2, 3, 16, 16)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    for k, t in enumerate(scheduler.timesteps):
+        eps = model(x, t).sample
+        z = torch.randn(x.shape, generator=g)
+        theirs = scheduler.step(eps, t, x, eta=eta, variance_noise=z).prev_sample
+        ours = reference.multistep_update(x, eps, history, S - 1 - k, table, noise=z, clip_x0=True)
+        assert float((ours - theirs).abs().max()) <= 1e-5 * max(1.0, float(theirs.abs().max())), k
+        x = theirs
 
 
 @pytest.mark.parametrize(

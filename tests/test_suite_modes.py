@@ -86,8 +86,13 @@ def test_a_missing_diffusers_fails_the_run(tmp_path):
     assert not out.startswith("rc=0"), out[-3000:]
     assert "the tests need diffusers" in out
     skipped = pytest_run(
-        tmp_path, "-q", "-rs", "tests/test_scheduler_step.py", "tests/test_schedule.py",
-        hide_diffusers=True, **{WITHOUT: "1"},
+        tmp_path,
+        "-q",
+        "-rs",
+        "tests/test_scheduler_step.py",
+        "tests/test_schedule.py",
+        hide_diffusers=True,
+        **{WITHOUT: "1"},
     )
     assert skipped.startswith("rc=0") and "diffusers is not installed" in skipped, skipped[-3000:]
 
@@ -111,8 +116,14 @@ def test_triton_interprets_only_without_a_gpu(tmp_path, fake_gpu, env, mode):
 def test_fastddpm_benchmark_rows_run_without_diffusers(tmp_path):
     """fastddpm's own end-to-end rows need no diffusers; diffusers' rows skip, saying why."""
     out = pytest_run(
-        tmp_path, "-q", "-rs", "--benchmark-disable", "benchmarks/test_e2e.py",
-        "-k", "cpu and cifar10-b1 and (diffusers or fp32-cl0)", hide_diffusers=True,
+        tmp_path,
+        "-q",
+        "-rs",
+        "--benchmark-disable",
+        "benchmarks/test_e2e.py",
+        "-k",
+        "cpu and cifar10-b1 and (diffusers or fp32-cl0)",
+        hide_diffusers=True,
     )
     assert out.startswith("rc=0"), out[-3000:]
     assert "1 passed, 1 skipped" in out and "diffusers is not installed" in out, out[-3000:]

@@ -15,8 +15,9 @@
 config's timestep_spacing and steps_offset (a diffusers folder's scheduler config, as
 `Scheduler.from_config(pipe.scheduler.config)` takes them), or the scheduler's own default spacing
 where the config has Improved DDPM's ("improved", fastddpm's own checkpoints). PNDM's final abar
-follows the config's set_alpha_to_one (None, a config without the key: PNDMScheduler's False). The solvers do not clip x0 (diffusers' do not, without
-thresholding), unless asked to. `SolverSteps` (fastddpm.solvers.steps) runs a table.
+follows the config's set_alpha_to_one (None, a config without the key: PNDMScheduler's False).
+The solvers do not clip x0 (diffusers' do not, without thresholding), unless asked to.
+`SolverSteps` (fastddpm.solvers.steps) runs a table.
 """
 
 from __future__ import annotations
