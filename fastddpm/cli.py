@@ -725,7 +725,7 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
     sampler = _load(args, str(args.model or checkpoints.DEFAULT_MODEL))
     sampler.unet.to(args.device)
     for t in args.t:  # check the options before drawing any source
-        figures.start_step(sampler, t, args.steps)
+        figures.start_step(sampler, t, args.steps, args.sampler)
     cfg = sampler.unet.config
     columns = len(lambdas) + (0 if args.no_sources else 2)
     images.grid_size(

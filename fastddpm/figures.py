@@ -150,10 +150,10 @@ def encode(x0: torch.Tensor, t: int, eps: torch.Tensor, schedule: Schedule) -> t
     return math.sqrt(abar) * x0.float() + math.sqrt(1.0 - abar) * eps.float()
 
 
-def start_step(sampler: Sampler, t: int, steps: int | str | None = None) -> int:
-    """The step index i at which `sampler` with `steps` (as in Sampler.sample) decodes x_t:
-    the one whose timestep is t; t must be one the sampler visits."""
-    sampled = sampler.step_table(steps).timesteps.tolist()
+def start_step(sampler: Sampler, t: int, steps: int | str | None = None, method: str = "ddpm") -> int:
+    """The step index i at which `sampler` with `steps` and `method` (as in Sampler.sample)
+    decodes x_t: the one whose timestep is t; t must be one the sampler visits."""
+    sampled = sampler.step_table(steps, method).timesteps.tolist()
     if t not in sampled:
         raise ValueError(
             f"t = {t} is not among the {len(sampled)} timesteps the sampler visits ({_summary(sampled)})"
@@ -187,13 +187,15 @@ def interpolate(
     steps: int | str | None = None,
     method: str = "ddpm",
     eta: float = 0.0,
+    use_clipped_model_output: bool = False,
     progress: bool = False,
 ) -> torch.Tensor:
     """Decoded interpolations (L, C, H, W) in [-1, 1] between images x0 and x0_prime (C, H, W).
 
     Both are encoded to x_t, x_t' with the same eps; each xbar_t = (1 - lambda) x_t + lambda x_t'
-    is decoded by the reverse process from t to 0 (`steps`, `method`, `eta` as in
-    Sampler.sample; t must be a timestep those steps visit). eps and the reverse process's noise
+    is decoded by the reverse process from t to 0 (`steps`, `method`, `eta`,
+    `use_clipped_model_output` as in Sampler.sample; t must be a timestep those steps visit; a
+    solver that keeps history cannot start there). eps and the reverse process's noise
     come from torch.Generator().manual_seed(seed); every lambda is decoded with the same noise
     (the generator restarts from one state), so the row varies with lambda alone, and lambda = 0
     and 1 give exactly the decodings of x_t and x_t'. progress: a progress bar per lambda.
@@ -203,9 +205,9 @@ def interpolate(
     for name, x in (("x0", x0), ("x0_prime", x0_prime)):
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} must have the model's image shape {shape}, got {tuple(x.shape)}")
-    first = start_step(sampler, t, steps)
+    first = start_step(sampler, t, steps, method)
     weights = lambdas_from(lambdas)
-    device = sampler.step_table(steps, method, eta).coef.device
+    device = sampler.denoiser.device
     generator = torch.Generator().manual_seed(seed)
     eps = randn((1, *shape), generator, device)
     schedule = sampler.diffusion.schedule()
@@ -224,6 +226,7 @@ def interpolate(
                 steps=steps,
                 method=method,
                 eta=eta,
+                use_clipped_model_output=use_clipped_model_output,
                 generator=generator,
                 progress=progress,
             )

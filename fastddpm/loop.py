@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -153,16 +152,13 @@ def sample(
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     if start_step is not None:
-        if isinstance(table, SolverTable):
-            raise ValueError(f"start_step: the {table.name} solver starts at its first step only")
         if x_T is None:
             raise ValueError("start_step needs x_T: the x_t to start the reverse process from")
         S = len(table)
         if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step < S:
             raise ValueError(f"start_step must be an int in [0, {S - 1}], got {start_step!r}")
         # Steps start_step..0 keep their rows: the loop over the shortened table is the chain's tail.
-        keep = slice(start_step + 1)
-        table = replace(table, coef=table.coef[keep], timesteps=table.timesteps[keep])
+        table = table.head(start_step + 1)
     x0_of = solver_x0 if isinstance(table, SolverTable) else predict_x0
     shape = (n, *image_shape)
     if x_T is not None and tuple(x_T.shape) != shape:

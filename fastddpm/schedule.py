@@ -378,6 +378,10 @@ class StepTable:
     def to(self, device: torch.device | str) -> StepTable:
         return replace(self, coef=self.coef.to(device), timesteps=self.timesteps.to(device))
 
+    def head(self, n: int) -> StepTable:
+        """Step indices 0..n-1: the chain's tail from step n-1."""
+        return replace(self, coef=self.coef[:n], timesteps=self.timesteps[:n])
+
 
 # --- diffusers' timestep spacing ----------------------------------------------------------------
 # "improved" is the Improved-DDPM rule of `space_timesteps` (`Schedule.respace`); the others are

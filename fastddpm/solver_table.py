@@ -93,6 +93,24 @@ class SolverTable:
     def num_slots(self) -> int:
         return self.weights.shape[2] - NUM_INPUTS
 
+    def head(self, n: int) -> SolverTable:
+        """Step indices 0..n-1: the chain's tail from step n-1, starting from an x_t of the
+        variance-preserving form (scaled by 1 / input_scale[n - 1] into the solver's). A solver
+        that keeps history (num_slots > 0) has no tail: ValueError."""
+        if self.num_slots:
+            raise ValueError(
+                f"start_step: the {self.name} solver keeps history, so it starts at its first step only"
+            )
+        rows = slice(n)
+        return replace(
+            self,
+            weights=self.weights[rows],
+            dest=self.dest[rows],
+            timesteps=self.timesteps[rows],
+            input_scale=self.input_scale[rows],
+            init_scale=1.0 / float(self.input_scale[n - 1]),
+        )
+
     def to(self, device: torch.device | str) -> SolverTable:
         return replace(
             self,

@@ -25,8 +25,8 @@ T = 30
 CONFIGS = {
     "ddpm": {},
     "respaced": {"steps": 7},
-    "ddim": {"steps": 6, "method": "ddim"},
-    "ddim-eta": {"steps": 6, "method": "ddim", "eta": 0.7},
+    "ddim": {"steps": 6, "method": "ddim", "use_clipped_model_output": True},  # the fused form
+    "ddim-eta": {"steps": 6, "method": "ddim", "eta": 0.7, "use_clipped_model_output": True},
     "one-step": {"steps": 1},  # the warm-up must not step past i = 0
 }
 

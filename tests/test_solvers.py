@@ -130,6 +130,7 @@ def test_history_slots_are_few():
         ({"method": "euler", "steps": 10, "variance": "fixedsmall"}, "variance applies to methods"),
         ({"method": "pndm", "steps": 3}, "the pndm solver needs at least 4 steps"),
         ({"method": "dpmpp-2m", "steps": 2000}, "steps must be an int in [1, 1000]"),
+        ({"method": "dpmpp-2m", "steps": 1000, "spacing": "linspace"}, "visits a timestep twice"),
         ({"method": "dpmpp-2m", "steps": 10, "spacing": "sideways"}, "spacing"),
     ],
 )

@@ -75,6 +75,11 @@ def solver_table(
             device=device,
         )
     timesteps = multistep_timesteps(T, steps, spacing, offset)
+    if len(np.unique(timesteps)) < len(timesteps):  # diffusers' step divides by zero there
+        raise ValueError(
+            f"the {name} solver's {spacing} spacing visits a timestep twice at {steps} of {T} steps;"
+            " take fewer steps or another spacing"
+        )
     sigmas = _with_final_zero(sigmas_at(schedule, timesteps))
     solver = dpmsolver if family == "dpmsolver" else unipc
     program = solver.program(timesteps, sigmas, **options)
