@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 
 import fastddpm  # noqa: E402
-from fastddpm import cases, kernels, ops  # noqa: E402
+from fastddpm import kernels, ops  # noqa: E402
 from fastddpm.schedule import Schedule  # noqa: E402
 
 from .conftest import tiny_unet as conftest_tiny_unet  # noqa: E402
@@ -53,7 +53,9 @@ def test_inputs_the_kernels_cannot_take_raise_value_errors(monkeypatch):
     with a one-line error naming the op and the tensor; so is attention without keys."""
     from fastddpm.kernels import _common
 
-    norm, attention, step = (ops.backend_op("triton", op) for op in cases.OPS)
+    norm, attention, step = (
+        ops.backend_op("triton", op) for op in ("group_norm_silu", "attention", "ddpm_step")
+    )
     monkeypatch.setattr(_common, "INTERPRET", False)
     cpu = torch.device("cpu")
     x = torch.empty(1, 8, 4, 4, device=cpu)
