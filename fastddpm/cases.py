@@ -45,6 +45,7 @@ STEP_VARIANTS = ("noise", "seed")  # z passed in, or drawn in the kernel from Ph
 # multistep_update: z passed in at a step that swaps two slots (each read and written), no clip; z
 # from Philox at a step that keeps one row (dest -1 for the other), D clipped.
 MULTISTEP_VARIANTS = ("noise", "seed+clip")
+MULTISTEP_STEP = {"noise": 0, "seed+clip": 1}  # each variant's step index into solver_table()
 
 
 @dataclass(frozen=True)
@@ -166,9 +167,10 @@ def make_inputs(case: Case, device: torch.device) -> tuple[tuple, dict]:
         table = solver_table(device)
         x, eps = randn(*case.shape, scale=1.5), randn(*case.shape)
         history = randn(table.num_slots, *case.shape)
+        i = MULTISTEP_STEP[case.variant]
         if case.variant == "noise":
-            return (x, eps, history, 0, table), {"noise": randn(*case.shape)}
-        return (x, eps, history, 1, table), {"seed": 1234, "offset": 5, "clip_x0": True}
+            return (x, eps, history, i, table), {"noise": randn(*case.shape)}
+        return (x, eps, history, i, table), {"seed": 1234, "offset": 5, "clip_x0": True}
     table = cifar10_table(device)
     x_t, eps = (randn(*case.shape, scale=s).to(case.dtype).contiguous(memory_format=fmt) for s in (1.5, 1.0))
     i = len(table) // 2

@@ -308,3 +308,22 @@ def test_step_in_a_cuda_graph_replays_with_a_new_index(backend):
         ref_out, ref_history = reference_step(x, eps, before, step, tab, seed=11, offset=4)
         assert_within_tolerance(captured, ref_out, "multistep_update", torch.float32)
         assert_within_tolerance(live, ref_history, "multistep_update", torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_compile_fullgraph_traces_the_step_and_keeps_its_writes(backend):
+    """torch.compile(fullgraph=True) keeps the Triton step in one graph (its custom op declares that
+    it writes history), and the compiled step writes the slots as the eager one does. (The
+    reference reads dest on the host, so it breaks a full graph.)"""
+    tab = random_table(3, backend.device)
+    x, eps, history, noise = tensors(backend, 3, seed=10)
+
+    def step(x, eps, history):
+        return backend.multistep_update(x, eps, history, 0, tab, noise=noise) * 2.0
+
+    torch._dynamo.reset()
+    eager, compiled = history.clone(), history.clone()
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(x, eps, compiled)
+    torch._dynamo.reset()
+    assert torch.equal(out, step(x, eps, eager)) and torch.equal(compiled, eager)
+    assert not torch.equal(compiled, history)
