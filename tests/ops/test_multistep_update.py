@@ -29,6 +29,8 @@ from .tolerance import assert_within_tolerance
 FUSED = ["triton", "cuda"]
 NOISE_BOUND = tolerance("ddpm_step", torch.float32)  # in-kernel z against reference.philox_normal
 SHAPE = (2, 3, 5, 7)  # 210 elements: the last Philox group of the flat tensor is partial
+SHAPES = [SHAPE, (2, 3, 4, 4)]  # CUDA: one element per thread; 16-byte vectors
+SHAPE_IDS = ["elementwise", "vectors"]
 DESTS = {  # M: dest (S, 2) of a 4-step table
     0: [[-1, -1]] * 4,
     1: [[0, -1], [-1, 0], [-1, -1], [0, -1]],
@@ -96,9 +98,10 @@ def check(b, x, eps, history, i, tab, **kwargs):
 @pytest.mark.parametrize("clip_x0", [False, True], ids=["direct", "clip"])
 @pytest.mark.parametrize("noise_from", ["tensor", "seed"])
 @pytest.mark.parametrize("index", ["int", "tensor"])
-def test_equals_reference(backend, num_slots, clip_x0, noise_from, index):
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_equals_reference(backend, num_slots, clip_x0, noise_from, index, shape):
     tab = random_table(num_slots, backend.device)
-    x, eps, history, noise = tensors(backend, num_slots)
+    x, eps, history, noise = tensors(backend, num_slots, shape)
     for i in range(len(tab)):
         step = torch.tensor(i, device=backend.device) if index == "tensor" else i
         check(backend, x, eps, history, step, tab, clip_x0=clip_x0, **noise_kwargs(noise_from, noise))
@@ -139,7 +142,7 @@ def test_step_index_tensor_equals_int_bit_for_bit(backend):
 
 @pytest.mark.parametrize("backend", ["cuda"], indirect=True)
 @pytest.mark.parametrize("num_slots", [0, 3])
-@pytest.mark.parametrize("shape", [SHAPE, (2, 3, 4, 4)], ids=["elementwise", "vectors"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_cuda_equals_the_reference_bit_for_bit_with_z_given(backend, num_slots, shape):
     """The CUDA kernel sums each row column by column without fused multiply-adds, as the
     reference does: with z passed in, x_next and the slots are the reference's exactly."""
@@ -154,7 +157,8 @@ def test_cuda_equals_the_reference_bit_for_bit_with_z_given(backend, num_slots, 
 
 
 @pytest.mark.parametrize("backend", FUSED, indirect=True)
-def test_unweighted_slots_and_noise_are_not_read(backend):
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_unweighted_slots_and_noise_are_not_read(backend, shape):
     """A slot no row weighs, and z where no row weighs it, are never loaded: NaN there leaves the
     step finite (the reference's 0 * NaN would not be), equal to the step with those inputs 0."""
     weights = np.random.default_rng(4).uniform(-1.0, 1.0, (2, NUM_ROWS, NUM_INPUTS + 3))
@@ -162,7 +166,7 @@ def test_unweighted_slots_and_noise_are_not_read(backend):
     weights[:, :, NUM_INPUTS + 1] = 0.0  # slot 1: never weighed
     weights[1, :, COL_Z] = 0.0  # step 1 adds no noise
     tab = table_from(weights, [[0, 2], [2, 1]], backend.device)
-    x, eps, history, noise = tensors(backend, 3, seed=5)
+    x, eps, history, noise = tensors(backend, 3, shape, seed=5)
     poisoned = history.clone()
     poisoned[1] = float("nan")
     zeroed = history.clone()
@@ -181,11 +185,12 @@ def test_unweighted_slots_and_noise_are_not_read(backend):
 
 @pytest.mark.parametrize("backend", FUSED, indirect=True)
 @pytest.mark.parametrize("i", [4, -1, 2**40], ids=["past-end", "negative", "far"])
-def test_step_index_outside_the_table_gives_nan_and_writes_nothing(backend, i):
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_step_index_outside_the_table_gives_nan_and_writes_nothing(backend, i, shape):
     """A device step index cannot be range-checked without a host sync (fastddpm.ops checks a CPU
     one, so this calls the backend's op itself): x_next is all NaN and no slot is written."""
     tab = random_table(3, backend.device)
-    x, eps, history, noise = tensors(backend, 3, seed=6)
+    x, eps, history, noise = tensors(backend, 3, shape, seed=6)
     for kw in ({"noise": noise}, {"seed": 1}):
         mine = history.clone()
         out = backend.unchecked("multistep_update")(
