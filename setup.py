@@ -25,7 +25,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastddpm" / "_version.p
 # FASTDDPM_BUILD_JOBS caps ninja's parallel jobs.
 
 CSRC = ROOT / "csrc"
-CUDA_SOURCES = ("library.cu", "group_norm_silu.cu", "attention.cu", "ddpm_step.cu")
+CUDA_SOURCES = ("library.cu", "group_norm_silu.cu", "attention.cu", "ddpm_step.cu", "multistep_update.cu")
 CUDA_LIBRARY = ROOT / "fastddpm" / "_lib" / "libfastddpm_cuda.so"
 CUDA_BUILD_DIR = ROOT / "build" / "cuda"  # kept between builds: ninja recompiles what changed
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"

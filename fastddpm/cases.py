@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import reference
@@ -24,14 +25,27 @@ from .backends import backend_op
 from .precision import Precision
 from .reference import memory_format_of
 from .schedule import Schedule, StepTable
+from .solver_table import COL_EPS, COL_X, NUM_INPUTS, NUM_ROWS, ROW_D, SolverTable
 
-OPS = ("group_norm_silu", "attention", "ddpm_step")
+OPS = ("group_norm_silu", "attention", "ddpm_step", "multistep_update")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # DESIGN.md, "Equal means"
 STEP_FP32_TOLERANCE = 1e-5
+# multistep_update: each output is a float32 dot product of at most K = NUM_INPUTS + M terms (M = 3
+# slots in the cases and tests: K = 7) summed in another order, with fused multiply-adds, than the
+# reference sums it. Either sum is within K * 2^-24 * sum_c |w_c v_c| of the exact one (Higham,
+# "Accuracy and Stability of Numerical Algorithms", 3.1); with the cases' |w| <= 1 and inputs of
+# std <= 1.5 (|v| < 8 over a few thousand elements, so |D| < 16 unclipped) sum_c |w_c v_c| < 70,
+# and the two sums differ by at most 2 * 7 * 6e-8 * 70 ~ 6e-5: the contract's float32 bound, 1e-4,
+# holds with margin where ddpm_step's two-term 1e-5 need not.
+MULTISTEP_FP32_TOLERANCE = 1e-4
 SEED = 20200619  # every case draws its inputs from its own generator, seeded with this
 NORM_VARIANTS = ("add+silu", "plain")  # the ResBlock's norm, and the norm in front of attention
 STEP_VARIANTS = ("noise", "seed")  # z passed in, or drawn in the kernel from Philox (seed, offset)
+# multistep_update: z passed in at a step that swaps two slots (each read and written), no clip; z
+# from Philox at a step that keeps one row (dest -1 for the other), D clipped.
+MULTISTEP_VARIANTS = ("noise", "seed+clip")
+MULTISTEP_STEP = {"noise": 0, "seed+clip": 1}  # each variant's step index into solver_table()
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,11 @@ class Outcome:
 
 def tolerance(op: str, dtype: torch.dtype) -> float:
     """DESIGN.md's bound on `max_error` for `op` in `dtype`."""
-    return STEP_FP32_TOLERANCE if op == "ddpm_step" and dtype == torch.float32 else TOLERANCE[dtype]
+    if dtype == torch.float32 and op == "ddpm_step":
+        return STEP_FP32_TOLERANCE
+    if dtype == torch.float32 and op == "multistep_update":
+        return MULTISTEP_FP32_TOLERANCE
+    return TOLERANCE[dtype]
 
 
 def max_error(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
@@ -91,6 +109,10 @@ def small_cases(op: str, dtype: torch.dtype, channels_last: bool = False, head_d
         return [Case(op, (2, 64, 4, 4), dtype, channels_last, v, 32) for v in NORM_VARIANTS]
     if op == "attention":
         return [Case(op, (1, 2, 32, head_dim), dtype)]
+    if op == "multistep_update":  # float32 and contiguous only: fastddpm.ops refuses the rest
+        if dtype != torch.float32 or channels_last:
+            return []
+        return [Case(op, (2, 3, 8, 8), dtype, False, v) for v in MULTISTEP_VARIANTS]
     return [Case(op, (2, 3, 8, 8), dtype, channels_last, v) for v in STEP_VARIANTS]
 
 
@@ -102,6 +124,24 @@ def cifar10_table(device: torch.device) -> StepTable:
     if device not in _CIFAR10_TABLES:
         _CIFAR10_TABLES[device] = Schedule.from_name().step_table(device=device)
     return _CIFAR10_TABLES[device]
+
+
+_SOLVER_TABLES: dict[torch.device, SolverTable] = {}
+SOLVER_DEST = [[1, 0], [-1, 2], [2, -1]]  # step 0 swaps slots 0 and 1; steps 1, 2 keep one row
+
+
+def solver_table(device: torch.device) -> SolverTable:
+    """A stochastic 3-step table with 3 history slots, weights uniform in [-1, 1] drawn from SEED
+    (row D over x and eps only, as the reference reads it), on device."""
+    if device not in _SOLVER_TABLES:
+        S, M = len(SOLVER_DEST), 3
+        weights = np.random.default_rng(SEED).uniform(-1.0, 1.0, (S, NUM_ROWS, NUM_INPUTS + M))
+        weights[:, ROW_D] = 0.0
+        weights[:, ROW_D, [COL_X, COL_EPS]] = [1.2, -0.6]
+        _SOLVER_TABLES[device] = SolverTable.from_float64(
+            "case", weights, np.array(SOLVER_DEST), np.arange(S), np.ones(S), 1.0, False, device
+        )
+    return _SOLVER_TABLES[device]
 
 
 def make_inputs(case: Case, device: torch.device) -> tuple[tuple, dict]:
@@ -123,6 +163,14 @@ def make_inputs(case: Case, device: torch.device) -> tuple[tuple, dict]:
         B, H, L, D = case.shape
         q, k, v = (randn(B, L, H, D).to(case.dtype).transpose(1, 2) for _ in range(3))
         return (q, k, v, None), {}
+    if case.op == "multistep_update":
+        table = solver_table(device)
+        x, eps = randn(*case.shape, scale=1.5), randn(*case.shape)
+        history = randn(table.num_slots, *case.shape)
+        i = MULTISTEP_STEP[case.variant]
+        if case.variant == "noise":
+            return (x, eps, history, i, table), {"noise": randn(*case.shape)}
+        return (x, eps, history, i, table), {"seed": 1234, "offset": 5, "clip_x0": True}
     table = cifar10_table(device)
     x_t, eps = (randn(*case.shape, scale=s).to(case.dtype).contiguous(memory_format=fmt) for s in (1.5, 1.0))
     i = len(table) // 2
@@ -146,11 +194,24 @@ def plain(device: torch.device) -> Iterator[None]:
         yield
 
 
+def result(op: str, fn: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+    """fn(*args, **kwargs), `op`'s function on a backend; for multistep_update, which writes its
+    history slots, x_next stacked on the slots as it left them, (1 + M, N, C, H, W), from a copy
+    of the history (the inputs serve the reference and the backend alike)."""
+    if op != "multistep_update":
+        return fn(*args, **kwargs)
+    x, eps, history, *rest = args
+    history = history.clone()
+    return torch.cat([fn(x, eps, history, *rest, **kwargs)[None], history])
+
+
 def reference_output(case: Case, inputs: tuple[tuple, dict], device: torch.device) -> torch.Tensor:
-    """fastddpm.reference's output for `case`, in float32 on float32 copies of the inputs."""
+    """fastddpm.reference's output for `case` (see `result`), in float32 on float32 copies of the
+    inputs."""
     args, kwargs = inputs
     with plain(device):
-        return getattr(reference, case.op)(*map(_fp32, args), **{k: _fp32(v) for k, v in kwargs.items()})
+        fn = getattr(reference, case.op)
+        return result(case.op, fn, tuple(map(_fp32, args)), {k: _fp32(v) for k, v in kwargs.items()})
 
 
 def compare(case: Case, backend: str, inputs: tuple[tuple, dict], ref: torch.Tensor) -> Outcome:
@@ -160,7 +221,7 @@ def compare(case: Case, backend: str, inputs: tuple[tuple, dict], ref: torch.Ten
     device = args[0].device
     try:
         with plain(device):
-            out = backend_op(backend, case.op)(*args, **kwargs)
+            out = result(case.op, backend_op(backend, case.op), args, kwargs)
     except Exception as err:  # a backend that raises fails the case, and the report says why
         why = error_line(err)
         return Outcome(None, tol, False, why, refused=isinstance(err, ValueError))

@@ -44,7 +44,10 @@ from ._version import __version__
 from .backends import backend_op
 from .cases import (
     DTYPES,
+    MULTISTEP_STEP,
+    MULTISTEP_VARIANTS,
     NORM_VARIANTS,
+    SOLVER_DEST,
     STEP_VARIANTS,
     Case,
     cifar10_table,
@@ -62,11 +65,13 @@ GPU_SHAPES = {
     "group_norm_silu": [((256, 128, 32, 32), 32)],  # CIFAR10's first level at batch 256
     "attention": [(256, 1, 256, 256), (8, 1, 256, 512), (256, 32, 256, 8)],
     "ddpm_step": [(256, 3, 32, 32)],
+    "multistep_update": [(256, 3, 32, 32)],
 }
 CPU_SHAPES = {
     "group_norm_silu": [((1, 32, 8, 8), 8)],
     "attention": [(1, 1, 16, 256), (1, 1, 16, 512), (1, 4, 16, 8)],  # heads: 4 stand for 32 here
     "ddpm_step": [(2, 3, 8, 8)],
+    "multistep_update": [(2, 3, 8, 8)],
 }
 UNET_RUNS = {"cuda": ("cifar10", (1, 256)), "cpu": ("tiny", (1,))}  # preset, batch sizes
 GPU_REPS, CPU_REPS = 10, 3
@@ -90,6 +95,8 @@ def cases(device: torch.device) -> list[Case]:
         out += [Case("attention", shape, dtype) for shape in shapes["attention"]]
     for shape in shapes["ddpm_step"]:
         out += [Case("ddpm_step", shape, torch.float32, variant=v) for v in STEP_VARIANTS]
+    for shape in shapes["multistep_update"]:  # float32 only
+        out += [Case("multistep_update", shape, torch.float32, variant=v) for v in MULTISTEP_VARIANTS]
     return out
 
 
@@ -135,6 +142,10 @@ def traffic(case: Case) -> tuple[float, float | None]:
     if case.op == "attention":
         B, H, L, D = case.shape
         return float(4 * numel * size), 4.0 * B * H * L * L * D
+    if case.op == "multistep_update":  # x, eps, (noise), the 3 slots read, x_next, the slots written
+        written = sum(slot >= 0 for slot in SOLVER_DEST[MULTISTEP_STEP[case.variant]])
+        tensors = (4 if case.variant == "noise" else 3) + 3 + written
+        return float(tensors * numel * size), None
     tensors = 4 if case.variant == "noise" else 3  # x_t, eps, (noise), x_{t-1}
     return float(tensors * numel * size), None
 

@@ -7,7 +7,9 @@ file calls it right under its launcher.
 
 `StepArgs` is ddpm_step's argument list in the types a custom op takes: a step index, seed or offset
 is either a device tensor or a host int, and a custom op's ints are int64 while seeds span
-[0, 2**64).
+[0, 2**64). `MultistepArgs` is multistep_update's, the same way; that op writes its history slots
+in place, so it is defined with mutates_args=("history",) and has no backward (torch.library
+differentiates no mutating op; a solver step samples, it is never trained through).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from . import reference
 from .reference import memory_format_of
 from .schedule import StepTable
+from .solver_table import SolverTable
 
 _MASK32 = 0xFFFFFFFF
 
@@ -31,7 +34,8 @@ def define(
     forward: Callable[..., torch.Tensor],
     *,
     fake: Callable[..., torch.Tensor],
-    reference: Callable[..., torch.Tensor],
+    reference: Callable[..., torch.Tensor] | None,
+    mutates_args: tuple[str, ...] = (),
 ) -> torch.library.CustomOpDef:
     """The custom op `qualname` ("namespace::name") running `forward`.
 
@@ -40,13 +44,20 @@ def define(
     called with the tuple unpacked, `torch.ops.namespace.name(*args)`, and forward gets it whole.
     `fake` (an empty output of the right shape, dtype and memory format) and `reference` take what
     forward takes. The backward calls reference on the saved inputs by name (so a reference function
-    whose parameters have the op's names serves as is) and differentiates it.
+    whose parameters have the op's names serves as is) and differentiates it. An op that writes
+    into some of its tensor parameters names them in `mutates_args`; it gets no backward
+    (torch.library has none for a mutating op), and `reference` is None.
     """
+    if (reference is None) != bool(mutates_args):
+        raise ValueError(f"{qualname}: a reference (for the backward) exactly when nothing is mutated")
     fields = _fields_of(forward)
-    forward, fake, reference = (_on_fields(fields, fn) if fields else fn for fn in (forward, fake, reference))
+    forward, fake = (_on_fields(fields, fn) if fields else fn for fn in (forward, fake))
     names = list(inspect.signature(forward).parameters)
-    op = torch.library.custom_op(qualname, forward, mutates_args=())
+    op = torch.library.custom_op(qualname, forward, mutates_args=mutates_args)
     op.register_fake(fake)
+    if reference is None:
+        return op
+    reference = _on_fields(fields, reference) if fields else reference
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*(v if isinstance(v, torch.Tensor) else None for v in inputs))
@@ -136,19 +147,11 @@ class StepArgs(NamedTuple):
 
     @property
     def seed(self) -> int | torch.Tensor | None:
-        if not self.seed_words:
-            return None
-        return self.seed_words[0] | self.seed_words[1] << 32 if self.seed_tensor is None else self.seed_tensor
+        return _seed_of(self.seed_words, self.seed_tensor)
 
     @property
     def offset(self) -> int | torch.Tensor:
-        if not self.seed_words:
-            return 0
-        return (
-            self.seed_words[2] | self.seed_words[3] << 32
-            if self.offset_tensor is None
-            else self.offset_tensor
-        )
+        return _offset_of(self.seed_words, self.offset_tensor)
 
     def fake(self) -> torch.Tensor:
         return output_like(self.x_t)
@@ -188,17 +191,114 @@ def step_args(
     elif noise is not None:
         seed = None
     i_tensor, i_int = (i, 0) if isinstance(i, torch.Tensor) else (None, int(i))
-    words, seed_tensor, offset_tensor = [], None, None
-    if seed is not None:
-        seed_tensor, seed = (seed, 0) if isinstance(seed, torch.Tensor) else (None, seed)
-        offset_tensor, offset = (offset, 0) if isinstance(offset, torch.Tensor) else (None, offset)
-        words = [seed & _MASK32, seed >> 32, offset & _MASK32, offset >> 32]
+    words, seed_tensor, offset_tensor = _counter_args(seed, offset)
     return StepArgs(
         x_t,
         eps,
         i_tensor,
         i_int,
         table.coef,
+        table.stochastic,
+        noise,
+        words,
+        seed_tensor,
+        offset_tensor,
+        clip_x0,
+    )
+
+
+# --- the Philox seed and offset as a custom op takes them -----------------------------------------
+
+
+def _counter_args(
+    seed: int | torch.Tensor | None, offset: int | torch.Tensor
+) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+    """(seed_words, seed_tensor, offset_tensor): a host seed and offset as 32-bit words, low first,
+    [s_lo, s_hi, o_lo, o_hi] (a device tensor's words are 0); [] and None without a seed."""
+    if seed is None:
+        return [], None, None
+    seed_tensor, seed = (seed, 0) if isinstance(seed, torch.Tensor) else (None, seed)
+    offset_tensor, offset = (offset, 0) if isinstance(offset, torch.Tensor) else (None, offset)
+    return [seed & _MASK32, seed >> 32, offset & _MASK32, offset >> 32], seed_tensor, offset_tensor
+
+
+def _seed_of(words: list[int], tensor: torch.Tensor | None) -> int | torch.Tensor | None:
+    if not words:
+        return None
+    return words[0] | words[1] << 32 if tensor is None else tensor
+
+
+def _offset_of(words: list[int], tensor: torch.Tensor | None) -> int | torch.Tensor:
+    if not words:
+        return 0
+    return words[2] | words[3] << 32 if tensor is None else tensor
+
+
+# --- multistep_update -------------------------------------------------------------------------------
+
+
+class MultistepArgs(NamedTuple):
+    """multistep_update's arguments as its custom op takes them (history written in place);
+    `multistep_args` builds them, the properties read the step index, seed and offset back."""
+
+    x: torch.Tensor
+    eps: torch.Tensor
+    history: torch.Tensor  # (M, N, C, H, W), the op's one mutated argument
+    i_tensor: torch.Tensor | None  # the step index on the device, shape (), or None: i_int
+    i_int: int
+    weights: torch.Tensor  # the SolverTable's (S, NUM_ROWS, NUM_INPUTS + M) float32
+    dest: torch.Tensor  # its (S, 2) int64
+    stochastic: bool
+    noise: torch.Tensor | None  # z; None without noise or with a seed
+    seed_words: list[int]  # as StepArgs'
+    seed_tensor: torch.Tensor | None
+    offset_tensor: torch.Tensor | None
+    clip_x0: bool
+
+    @property
+    def i(self) -> int | torch.Tensor:
+        return self.i_int if self.i_tensor is None else self.i_tensor
+
+    @property
+    def seed(self) -> int | torch.Tensor | None:
+        return _seed_of(self.seed_words, self.seed_tensor)
+
+    @property
+    def offset(self) -> int | torch.Tensor:
+        return _offset_of(self.seed_words, self.offset_tensor)
+
+    def fake(self) -> torch.Tensor:
+        return torch.empty_like(self.x)
+
+
+def multistep_args(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    history: torch.Tensor,
+    i: int | torch.Tensor,
+    table: SolverTable,
+    *,
+    noise: torch.Tensor | None,
+    seed: int | torch.Tensor | None,
+    offset: int | torch.Tensor,
+    clip_x0: bool,
+) -> MultistepArgs:
+    """fastddpm.ops.multistep_update's arguments as MultistepArgs, the noise source settled as
+    step_args settles it."""
+    if not table.stochastic:
+        noise, seed = None, None
+    elif noise is not None:
+        seed = None
+    i_tensor, i_int = (i, 0) if isinstance(i, torch.Tensor) else (None, int(i))
+    words, seed_tensor, offset_tensor = _counter_args(seed, offset)
+    return MultistepArgs(
+        x,
+        eps,
+        history,
+        i_tensor,
+        i_int,
+        table.weights,
+        table.dest,
         table.stochastic,
         noise,
         words,

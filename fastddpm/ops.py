@@ -26,11 +26,12 @@ from .backends import (  # the registry, re-exported: ops is where callers find 
     resolve_backend,
 )
 from .schedule import StepTable
+from .solver_table import SolverTable
 
 __all__ = [
     "BACKENDS", "BACKEND_MODULES", "CONCRETE_BACKENDS", "BackendUnavailableError", "attention",
-    "backend_op", "backend_status", "ddpm_step", "get_backend", "group_norm_silu", "resolve_backend",
-    "uint64_as_int64",
+    "backend_op", "backend_status", "ddpm_step", "get_backend", "group_norm_silu", "multistep_update",
+    "resolve_backend", "uint64_as_int64",
 ]  # fmt: skip
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -176,6 +177,72 @@ def ddpm_step(
     )
 
 
+def multistep_update(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    history: torch.Tensor,
+    i: int | torch.Tensor,
+    table: SolverTable,
+    *,
+    noise: torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
+    clip_x0: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One few-step solver step at step index i (fastddpm.solver_table): returns x_next and writes
+    the step's kept rows into `history` in place (slots table.dest[i]; -1: not kept).
+
+    x, eps: (N, C, H, W) float32 contiguous; history: (M, N, C, H, W) float32 contiguous, M =
+    table.num_slots; i: an int, or an integer tensor of shape () on the table's device (read on
+    device, so the step can be graph-captured; its range is then the caller's duty). z comes from
+    `noise` (N, C, H, W) float32 or, with `seed`, from Philox at (seed, offset) as in ddpm_step;
+    a table with no noise needs neither.
+    """
+    _check_float32("x", x)
+    _check_float32("eps", eps)
+    if x.dim() != 4 or eps.shape != x.shape:
+        raise ValueError(f"x and eps must be 4-D of one shape, got {tuple(x.shape)} and {tuple(eps.shape)}")
+    _check_float32("history", history)
+    M = table.num_slots
+    if history.shape != (M, *x.shape):
+        raise ValueError(
+            f"history must have shape {(M, *x.shape)} (the table's {M} slots of x's shape),"
+            f" got {tuple(history.shape)}"
+        )
+    _check_same("device", "x", x, eps=eps, history=history, noise=noise)
+    if table.weights.device != x.device or table.dest.device != x.device:
+        raise ValueError(f"the solver table is on {table.weights.device} but x is on {x.device}")
+    if isinstance(i, torch.Tensor) and i.shape != ():
+        raise ValueError(
+            f"the step index i must be an int or a tensor of shape (), got shape {tuple(i.shape)}"
+        )
+    _check_step_index(i, len(table), x.shape[0])
+    if table.stochastic:
+        if (noise is None) == (seed is None):
+            raise ValueError("this solver table adds noise: pass exactly one of noise= or seed=")
+        if noise is not None:
+            _check_float32("noise", noise)
+            if noise.shape != x.shape:
+                raise ValueError(f"noise must have shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+        else:
+            _check_counter("seed", seed, x.device, "x")
+            _check_counter("offset", offset, x.device, "x")
+    return _impl("multistep_update", backend, x)(
+        x, eps, history, i, table, noise=noise, seed=seed, offset=offset, clip_x0=clip_x0
+    )
+
+
+def _check_float32(name: str, t: torch.Tensor) -> None:
+    """A float32 contiguous tensor (the solver step's inputs)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name} has dtype {t.dtype}; multistep_update takes float32")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (multistep_update runs on the flat tensor)")
+
+
 def uint64_as_int64(value: int) -> int:
     """The int64 whose bits are the uint64 `value` (two's complement), for a seed or offset tensor:
     `torch.tensor(uint64_as_int64(2**64 - 1))` holds -1, which ddpm_step reads as 2**64 - 1."""
@@ -184,15 +251,16 @@ def uint64_as_int64(value: int) -> int:
     return value - 2**64 if value >= 2**63 else value
 
 
-def _check_counter(name: str, value: int | torch.Tensor, device: torch.device) -> None:
-    """A Philox seed or offset: an int in [0, 2**64), or an int64 tensor of shape () on `device`."""
+def _check_counter(name: str, value: int | torch.Tensor, device: torch.device, ref_name: str = "x_t") -> None:
+    """A Philox seed or offset: an int in [0, 2**64), or an int64 tensor of shape () on `device`,
+    the device of the op's input `ref_name`."""
     if isinstance(value, torch.Tensor):
         if value.dtype != torch.int64:
             raise ValueError(f"{name} must be an int64 tensor, got dtype {value.dtype}")
         if value.shape != ():
             raise ValueError(f"{name} must be a tensor of shape (), got shape {tuple(value.shape)}")
         if value.device != device:
-            raise ValueError(f"{name} is on device {value.device} but x_t is on {device}")
+            raise ValueError(f"{name} is on device {value.device} but {ref_name} is on {device}")
     elif not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")
     elif not 0 <= value < 2**64:

@@ -1,12 +1,13 @@
 """The "triton" backend of fastddpm.ops: Triton kernels of the fused ops (installed as fastddpm.kernels).
 
-One file per op (`group_norm_silu.py`, `attention.py`, `ddpm_step.py`) holds top to bottom its
-kernels, its launcher (`launch_<op>`, whose keyword arguments override the launch heuristics, for
-tests), its custom op `torch.ops.fastddpm_triton.<op>` (fastddpm.custom_ops: a fake, so
-`torch.compile(fullgraph=True)` of the U-Net keeps one graph, and a backward that recomputes the
-reference under autograd, so training can run with the fused forward) and the function `<op>` that
-fastddpm.ops calls, `fastddpm.kernels.<op>.<op>`, with the reference's signature. fastddpm.ops
-checks its inputs; it adds what only the kernels impose (a device Triton can run on), as ValueError.
+One file per op (`group_norm_silu.py`, `attention.py`, `ddpm_step.py`, `multistep_update.py`)
+holds top to bottom its kernels, its launcher (`launch_<op>`, whose keyword arguments override the
+launch heuristics, for tests), its custom op `torch.ops.fastddpm_triton.<op>` (fastddpm.custom_ops:
+a fake, so `torch.compile(fullgraph=True)` of the U-Net keeps one graph, and a backward that
+recomputes the reference under autograd, so training can run with the fused forward; none for
+multistep_update, which writes its history in place) and the function `<op>` that fastddpm.ops
+calls, `fastddpm.kernels.<op>.<op>`, with the reference's signature. fastddpm.ops checks its
+inputs; it adds what only the kernels impose (a device Triton can run on), as ValueError.
 
 The kernels run on CUDA devices, and on the CPU through Triton's interpreter when
 TRITON_INTERPRET=1 is set before this module is imported (the test suite does this).
@@ -41,4 +42,4 @@ def unavailable_reason() -> str | None:
 
 
 if _IMPORT_ERROR is None:
-    from . import attention, ddpm_step, group_norm_silu  # noqa: F401  (one module per op)
+    from . import attention, ddpm_step, group_norm_silu, multistep_update  # noqa: F401  (one module per op)

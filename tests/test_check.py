@@ -64,12 +64,16 @@ def test_every_backend_passes_every_case_on_the_cpu():
     assert "cuda" in report.backends["cuda"].lower()  # skipped, saying why
     cases = {(r["op"], r["case"], r["dtype"]) for r in report.checks if r["backend"] == "triton"}
     assert (
-        len(cases) == len(check.cases(torch.device("cpu"))) == 3 * (4 + 3) + 2
-    )  # dtypes x (norm + attention) + step
+        len(cases) == len(check.cases(torch.device("cpu"))) == 3 * (4 + 3) + 2 + 2
+    )  # dtypes x (norm + attention) + step + solver step
     for label in ("NCHW, add+silu", "channels_last, plain", "1 head, D=256", "1 head, D=512", "4 heads, D=8"):
         assert any(case == label for _, case, _ in cases), label
     assert {dtype for _, _, dtype in cases} == {"float32", "float16", "bfloat16"}
     assert {("ddpm_step", "NCHW, noise", "float32"), ("ddpm_step", "NCHW, seed", "float32")} <= cases
+    assert {
+        ("multistep_update", "NCHW, noise", "float32"),
+        ("multistep_update", "NCHW, seed+clip", "float32"),
+    } <= cases
     assert not report.failures, report.table()
     assert all(0 <= r["error"] <= r["tolerance"] for r in report.checks)
     assert not report.timings and not report.unet  # quick
@@ -82,6 +86,7 @@ def test_a_wrong_backend_is_reported_failing_with_its_error(monkeypatch):
         group_norm_silu=plus_one("group_norm_silu"),
         attention=refuses,
         ddpm_step=plus_one("ddpm_step"),
+        multistep_update=plus_one("multistep_update"),
     )
     report = check.run("cpu", quick=True, backends=["torch", "wrong"])
     by_backend = {name: [r for r in report.checks if r["backend"] == name] for name in ("torch", "wrong")}

@@ -342,11 +342,53 @@ def test_ddpm_step_rejects_bad_input(lib, changes, status, message):
     assert message in last_error(lib)
 
 
+def multistep_update(lib, **changes) -> int:
+    args = dict(
+        x=FAKE, eps=FAKE, noise=None, history=FAKE, out=FAKE, weights=FAKE, dest=FAKE, num_steps=10,
+        num_slots=2, i=None, i_host=9, noise_mode=cuda.NOISE_PHILOX, seed=2**64 - 1, offset=7,
+        seed_device=None, offset_device=None, clip_x0=0, numel=6144, stream=None,
+    )  # fmt: skip
+    args.update(changes)
+    return lib.fastddpm_multistep_update(*args.values())
+
+
+@pytest.mark.parametrize(
+    "changes, status, message",
+    [
+        ({"x": None}, cuda.ERROR_INVALID_VALUE, "x is a null pointer"),
+        ({"eps": None}, cuda.ERROR_INVALID_VALUE, "eps is a null pointer"),
+        ({"out": None}, cuda.ERROR_INVALID_VALUE, "out is a null pointer"),
+        ({"weights": None}, cuda.ERROR_INVALID_VALUE, "weights is a null pointer"),
+        ({"dest": None}, cuda.ERROR_INVALID_VALUE, "dest is a null pointer"),
+        ({"history": None}, cuda.ERROR_INVALID_VALUE, "history is a null pointer"),
+        ({"noise_mode": cuda.NOISE_TENSOR}, cuda.ERROR_INVALID_VALUE, "noise is a null pointer"),
+        ({"noise_mode": 3}, cuda.ERROR_INVALID_VALUE, "noise_mode = 3 is not 0 (none), 1 (tensor) or 2"),
+        ({"i_host": 10}, cuda.ERROR_INVALID_VALUE, "i_host = 10 is outside the solver table's 0..9"),
+        ({"i_host": -1}, cuda.ERROR_INVALID_VALUE, "i_host = -1 is outside the solver table's 0..9"),
+        ({"num_steps": 0}, cuda.ERROR_INVALID_VALUE, "num_steps = 0: the solver table is empty"),
+        ({"num_slots": cuda.MAX_SLOTS + 1}, cuda.ERROR_NOT_SUPPORTED, "num_slots = 9 is not in 0..8"),
+        ({"numel": -4}, cuda.ERROR_INVALID_VALUE, "numel = -4 is negative"),
+        ({"numel": 2**62}, cuda.ERROR_INVALID_VALUE, "num_slots * numel overflows int64"),
+    ],
+)
+def test_multistep_update_rejects_bad_input(lib, changes, status, message):
+    assert multistep_update(lib, **changes) == status
+    assert message in last_error(lib)
+
+
 def test_empty_problems_launch_nothing(lib):
     """Zero elements: success without a CUDA call, so even null data pointers pass."""
     assert group_norm(lib, N=0, x=None, y=None) == cuda.SUCCESS
     assert attention(lib, B=0, q=None, o=None) == cuda.SUCCESS
     assert ddpm_step(lib, N=0, x=None, out=None) == cuda.SUCCESS
+    assert multistep_update(lib, numel=0, x=None, out=None, history=None) == cuda.SUCCESS
+
+
+def test_multistep_update_without_slots_takes_a_null_history(lib):
+    """The arguments pass their checks; what follows is the launch (which needs a GPU here)."""
+    status = multistep_update(lib, num_slots=0, history=None)
+    assert status in (cuda.SUCCESS, cuda.ERROR_CUDA), last_error(lib)
+    assert "null pointer" not in last_error(lib)
 
 
 def test_check_device_reports_the_missing_gpu(lib):

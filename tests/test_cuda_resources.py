@@ -24,21 +24,24 @@ def kernels(tmp_path_factory) -> list[dict]:
         pytest.skip(str(err))
 
 
+OPS = ("attention", "group_norm_silu", "ddpm_step", "multistep_update")
+
+
 def test_every_op_has_kernels_on_sm90(kernels):
     assert {k["arch"] for k in kernels} == {"sm_90"}
     names = [k["kernel"] for k in kernels]
-    for op in ("attention", "group_norm_silu", "ddpm_step"):
+    for op in OPS:
         assert any(n.startswith(op) for n in names), (op, names)
     hot = resources.hot_kernels(names)
-    for op in ("attention", "group_norm_silu", "ddpm_step"):
+    for op in OPS:
         assert any(n.startswith(op) for n in hot), (op, sorted(hot))
 
 
 def test_hot_kernels_neither_spill_nor_use_a_stack_frame(kernels):
     """Hot: every kernel a production launch can take (resources.hot_kernels): the vectorized
-    group_norm_silu_kernel and ddpm_step_vec_kernel instantiations, and the attention kernels for
-    head dims 8, 256 and 512. Local memory (spills, or arrays indexed at run time) is device
-    memory traffic in the innermost loops."""
+    group_norm_silu_kernel, ddpm_step_vec_kernel and multistep_update_vec_kernel instantiations,
+    and the attention kernels for head dims 8, 256 and 512. Local memory (spills, or arrays indexed
+    at run time) is device memory traffic in the innermost loops."""
     hot = resources.hot_kernels([k["kernel"] for k in kernels])
     heavy = [
         k for k in kernels if k["kernel"] in hot and (k["stack"] or k["spill_stores"] or k["spill_loads"])

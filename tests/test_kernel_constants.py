@@ -1,6 +1,7 @@
 """The constants Python shares with the CUDA library equal those of its C header, fastddpm.h, read
 from the header's text (no library needed): the step table's columns and their count
-(fastddpm.schedule, and the Triton step kernel's copies), the noise modes (the Triton step kernel's
+(fastddpm.schedule, and the Triton step kernel's copies), the solver table's columns and rows
+(fastddpm.solver_table, and the Triton multistep kernel's copies), the noise modes (the Triton step kernel's
 and fastddpm.cuda's), and fastddpm.cuda's dtype codes, status codes and ABI version. A change on
 either side alone fails here."""
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastddpm import schedule
+from fastddpm import schedule, solver_table
 from fastddpm.cuda import _library as cuda
 
 HEADER = Path(__file__).resolve().parents[1] / "csrc" / "include" / "fastddpm" / "fastddpm.h"
@@ -44,6 +45,7 @@ def module_constants(module, prefix: str) -> dict[str, int]:
 def test_the_header_defines_what_is_compared():
     """The patterns below find the header's constants (an empty match would compare nothing)."""
     assert header_defines("STEP_") and header_defines("NOISE_") and header_defines("ERROR_")
+    assert header_defines("MULTISTEP_")
     assert set(header_defines("")) >= {"ABI_VERSION", "SUCCESS", "FLOAT32", "FLOAT16", "BFLOAT16"}
 
 
@@ -55,6 +57,23 @@ def test_step_table_columns_match_the_header():
     assert sorted(python[name] for name in STEP_COLUMNS) == list(range(schedule.NUM_COEFS))
     table = schedule.Schedule.from_name().respace("ddim10").step_table("ddim")
     assert table.coef.shape == (10, schedule.NUM_COEFS)
+
+
+def test_solver_table_columns_and_rows_match_the_header():
+    """fastddpm.solver_table's columns, rows and their counts are the header's FASTDDPM_MULTISTEP_*
+    (and the Triton multistep kernel's copies), numbered 0..count-1; the CUDA backend's slot limit
+    is the header's."""
+    names = ("COL_X", "COL_EPS", "COL_D", "COL_Z", "NUM_INPUTS", "ROW_D", "ROW_KEEP_A", "ROW_KEEP_B")
+    names += ("ROW_X", "NUM_ROWS")
+    header = header_defines("MULTISTEP_")
+    assert {name: getattr(solver_table, name) for name in names} == {name: header[name] for name in names}
+    columns = sorted(header[n] for n in names if n.startswith("COL_"))
+    rows = sorted(header[n] for n in names if n.startswith("ROW_"))
+    assert columns == list(range(header["NUM_INPUTS"])) and rows == list(range(header["NUM_ROWS"]))
+    assert cuda.MAX_SLOTS == header["MAX_SLOTS"]
+    pytest.importorskip("triton")
+    kernel = importlib.import_module("fastddpm.kernels.multistep_update")
+    assert {name: int(getattr(kernel, name)) for name in names} == {name: header[name] for name in names}
 
 
 def test_triton_step_kernel_constants_match_the_header():

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,8 +16,9 @@ pytest.importorskip("triton")
 
 
 import fastddpm  # noqa: E402
-from fastddpm import cases, kernels, ops  # noqa: E402
+from fastddpm import kernels, ops  # noqa: E402
 from fastddpm.schedule import Schedule  # noqa: E402
+from fastddpm.solver_table import COL_Z, NUM_INPUTS, NUM_ROWS, ROW_X, SolverTable  # noqa: E402
 
 from .conftest import tiny_unet as conftest_tiny_unet  # noqa: E402
 from .triton_device import DEVICE, INTERPRET, RUNNABLE  # noqa: E402
@@ -53,7 +55,9 @@ def test_inputs_the_kernels_cannot_take_raise_value_errors(monkeypatch):
     with a one-line error naming the op and the tensor; so is attention without keys."""
     from fastddpm.kernels import _common
 
-    norm, attention, step = (ops.backend_op("triton", op) for op in cases.OPS)
+    norm, attention, step = (
+        ops.backend_op("triton", op) for op in ("group_norm_silu", "attention", "ddpm_step")
+    )
     monkeypatch.setattr(_common, "INTERPRET", False)
     cpu = torch.device("cpu")
     x = torch.empty(1, 8, 4, 4, device=cpu)
@@ -84,6 +88,13 @@ def test_meta_tensors_run_the_custom_ops_fakes():
     table = Schedule.from_name().step_table(device=meta)
     x = torch.empty(2, 3, 4, 4, device=meta)
     assert ops.ddpm_step(x, x, 3, table, seed=0, backend="triton").shape == x.shape
+    weights = np.zeros((2, NUM_ROWS, NUM_INPUTS + 1))
+    weights[:, ROW_X, COL_Z] = 1.0
+    solver = SolverTable.from_float64(
+        "meta", weights, np.zeros((2, 2)), np.arange(2), np.ones(2), 1.0, False, meta
+    )
+    history = torch.empty(1, 2, 3, 4, 4, device=meta)
+    assert ops.multistep_update(x, x, history, 1, solver, seed=0, backend="triton").shape == x.shape
 
 
 # --- the U-Net and the sampler --------------------------------------------------------------------

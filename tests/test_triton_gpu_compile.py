@@ -49,6 +49,7 @@ KERNELS = {
     "_attn_combine_kernel",
     "_ddpm_step_kernel",
     "_philox_normal_kernel",
+    "_multistep_update_kernel",
 }
 
 
@@ -59,6 +60,7 @@ def _cases(full: bool):
     from fastddpm.kernels.attention import launch_attention
     from fastddpm.kernels.ddpm_step import FLAT, launch_ddpm_step
     from fastddpm.kernels.group_norm_silu import launch_group_norm_silu
+    from fastddpm.kernels.multistep_update import launch_multistep_update
 
     from fastddpm.schedule import Schedule
 
@@ -111,6 +113,21 @@ def _cases(full: bool):
 
         cases.append((f"ddpm_step {tuple(shape)} {dtype} t={t} {noise} cl={channels_last} {table}", run))
 
+    def solver_step(shape, num_slots, i=3, noise="seed", clip=False):
+        def run():
+            x = torch.empty(shape, device=meta)
+            history = torch.empty(num_slots, *shape, device=meta)
+            weights = torch.empty(4, 4, 4 + num_slots, device=meta)
+            dest = torch.empty(4, 2, device=meta, dtype=torch.long)
+            kw = {"seed": 2**40 + 3, "offset": 7} if noise == "seed" else {"noise": torch.empty_like(x)}
+            if noise == "device-seed":
+                scalar = torch.empty((), device=meta, dtype=torch.long)
+                kw = {"seed": scalar, "offset": scalar.clone()}
+            step = i if isinstance(i, int) else torch.zeros(i, device=meta, dtype=torch.long)
+            launch_multistep_update(x, x, history, step, weights, dest, noise != "none", clip_x0=clip, **kw)
+
+        cases.append((f"multistep_update {tuple(shape)} M={num_slots} i={i} {noise} clip={clip}", run))
+
     def noise():
         step_module = sys.modules["fastddpm.kernels.ddpm_step"]
         out = torch.empty(8, 3, 32, 32, device=meta)
@@ -131,6 +148,10 @@ def _cases(full: bool):
     step((2, 3, 5, 5), torch.float16, layout=FLAT, table="ddim")
     step((16, 3, 32, 32), torch.float32, t=(), noise="device-seed")  # the graph runner's step
     cases.append(("philox_normal", noise))
+    solver_step((256, 3, 32, 32), 2)  # DPM-Solver++ 2M at CIFAR10's batch 256
+    solver_step((8, 3, 256, 256), 3, i=(), noise="device-seed", clip=True)  # a captured step, 3 slots
+    solver_step((16, 3, 32, 32), 0, noise="tensor")
+    solver_step((2, 3, 5, 5), 1, noise="none")
     if full:
         for dtype in (torch.float32, torch.bfloat16):
             norm((256, 128, 32, 32), dtype, channels_last=True)
@@ -192,7 +213,8 @@ def compile_all(full: bool = False, capability: int = 90) -> list[dict]:
 
     from benchmarks.resources import parse_ptxas
 
-    modules = [sys.modules[f"fastddpm.kernels.{m}"] for m in ("group_norm_silu", "attention", "ddpm_step")]
+    ops = ("group_norm_silu", "attention", "ddpm_step", "multistep_update")
+    modules = [sys.modules[f"fastddpm.kernels.{m}"] for m in ops]
     launches: list = []
     for module in modules:
         for name in dir(module):
@@ -267,7 +289,11 @@ def test_no_launch_spills_registers(compiled):
 # Kernels whose Box-Muller transform calls libdevice's sin and cos: their slow argument-reduction
 # path (for |x| far beyond 2 pi, never reached for angles in (0, 2 pi]) keeps a 28-byte array in
 # local memory, so ptxas reports a 32-byte frame with no spills. Known, and allowed exactly that.
-LIBDEVICE_SINCOS_FRAME = {"_ddpm_step_kernel": 32, "_philox_normal_kernel": 32}
+LIBDEVICE_SINCOS_FRAME = {
+    "_ddpm_step_kernel": 32,
+    "_philox_normal_kernel": 32,
+    "_multistep_update_kernel": 32,
+}
 
 
 def test_no_launch_has_a_local_memory_stack_frame(compiled):

@@ -213,6 +213,39 @@ def test_compile_fullgraph_traces_through_verification(cache, monkeypatch):
     torch._dynamo.reset()
 
 
+def keeps_nothing(x, eps, history, i, table, **kwargs):
+    """The reference's x_next with the history left as it was: wrong only in the slots."""
+    return reference.multistep_update(x, eps, history.clone(), i, table, **kwargs)
+
+
+def test_a_multistep_update_that_writes_wrong_slots_is_caught(cache, monkeypatch):
+    """The op's result, as verification measures it, is x_next and the slots it writes: a backend
+    right in x_next but not writing the history is caught, and the reference writes it instead."""
+    register_backend(monkeypatch, "wrong", multistep_update=keeps_nothing)
+    args, kwargs = cases.make_inputs(
+        cases.small_cases("multistep_update", torch.float32)[0], torch.device("cpu")
+    )
+    x, eps, history, i, table = args
+    mine, want = history.clone(), history.clone()
+    out, warned = caught(lambda: ops.multistep_update(x, eps, mine, i, table, backend="wrong", **kwargs))
+    (warning,) = warned
+    assert "backend 'wrong' multistep_update on cpu" in str(warning.message)
+    torch.testing.assert_close(
+        out, reference.multistep_update(x, eps, want, i, table, **kwargs), rtol=0, atol=0
+    )
+    assert torch.equal(mine, want) and not torch.equal(mine, history)
+
+
+def test_the_triton_multistep_update_passes_its_first_use_check(cache):
+    pytest.importorskip("triton")
+    args, kwargs = cases.make_inputs(
+        cases.small_cases("multistep_update", torch.float32)[1], torch.device("cpu")
+    )
+    _, warned = caught(lambda: ops.multistep_update(*args, backend="triton", **kwargs))
+    assert not warned
+    assert verify._VERDICTS == {("multistep_update", "triton", "cpu", "torch.float32", "contiguous"): True}
+
+
 def test_the_triton_kernels_pass_their_first_use_check(cache):
     """The real fused backend here (Triton's interpreter), through the tiny U-Net: every class it
     meets is verified, passes and is cached."""

@@ -19,10 +19,11 @@ LIBRARY_PATH = Path(__file__).parent.parent / "_lib" / "libfastddpm_cuda.so"
 SUCCESS, ERROR_INVALID_VALUE, ERROR_NOT_SUPPORTED, ERROR_CUDA = 0, 1, 2, 3
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_HEAD_DIM = 512  # attention
 MAX_GROUP_CHANNELS = 2048  # group_norm_silu: channels per group
 MAX_QUERY_POSITIONS = 65535 * 16  # attention: Lq
+MAX_SLOTS = 8  # multistep_update: history slots (FASTDDPM_MULTISTEP_MAX_SLOTS)
 
 _i64, _u64, _int, _ptr, _f32 = ctypes.c_int64, ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {  # name: (restype, argtypes)
@@ -46,6 +47,10 @@ _SIGNATURES = {  # name: (restype, argtypes)
         + [_i64, _ptr, _i64, _i64, _int, _int, _u64, _u64, _ptr, _ptr, _int]
         + [_i64] * 4
         + [_int, _int, _ptr],
+    ),
+    "fastddpm_multistep_update": (
+        _int,
+        [_ptr] * 7 + [_i64, _i64, _ptr, _i64, _int, _u64, _u64, _ptr, _ptr, _int, _i64, _ptr],
     ),
     "fastddpm_philox_normal_host": (_int, [_u64, _u64, _i64, ctypes.POINTER(_f32)]),
 }

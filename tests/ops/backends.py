@@ -20,9 +20,9 @@ from .emulator import emulated_ops
 
 @dataclass(frozen=True)
 class Backend:
-    """A backend on its device. group_norm_silu, attention and ddpm_step take fastddpm.ops'
-    arguments (no backend=) and go through fastddpm.ops; `unchecked(op)` is the backend's own op,
-    past fastddpm.ops' input checks (for inputs those checks refuse on the CPU)."""
+    """A backend on its device. group_norm_silu, attention, ddpm_step and multistep_update take
+    fastddpm.ops' arguments (no backend=) and go through fastddpm.ops; `unchecked(op)` is the
+    backend's own op, past fastddpm.ops' input checks (for inputs those checks refuse on the CPU)."""
 
     name: str
     device: torch.device
@@ -41,6 +41,9 @@ class Backend:
 
     def ddpm_step(self, *args, **kwargs) -> torch.Tensor:
         return self._op("ddpm_step")(*args, **kwargs)
+
+    def multistep_update(self, *args, **kwargs) -> torch.Tensor:
+        return self._op("multistep_update")(*args, **kwargs)
 
     def unchecked(self, op: str) -> Callable:
         return getattr(emulated_ops(), op) if self.emulated else ops.backend_op(self.name, op)

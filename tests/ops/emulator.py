@@ -17,12 +17,14 @@ import torch
 
 from fastddpm import cuda
 from fastddpm.schedule import StepTable
+from fastddpm.solver_table import SolverTable
 
 ROOT = Path(__file__).parent.parent.parent
 
 
 EMULATOR_SOURCES = [
-    ROOT / "csrc" / f for f in ("library.cu", "group_norm_silu.cu", "attention.cu", "ddpm_step.cu")
+    ROOT / "csrc" / f
+    for f in ("library.cu", "group_norm_silu.cu", "attention.cu", "ddpm_step.cu", "multistep_update.cu")
 ]
 EMULATOR_FLAGS = [
     "-std=c++17", "-O1", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-ffp-contract=off",
@@ -70,7 +72,7 @@ def build_emulator() -> Path:
 
 
 class EmulatedOps:
-    """The cuda backend's three ops on CPU tensors, launched in the emulated library `lib`; the
+    """The cuda backend's ops on CPU tensors, launched in the emulated library `lib`; the
     inputs are taken as fastddpm.ops would pass them (its checks are not repeated here)."""
 
     def __init__(self, lib: ctypes.CDLL):
@@ -89,6 +91,14 @@ class EmulatedOps:
         return cuda.launch_ddpm_step(
             self.lib, x_t, eps, i, table.coef, table.stochastic, noise=noise, seed=seed, offset=offset,
             clip_x0=clip_x0, stream=None,
+        )  # fmt: skip
+
+    def multistep_update(
+        self, x, eps, history, i, table: SolverTable, *, noise=None, seed=None, offset=0, clip_x0=False
+    ) -> torch.Tensor:
+        return cuda.launch_multistep_update(
+            self.lib, x, eps, history, i, table.weights, table.dest, table.stochastic, noise=noise,
+            seed=seed, offset=offset, clip_x0=clip_x0, stream=None,
         )  # fmt: skip
 
 

@@ -9,13 +9,14 @@ from fastddpm import reference
 from fastddpm.cases import DTYPES, TOLERANCE, max_error, tolerance
 from fastddpm.reference import memory_format_of
 from fastddpm.schedule import StepTable
+from fastddpm.solver_table import SolverTable
 
 __all__ = ["DTYPES", "assert_equals_reference", "assert_within_tolerance", "reference_output"]
 
 
 def _fp32_cpu(value):
     """A tensor on the CPU (floating ones in float32, keeping their memory format), a table on the CPU."""
-    if isinstance(value, StepTable):
+    if isinstance(value, (StepTable, SolverTable)):
         return value.to("cpu")
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()

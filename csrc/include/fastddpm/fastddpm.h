@@ -20,7 +20,7 @@
 extern "C" {
 #endif
 
-#define FASTDDPM_ABI_VERSION 3
+#define FASTDDPM_ABI_VERSION 4
 
 /* The library is compiled with hidden visibility; only these entry points are exported. */
 #if defined(__GNUC__)
@@ -56,7 +56,23 @@ extern "C" {
 #define FASTDDPM_STEP_SIGMA 6
 #define FASTDDPM_STEP_NUM_COEFS 7
 
-/* Noise sources of fastddpm_ddpm_step. */
+/* The solver table that fastddpm_multistep_update reads (fastddpm/solver_table.py): per step a
+ * (NUM_ROWS, NUM_INPUTS + M) block of weights over the columns [x, eps, D, z, slot_0 .. slot_{M-1}]:
+ *   D = clamp?(W[ROW_D][COL_X] x + W[ROW_D][COL_EPS] eps); keep_a, keep_b, x_next = rows
+ *   ROW_KEEP_A, ROW_KEEP_B, ROW_X over every column; M <= MAX_SLOTS. */
+#define FASTDDPM_MULTISTEP_COL_X 0
+#define FASTDDPM_MULTISTEP_COL_EPS 1
+#define FASTDDPM_MULTISTEP_COL_D 2
+#define FASTDDPM_MULTISTEP_COL_Z 3
+#define FASTDDPM_MULTISTEP_NUM_INPUTS 4
+#define FASTDDPM_MULTISTEP_ROW_D 0
+#define FASTDDPM_MULTISTEP_ROW_KEEP_A 1
+#define FASTDDPM_MULTISTEP_ROW_KEEP_B 2
+#define FASTDDPM_MULTISTEP_ROW_X 3
+#define FASTDDPM_MULTISTEP_NUM_ROWS 4
+#define FASTDDPM_MULTISTEP_MAX_SLOTS 8
+
+/* Noise sources of fastddpm_ddpm_step and fastddpm_multistep_update. */
 #define FASTDDPM_NOISE_NONE 0   /* no noise term (tables whose sigmas are all 0) */
 #define FASTDDPM_NOISE_TENSOR 1 /* z is read from `noise` */
 #define FASTDDPM_NOISE_PHILOX 2 /* z = Philox4x32-10 normals at (seed, offset), see philox.cuh */
@@ -127,6 +143,23 @@ FASTDDPM_API int fastddpm_ddpm_step(const void* x, const void* eps, const void* 
                                     uint64_t offset, const int64_t* seed_device,
                                     const int64_t* offset_device, int clip_x0, int64_t N, int64_t C,
                                     int64_t H, int64_t W, int channels_last, int dtype, void* stream);
+
+/* One few-step solver step at step index i over numel float32 elements (all tensors contiguous):
+ * returns x_next in `out` and writes the kept rows into `history` (num_slots, numel) at slots
+ * dest[i][0], dest[i][1] (-1, or any index outside 0..num_slots-1: not kept), every input read
+ * before any slot is written. weights: the (num_steps, FASTDDPM_MULTISTEP_NUM_ROWS,
+ * FASTDDPM_MULTISTEP_NUM_INPUTS + num_slots) float32 table, dest its (num_steps, 2) int64
+ * destinations. i: an int64 device scalar, or NULL to use i_host (checked: outside
+ * [0, num_steps) is an error); a device i outside the table makes x_next NaN and writes no slot.
+ * noise_mode, seed, offset, seed_device, offset_device: as fastddpm_ddpm_step's (a noise tensor is
+ * float32 (numel,)); a slot, or z, that no row of step i weighs is not read. history may be NULL
+ * when num_slots = 0. */
+FASTDDPM_API int fastddpm_multistep_update(const float* x, const float* eps, const float* noise, float* history,
+                                           float* out, const float* weights, const int64_t* dest,
+                                           int64_t num_steps, int64_t num_slots, const int64_t* i, int64_t i_host,
+                                           int noise_mode, uint64_t seed, uint64_t offset,
+                                           const int64_t* seed_device, const int64_t* offset_device, int clip_x0,
+                                           int64_t numel, void* stream);
 
 /* The in-kernel noise computed on the host: out[j] = z_j for j < n (see philox.cuh). */
 FASTDDPM_API int fastddpm_philox_normal_host(uint64_t seed, uint64_t offset, int64_t n, float* out);
