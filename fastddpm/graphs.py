@@ -7,6 +7,9 @@ a step strategy of the reverse loop (fastddpm.loop), captures one step
     t = timesteps[i];  eps = predict_eps(x, t)
     x <- ddpm_step(x, eps, i, seed, offset = base + i);  i <- i - 1
 
+or, for a few-step solver's table (fastddpm.solver_table), eps = predict_eps(input_scale[i] x, t)
+and x <- multistep_update(x, eps, history, i, ...) with the history slots a static buffer too,
+
 where x (N, C, H, W) float32, i, seed and base are static device buffers, and replays it for
 every step: per step the host does one `graph.replay()` and nothing else. The step index i
 lives on the device and the graph itself decrements it; the network's timestep is gathered on
@@ -59,6 +62,8 @@ from . import ops
 from .loop import Denoiser, EagerSteps, StepRun
 from .noise import BatchNoise
 from .schedule import StepTable
+from .solver_table import SolverTable
+from .solvers.steps import SolverSteps
 
 WARMUP_STEPS = 2
 LOG = logging.getLogger(__name__)
@@ -78,7 +83,7 @@ class GraphedStep:
         self,
         predict_eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         backend: str,
-        table: StepTable,
+        table: StepTable | SolverTable,
         x_T: torch.Tensor,
         clip_x0: bool,
     ) -> None:
@@ -86,7 +91,10 @@ class GraphedStep:
         self.predict_eps, self.backend, self.clip_x0 = predict_eps, backend, clip_x0
         self.seeded = table.stochastic  # steps that add noise draw it in-kernel from (seed, base + i)
         # A graph reads these addresses at every replay: its own copies, alive as long as it is.
-        self.table = replace(table, coef=table.coef.clone(), timesteps=table.timesteps.clone())
+        self.table = replace(table, **{name: getattr(table, name).clone() for name in _table_tensors(table)})
+        self.solver = isinstance(table, SolverTable)
+        # A solver's history slots (M, N, C, H, W), zeroed at each start.
+        self.history = x_T.new_zeros((table.num_slots, *x_T.shape)) if self.solver else None
         self.x = x_T.detach().clone()
         self.eps: torch.Tensor | None = None  # set by each step before a capture, then the graph's output
         self.i = torch.full((), len(table) - 1, dtype=torch.int64, device=device)
@@ -97,18 +105,25 @@ class GraphedStep:
     def _step(self) -> torch.Tensor:
         """x <- x_{t-1}, i <- i - 1; returns eps. Only device work: it is what the graph holds."""
         t = self.table.timesteps.index_select(0, self.i.view(1)).expand(self.x.shape[0])
-        eps = self.predict_eps(self.x, t)
         noise = {"seed": self.seed, "offset": self.base + self.i} if self.seeded else {}
-        x_prev = ops.ddpm_step(
-            self.x, eps, self.i, self.table, clip_x0=self.clip_x0, backend=self.backend, **noise
-        )
+        options = {"clip_x0": self.clip_x0, "backend": self.backend, **noise}
+        if self.solver:  # the network sees input_scale[i] x; the update writes the history slots
+            eps = self.predict_eps(self.x * self.table.input_scale.index_select(0, self.i.view(1)), t)
+            x_prev = ops.multistep_update(self.x, eps, self.history, self.i, self.table, **options)
+        else:
+            eps = self.predict_eps(self.x, t)
+            x_prev = ops.ddpm_step(self.x, eps, self.i, self.table, **options)
         self.x.copy_(x_prev)
         self.i.sub_(1)
         return eps
 
     def start(self, x_T: torch.Tensor, seed: int | None, base_offset: int) -> GraphedStep:
         """Ready a run from x_T (N, C, H, W) float32 whose step i draws at offset base_offset + i."""
-        self.x.copy_(x_T)
+        if self.solver:
+            self.x.copy_(x_T * self.table.init_scale)
+            self.history.zero_()
+        else:
+            self.x.copy_(x_T)
         self.i.fill_(len(self.table) - 1)
         if self.seeded:
             self.seed.fill_(ops.uint64_as_int64(seed))
@@ -134,6 +149,8 @@ class GraphedStep:
             for _ in range(WARMUP_STEPS):
                 self.i.fill_(len(self.table) - 1)  # a valid step index even for a one-step table
                 self._step()
+            if self.solver:
+                self.history.zero_()  # the warm-up wrote slots that start() zeroes too
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
@@ -159,7 +176,7 @@ class GraphRunner:
     ) -> None:
         self.denoiser, self.weights = denoiser, weights
         self.requested, self.max_graphs = requested, max_graphs
-        self.eager = EagerSteps(denoiser)
+        self.eager, self.solver_eager = EagerSteps(denoiser), SolverSteps(denoiser)
         self._graphs: OrderedDict[tuple, GraphedStep] = OrderedDict()
         self.captures = 0  # graphs captured so far (a cache hit captures none)
         self._failed: set[tuple] = set()
@@ -171,34 +188,39 @@ class GraphRunner:
             self._noticed.add(cause)
             LOG.warning("fastddpm: no CUDA graph: %s; sampling eagerly", message)
 
-    def start(self, x_T: torch.Tensor, table: StepTable, clip_x0: bool, noise: BatchNoise) -> StepRun:
+    def start(
+        self, x_T: torch.Tensor, table: StepTable | SolverTable, clip_x0: bool, noise: BatchNoise
+    ) -> StepRun:
         """A run of graph replays from x_T (N, C, H, W) float32, or of eager steps where the runner
         cannot serve."""
         device = x_T.device
+        eager = self.solver_eager if isinstance(table, SolverTable) else self.eager
         if device.type != "cuda":
             if self.requested:
                 self._notice("device", f"the sampler runs on {device}; CUDA graphs need a CUDA device")
-            return self.eager.start(x_T, table, clip_x0, noise)
+            return eager.start(x_T, table, clip_x0, noise)
         if table.stochastic and not noise.philox:
             self._notice(
                 "generator",
                 "the steps draw their noise from a torch.Generator, which a graph cannot replay"
                 " (sample(seed=...) or --noise philox draws it in the kernel)",
             )
-            return self.eager.start(x_T, table, clip_x0, noise)
+            return eager.start(x_T, table, clip_x0, noise)
         key = self._key(x_T, table, clip_x0)
         if key in self._failed:
-            return self.eager.start(x_T, table, clip_x0, noise)
+            return eager.start(x_T, table, clip_x0, noise)
         # Capture on x_T's device, whichever device is current: a graph's streams, memory pool
         # and kernels all belong to the device current when it is made.
         with torch.cuda.device(device):
             step = self._graphs.get(key) or self._capture(key, x_T, table, clip_x0)
         if step is None:
-            return self.eager.start(x_T, table, clip_x0, noise)
+            return eager.start(x_T, table, clip_x0, noise)
         self._graphs.move_to_end(key)
         return step.start(x_T, noise.seed, noise.offset(0) if noise.philox else 0)
 
-    def _capture(self, key: tuple, x_T: torch.Tensor, table: StepTable, clip_x0: bool) -> GraphedStep | None:
+    def _capture(
+        self, key: tuple, x_T: torch.Tensor, table: StepTable | SolverTable, clip_x0: bool
+    ) -> GraphedStep | None:
         backend = ops.resolve_backend(self.denoiser.backend, x_T.device)
         if x_T.device not in self._pools:
             self._pools[x_T.device] = torch.cuda.graph_pool_handle()
@@ -216,10 +238,12 @@ class GraphRunner:
             self._graphs.popitem(last=False)
         return step
 
-    def _key(self, x_T: torch.Tensor, table: StepTable, clip_x0: bool) -> tuple:
+    def _key(self, x_T: torch.Tensor, table: StepTable | SolverTable, clip_x0: bool) -> tuple:
         """Everything a capture bakes in (the module docstring lists it)."""
-        contents = hashlib.sha256(table.coef.cpu().numpy().tobytes())
-        contents.update(table.timesteps.cpu().numpy().tobytes())
+        contents = hashlib.sha256(type(table).__name__.encode())
+        for name in _table_tensors(table):
+            contents.update(getattr(table, name).cpu().numpy().tobytes())
+        contents.update(repr(getattr(table, "init_scale", None)).encode())
         tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         backend = ops.resolve_backend(self.denoiser.backend, x_T.device)
         weights = hashlib.sha256(repr(self.weights()).encode()).hexdigest()
@@ -238,3 +262,10 @@ class GraphRunner:
     def cached(self) -> int:
         """How many captured steps the cache holds."""
         return len(self._graphs)
+
+
+def _table_tensors(table: StepTable | SolverTable) -> tuple[str, ...]:
+    """The names of a table's device tensors: what a graph reads, and what its key hashes."""
+    if isinstance(table, SolverTable):
+        return ("weights", "dest", "timesteps", "input_scale")
+    return ("coef", "timesteps")

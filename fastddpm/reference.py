@@ -203,11 +203,9 @@ def multistep_update(
     def combine(row: int) -> torch.Tensor:
         return sum(w[row, c] * value for c, value in enumerate(inputs))
 
-    kept = [(slot, combine(row)) for slot, row in zip(dest.tolist(), (ROW_KEEP_A, ROW_KEEP_B), strict=True)]
-    x_next = combine(ROW_X)
-    for slot, value in kept:  # written after every row has read the slots
-        if slot >= 0:
-            history[slot] = value
+    keep_a, keep_b, x_next = combine(ROW_KEEP_A), combine(ROW_KEEP_B), combine(ROW_X)
+    for k in range(history.shape[0]):  # written after every row has read the slots; no host sync
+        history[k] = torch.where(dest[0] == k, keep_a, torch.where(dest[1] == k, keep_b, history[k]))
     return x_next
 
 

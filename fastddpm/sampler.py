@@ -124,7 +124,7 @@ class Sampler:
         self.network = torch.compile(unet, fullgraph=True) if compile else unet
         self.denoiser: Denoiser = TorchDenoiser(unet, self.network, self.precision) if is_module else unet
         self._weights = self.denoiser.weights if is_module else tuple  # what a CUDA graph bakes in
-        self.eager = EagerSteps(self.denoiser)
+        self.eager, self.solver_steps = EagerSteps(self.denoiser), SolverSteps(self.denoiser)
         self.diffusion = diffusion or DiffusionConfig()
         self.cuda_graph = cuda_graph
 
@@ -142,10 +142,11 @@ class Sampler:
             None if value is False else GraphRunner(self.denoiser, self._weights, requested=value)
         )
 
-    @property
-    def strategy(self) -> StepStrategy:
-        """How each step runs: the graph runner (which falls back to eager steps), or eager steps."""
-        return self.graph_runner or self.eager
+    def strategy(self, table: StepTable | SolverTable) -> StepStrategy:
+        """How each step of `table` runs: the graph runner (which falls back to eager steps), or
+        eager steps (EagerSteps; SolverSteps for a solver's table)."""
+        eager = self.solver_steps if isinstance(table, SolverTable) else self.eager
+        return self.graph_runner or eager
 
     def predict_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The network's eps (N, C, H, W) float32 for x_t (N, C, H, W) float32 at timesteps t (N,)."""
@@ -225,9 +226,8 @@ class Sampler:
         device = self.denoiser.device
         self.precision.check_device(device)
         cfg = self.denoiser.config
-        solver = isinstance(table, SolverTable)
         return loop.sample(
-            SolverSteps(self.denoiser) if solver else self.strategy,
+            self.strategy(table),
             table,
             n,
             (cfg.in_channels, cfg.resolution, cfg.resolution),

@@ -6,7 +6,7 @@ eps, the step's x0 prediction D, the noise z and values kept from earlier steps 
 slots"). Row i of `weights` (step index i, as in StepTable) holds four rows over the columns
 [x, eps, D, z, slot_0 .. slot_{M-1}]:
 
-    D      = clamp?(W[0] . inputs)          (W[0, D] is 0: D is defined by it; clamped with clip_x0)
+    D      = clamp?(W[0, x] x + W[0, eps] eps)   (its other weights are 0; clamped with clip_x0)
     keep_a = W[1] . inputs  -> slot dest[i, 0]   (dest -1: not kept)
     keep_b = W[2] . inputs  -> slot dest[i, 1]
     x_next = W[3] . inputs
@@ -72,6 +72,11 @@ class SolverTable:
             raise ValueError(f"dest must be ({S}, 2) and input_scale ({S},)")
         if not np.all(np.isfinite(weights)):
             raise ValueError(f"the {name} table has non-finite weights")
+        if np.any(np.delete(weights[:, ROW_D], [COL_X, COL_EPS], axis=1)):
+            raise ValueError(f"the {name} table's D rows weigh more than x and eps")
+        M = weights.shape[2] - NUM_INPUTS
+        if np.any((dest < -1) | (dest >= M)) or np.any((dest[:, 0] == dest[:, 1]) & (dest[:, 0] >= 0)):
+            raise ValueError(f"the {name} table's dest must be distinct slots in [0, {M}) or -1")
         fractional = not np.array_equal(timesteps, np.round(timesteps))
         return cls(
             name=name,

@@ -28,6 +28,12 @@ CONFIGS = {
     "ddim": {"steps": 6, "method": "ddim", "use_clipped_model_output": True},  # the fused form
     "ddim-eta": {"steps": 6, "method": "ddim", "eta": 0.7, "use_clipped_model_output": True},
     "one-step": {"steps": 1},  # the warm-up must not step past i = 0
+    # Solver tables: history slots, a stochastic one, a scaled network input, DDIM's default form.
+    "dpmpp-2m": {"steps": 6, "method": "dpmpp-2m", "clip_x0": False},
+    "unipc": {"steps": 6, "method": "unipc", "clip_x0": False},
+    "dpmpp-2m-sde": {"steps": 5, "method": "dpmpp-2m-sde", "clip_x0": False},
+    "euler-a": {"steps": 5, "method": "euler-a", "clip_x0": False},
+    "ddim-model-eps": {"steps": 6, "method": "ddim"},
 }
 
 
@@ -89,10 +95,13 @@ class Body:
 
 def run_body(sampler, n, kw, *, seed, batch_size=None, callback=None, every=1):
     """Sample with GraphedStep's body through the reverse loop, x_T drawn as Sampler.sample draws it."""
-    table = sampler.step_table(kw.get("steps"), kw.get("method", "ddpm"), kw.get("eta", 0.0))
+    method = kw.get("method", "ddpm")
+    model_eps = method == "ddim" and not kw.get("use_clipped_model_output", False)
+    table = sampler.step_table(kw.get("steps"), method, kw.get("eta", 0.0), model_eps=model_eps)
     body = Body(sampler)
+    clip_x0 = kw.get("clip_x0", True)
     out = loop.sample(
-        body, table, n, (3, 16, 16), torch.device("cpu"), clip_x0=True, batch_size=batch_size, seed=seed,
+        body, table, n, (3, 16, 16), torch.device("cpu"), clip_x0=clip_x0, batch_size=batch_size, seed=seed,
         progress=False, callback=callback, callback_every=every,
     )  # fmt: skip
     return out, body.steps[-1]

@@ -163,3 +163,22 @@ class SmallEps(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scale * x
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda w, d: d.__setitem__((0, 0), 5), "dest must be distinct slots in"),
+        (lambda w, d: d.__setitem__((1, slice(None)), 0), "dest must be distinct slots in"),
+        (lambda w, d: w.__setitem__((0, 0, 3), 0.5), "D rows weigh more than x and eps"),
+        (lambda w, d: w.__setitem__((2, 3, 0), np.nan), "non-finite weights"),
+    ],
+)
+def test_a_damaged_table_is_refused(change, message):
+    from fastddpm.solver_table import SolverTable
+
+    weights, dest = np.zeros((3, 4, 6)), np.full((3, 2), -1)
+    weights[:, 0, :2], dest[0] = 1.0, [0, 1]
+    change(weights, dest)
+    with pytest.raises(ValueError, match=message):
+        SolverTable.from_float64("t", weights, dest, np.arange(3.0), np.ones(3), 1.0, False)

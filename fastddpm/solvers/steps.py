@@ -1,14 +1,15 @@
 """The step strategy of a SolverTable (fastddpm.loop.StepStrategy): each step calls the network on
-input_scale[i] x at timesteps[i], then the solver's update (reference.multistep_update) with the
-run's history slots. Not graph-captured yet: each step runs eagerly."""
+input_scale[i] x at timesteps[i], then the solver's fused update (ops.multistep_update, on the
+denoiser's backend) with the run's history slots (zeros at the start). Eager: the CUDA graph
+runner (fastddpm.graphs) captures the DDPM step only so far."""
 
 from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ..loop import Denoiser
 from ..noise import BatchNoise
-from ..reference import multistep_update
 from ..solver_table import SolverTable
 
 
@@ -44,5 +45,7 @@ class _SolverRun:
         x, table = self.x, self.table
         eps = self.denoiser(x * table.input_scale[i], table.timesteps[i].expand(x.shape[0]))
         noise = self.noise.step(i, x) if table.stochastic else {}
-        self.x = multistep_update(x, eps, self.history, i, table, clip_x0=self.clip_x0, **noise)
+        self.x = ops.multistep_update(
+            x, eps, self.history, i, table, clip_x0=self.clip_x0, backend=self.denoiser.backend, **noise
+        )
         return eps
