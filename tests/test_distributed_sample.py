@@ -66,6 +66,22 @@ def test_two_ranks_equal_one_process(model, one_process, tmp_path):
     np.testing.assert_array_equal(got, one_process)
 
 
+def test_two_ranks_sample_with_a_solver_as_one_process(model, tmp_path):
+    """A stochastic few-step solver under torchrun: the 1-process images (noise is Philox per shard)."""
+    solver = ["--sampler", "dpmpp-2m-sde", "--steps", "5"]
+    one = run_reaped(
+        [sys.executable, "-m", "fastddpm", *sample_args(model, tmp_path / "one"), *solver], ENV, 600
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_reaped(
+        [*torchrun(2), "-m", "fastddpm", *sample_args(model, tmp_path / "two"), *solver], ENV, 600
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    np.testing.assert_array_equal(
+        load(tmp_path / "two" / "samples.npz"), load(tmp_path / "one" / "samples.npz")
+    )
+
+
 def worker_pids(parent: int) -> dict[int, int]:
     """RANK -> pid of torchrun's worker processes (Linux /proc)."""
     workers = {}

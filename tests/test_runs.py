@@ -71,6 +71,25 @@ def test_resume_samples_only_missing_shards(sampler, tmp_path):
     np.testing.assert_array_equal(resumed, whole)
 
 
+@pytest.mark.parametrize(
+    ("method", "extra"), [("dpmpp-2m-sde", {}), ("unipc", {}), ("ddim", {"use_clipped_model_output": True})]
+)
+def test_a_run_samples_with_any_sampler_and_records_it(sampler, tmp_path, method, extra):
+    """A solver's (or DDIM's) run: each shard equals Sampler.sample with its seed, and run.json
+    records the sampler and its options, so a resume under another sampler is refused."""
+    spec = runs.RunSpec(n=4, shard_size=2, batch_size=2, seed=3, steps=5, method=method, **extra)
+    got = load(runs.run(sampler, tmp_path, spec, progress=False))
+    for k in range(2):
+        x = sampler.sample(2, steps=5, method=method, seed=runs.shard_seed(3, k), progress=False, **extra)
+        np.testing.assert_array_equal(got[2 * k : 2 * k + 2], images.to_rgb(images.to_uint8(x)))
+    recorded = json.loads((tmp_path / "run.json").read_text())["spec"]
+    assert recorded["method"] == method and recorded["use_clipped_model_output"] == bool(extra)
+    with pytest.raises(ValueError, match="holds a run with other settings: method="):
+        runs.run(
+            sampler, tmp_path, runs.RunSpec(n=4, shard_size=2, batch_size=2, seed=3, steps=5), progress=False
+        )
+
+
 def test_shard_seeds_are_distinct_and_stable():
     seeds = {runs.shard_seed(s, k) for s in range(3) for k in range(100)}
     assert len(seeds) == 300 and all(0 <= s < 2**64 for s in seeds)
