@@ -109,6 +109,7 @@ class GraphedStep:
         options = {"clip_x0": self.clip_x0, "backend": self.backend, **noise}
         if self.solver:  # the network sees input_scale[i] x; the update writes the history slots
             eps = self.predict_eps(self.x * self.table.input_scale.index_select(0, self.i.view(1)), t)
+            eps = eps.contiguous()  # a channels_last network's eps: the update runs on flat tensors
             x_prev = ops.multistep_update(self.x, eps, self.history, self.i, self.table, **options)
         else:
             eps = self.predict_eps(self.x, t)

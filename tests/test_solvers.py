@@ -182,3 +182,16 @@ def test_a_damaged_table_is_refused(change, message):
     change(weights, dest)
     with pytest.raises(ValueError, match=message):
         SolverTable.from_float64("t", weights, dest, np.arange(3.0), np.ones(3), 1.0, False)
+
+
+@pytest.mark.parametrize("name", [*SOLVERS, "ddim"])
+def test_a_channels_last_network_samples_as_the_contiguous_one(name):
+    """The network's NHWC eps is made contiguous for the update: the same images to float32 noise."""
+    from .conftest import tiny_unet
+
+    config = DiffusionConfig(num_timesteps=50)
+    nchw = fastddpm.Sampler(tiny_unet(backend="torch"), config).sample(
+        2, steps=5, method=name, seed=1, progress=False
+    )
+    nhwc = fastddpm.Sampler(tiny_unet(backend="torch"), config, channels_last=True)
+    assert torch.allclose(nhwc.sample(2, steps=5, method=name, seed=1, progress=False), nchw, atol=1e-5)

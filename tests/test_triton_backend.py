@@ -91,7 +91,7 @@ def test_meta_tensors_run_the_custom_ops_fakes():
     weights = np.zeros((2, NUM_ROWS, NUM_INPUTS + 1))
     weights[:, ROW_X, COL_Z] = 1.0
     solver = SolverTable.from_float64(
-        "meta", weights, np.zeros((2, 2)), np.arange(2), np.ones(2), 1.0, False, meta
+        "meta", weights, np.array([[0, -1], [0, -1]]), np.arange(2), np.ones(2), 1.0, False, meta
     )
     history = torch.empty(1, 2, 3, 4, 4, device=meta)
     assert ops.multistep_update(x, x, history, 1, solver, seed=0, backend="triton").shape == x.shape

@@ -44,6 +44,7 @@ class _SolverRun:
     def step(self, i: int) -> torch.Tensor:
         x, table = self.x, self.table
         eps = self.denoiser(x * table.input_scale[i], table.timesteps[i].expand(x.shape[0]))
+        eps = eps.contiguous()  # a channels_last network's eps: the update runs on flat tensors
         noise = self.noise.step(i, x) if table.stochastic else {}
         self.x = ops.multistep_update(
             x, eps, self.history, i, table, clip_x0=self.clip_x0, backend=self.denoiser.backend, **noise
