@@ -57,11 +57,11 @@ def _cases(full: bool):
     """(name, thunk) per launch; each thunk calls a launcher on meta tensors. The default set takes
     every constexpr branch of every kernel; `full` adds the rest of DDPM's production shapes."""
     import torch
-
     from fastddpm.kernels.attention import launch_attention
     from fastddpm.kernels.ddpm_step import FLAT, launch_ddpm_step
     from fastddpm.kernels.group_norm_silu import launch_group_norm_silu
     from fastddpm.kernels.multistep_update import launch_multistep_update
+
     from fastddpm.schedule import Schedule
 
     meta = torch.device("meta")
@@ -205,12 +205,12 @@ def compile_all(full: bool = False, capability: int = 90) -> list[dict]:
     case, kernel, triton version, config (the launch's non-tensor keyword arguments), num_warps,
     shared (bytes), regs, spill_stores, spill_loads, stack (bytes), pointers (the tensor arguments),
     divisible (the arguments specialized as divisible by 16), ptx; or case, kernel and error."""
+    import fastddpm.kernels  # noqa: F401  (registers the submodules)
     import torch
     import triton
     from triton import knobs
     from triton.runtime.driver import driver
 
-    import fastddpm.kernels  # noqa: F401  (registers the submodules)
     from benchmarks.resources import parse_ptxas
 
     ops = ("group_norm_silu", "attention", "ddpm_step", "multistep_update")
