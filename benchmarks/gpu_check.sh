@@ -75,10 +75,10 @@ GPU=$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.i
 log "machine: $GPU, commit $(sed -n 's/^commit: //p' "$O/machine.txt") (machine.txt); dry=$DRY, budget ${BUDGET}s"
 
 # --- build: the CUDA library, sm_90 only, in place ---------------------------------------------
-[ -e fastddpm/kernels ] || ln -s ../kernels fastddpm/kernels  # what setup.py's package_dir does
 if [ "$DRY" = 1 ]; then
   skip build "dry: nvcc for sm_90 is a GPU machine's job"
 else
+  [ -e fastddpm/kernels ] || ln -s ../kernels fastddpm/kernels  # what setup.py's package_dir does (the dry run leaves the checkout alone)
   FASTDDPM_BUILD_CUDA=1 stage build 150 "$PY" setup.py -q build_py > "$O/build.log" 2>&1
 fi
 "$PY" -c 'from fastddpm import ops; print(ops.backend_status())' 2>&1 | tail -1 | sed 's/^/backends: /' \
