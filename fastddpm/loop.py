@@ -7,8 +7,9 @@
 a step runs: `EagerSteps` (the `Denoiser`, then fastddpm.ops.ddpm_step), the CUDA graph runner
 (fastddpm.graphs), an ONNX step graph (fastddpm.ort) and a TensorRT engine (fastddpm.trt). A
 strategy is told x_T, the table, clip_x0 and the batch's noise (`start`) and returns a `StepRun`,
-which the loop advances one step at a time. Another solver is another strategy over its own
-table; a multistep one keeps its history of eps in its run.
+which the loop advances one step at a time. The few-step solvers (fastddpm.solvers) are
+SolverTables (fastddpm.solver_table) run by SolverSteps or the graph runner; their history slots
+live in the run.
 """
 
 from __future__ import annotations
