@@ -13,7 +13,11 @@ Sections, each guarded (an error is recorded and the rest runs) and clamped to t
 3. alternatives: what a user would run instead, at the same shapes and with the same timer:
    F.group_norm + F.silu, and F.scaled_dot_product_attention.
 4. graphs: the graph runner's ms per step (Sampler(cuda_graph=True) with seed=), batch 1 and 256.
-5. split: torch.profiler of one batch-256 forward: kernel time in convolutions, GEMMs (and SDPA),
+5. solvers: a 20-step DPM-Solver++ 2M sample's ms per step, batch 1 and 256: fastddpm with the
+   graph runner (the fused multistep_update captured with the network), against diffusers'
+   DPMSolverMultistepScheduler loop on its UNet2DModel of the same config (where diffusers is
+   installed on the GPU machine).
+6. split: torch.profiler of one batch-256 forward: kernel time in convolutions, GEMMs (and SDPA),
    fastddpm's fused ops and other work, and the launch gaps (device idle between its kernels).
 
 --dry runs every section's code on the CPU: fastddpm.check's small shapes, the tiny preset, two
@@ -47,6 +51,10 @@ GRAPH_RUNS = [
 ]  # precision, backend
 SPLIT_RUNS = [("fp32", "triton"), ("tf32", "triton"), ("bf16", "triton"), ("bf16", "cuda"), ("bf16", "torch")]
 GRAPH_STEPS = 20
+SECTIONS = ("ceilings", "check", "alternatives", "graphs", "solvers", "split")
+SOLVER = "dpmpp-2m"
+SOLVER_RUNS = [("fp32", "triton"), ("bf16", "triton"), ("bf16", "cuda"), ("bf16", "torch")]  # as GRAPH_RUNS
+SOLVER_STEPS = 20
 LATER_SECTIONS_S = 60  # on a GPU, check's timings stop this long before the deadline, for what follows
 FUSED_NAMES = ("fastddpm", "_gn_", "_attn_", "_ddpm_step", "_philox")  # custom ops, CUDA namespace, Triton
 CONV_NAMES = ("conv", "fprop", "dgrad", "wgrad", "winograd", "nchwtonhwc", "nhwctonchw", "cudnn")
@@ -216,6 +224,54 @@ class Run:
             graph=sampler.graph_runner.captures > 0, ms_per_step=seconds / steps * 1e3,
         )  # fmt: skip
 
+    def solvers(self) -> None:
+        batches = (1,) if self.dry else (1, 256)
+        steps = 2 if self.dry else SOLVER_STEPS
+        for batch in batches:
+            for precision, backend in SOLVER_RUNS:
+                what = f"fastddpm {SOLVER} {precision} {backend} batch {batch}"
+                run = functools.partial(self._solver, precision, backend, batch, steps)
+                self.guarded("solvers", what, run, backend)
+            what = f"diffusers DPMSolverMultistepScheduler fp32 batch {batch}"
+            self.guarded("solvers", what, functools.partial(self._diffusers_solver, batch, steps))
+
+    def _solver(self, precision: str, backend: str, batch: int, steps: int) -> None:
+        unet = UNet(preset(self.preset), backend=backend).to(self.device).eval()
+        sampler = Sampler(unet, precision=precision, cuda_graph=True)
+        sample = functools.partial(sampler.sample, batch, steps=steps, method=SOLVER, seed=0, progress=False)
+        seconds = check.median_seconds(sample, self.device, reps=3)  # the warm-up call captures
+        self.row(
+            "solvers", system="fastddpm", precision=precision, backend=backend, batch=batch, steps=steps,
+            graph=sampler.graph_runner.captures > 0, ms_per_step=seconds / steps * 1e3,
+        )  # fmt: skip
+
+    def _diffusers_solver(self, batch: int, steps: int) -> None:
+        import diffusers  # the GPU machine has it only where it travels as wheels: an error row then
+
+        from fastddpm import DiffusionConfig
+        from fastddpm.checkpoints import diffusion_config_to_diffusers, unet_config_to_diffusers
+
+        cfg = preset(self.preset)
+        torch.manual_seed(0)
+        unet = diffusers.UNet2DModel.from_config(unet_config_to_diffusers(cfg)).to(self.device).eval()
+        scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+            diffusion_config_to_diffusers(DiffusionConfig())
+        )
+        shape = (batch, cfg.in_channels, cfg.resolution, cfg.resolution)
+
+        @torch.no_grad()
+        def run() -> None:
+            scheduler.set_timesteps(steps)  # it keeps its history: a fresh run each time
+            x = torch.randn(shape, device=self.device)
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+
+        seconds = check.median_seconds(run, self.device, reps=3)
+        self.row(
+            "solvers", system="diffusers", precision="fp32", backend="eager", batch=batch, steps=steps,
+            graph=False, ms_per_step=seconds / steps * 1e3,
+        )  # fmt: skip
+
     def split(self) -> None:
         runs = SPLIT_RUNS[-1:] if self.dry else SPLIT_RUNS
         batch = self.batches[-1]
@@ -281,6 +337,12 @@ class Run:
             else:
                 name = f"{r['backend']} {r['precision']} b{r['batch']}"
                 lines.append(f"graph {name}: {r['ms_per_step']:.3g} ms/step (captured: {r['graph']})")
+        for r in self.results.get("solvers", []):
+            if "error" in r:
+                lines.append(f"solver {r['what']}: {r['error']}")
+            else:
+                name = f"{r['system']} {SOLVER} {r['backend']} {r['precision']} b{r['batch']}"
+                lines.append(f"solver {name}: {r['ms_per_step']:.3g} ms/step (graph: {r['graph']})")
         for r in self.results.get("split", []):
             if "error" in r:
                 lines.append(f"split {r['what']}: {r['error']}")
@@ -330,14 +392,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="the JSON file to write (rewritten after each section)")
     p.add_argument("--dry", action="store_true", help="on the CPU: tiny shapes, the GPU-only parts skipped")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting rows after this (170; dry 60)")
-    p.add_argument("--only", default="ceilings,check,alternatives,graphs,split", help="sections to run")
+    p.add_argument("--only", default=",".join(SECTIONS), help="sections to run")
     p.add_argument("--summary", help="append the table without its per-op rows to this file")
     args = p.parse_args(argv)
     if not args.dry and not torch.cuda.is_available():
         p.error("no CUDA device is visible: run with --dry on a CPU")
     run = Run(args.dry, args.budget_s or (60 if args.dry else 170), args.out)
     for name in args.only.split(","):
-        if name not in ("ceilings", "check", "alternatives", "graphs", "split"):
+        if name not in SECTIONS:
             p.error(f"unknown section {name!r}")
         run.section(name, getattr(run, name))
     print(run.table(), flush=True)

@@ -6,7 +6,7 @@ distance between a digits classifier's hidden features of the samples and of the
 real digits; real-against-real is about 34.5). Writes the table as JSON and the plot (x: network
 evaluations, log scale; y: distance; the 1000-step ancestral level as a reference line).
 
-    python -m benchmarks.quality_steps [--out benchmarks/results/quality-steps.json]
+    python -m benchmarks.quality_steps [--out benchmarks/results/quality/quality-steps.json]
         [--plot docs/quality-vs-steps.png]
 """
 
@@ -97,7 +97,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality-steps.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality/quality-steps.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/quality-vs-steps.png"))
     args = parser.parse_args()
     result = measure()

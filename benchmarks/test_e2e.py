@@ -28,6 +28,11 @@ autotunes and captures. What a round runs, per system:
   and the candidates for the fastest CPU configuration (CPU_OPTIONS: bf16, channels_last, and the
   network under `Sampler(compile=True)`, torch.compile fullgraph), torch backend.
 
+Solver rows (DPM-Solver++ 2M, `solver` in extra_info): on the GPU cifar10 at batch 1 and 256, 20 steps
+(SOLVER_GPU_STEPS), diffusers' loop over DPMSolverMultistepScheduler.from_config of the DDPMScheduler
+(eager, fp32 / tf32 / fp16) against fastddpm's `sample(method="dpmpp-2m")` with the graph runner per
+backend, fp32 and bf16; on the CPU both at CPU_STEPS, fp32.
+
 extra_info: ms_per_step = round median / S; images_per_s = B / (1000 * step time), the rate of a
 1000-step sample; plus system, model, device, batch, precision, backend, graph, channels_last, compile and
 the torch / diffusers / fastddpm versions. Groups: "<model> <device type> batch <B>".
@@ -207,10 +212,14 @@ def time_rounds(
     )
 
 
-def diffusers_row(benchmark, case: Case, precision: str, *, compiled: bool) -> None:
-    """Time DDPMPipeline's loop of S steps (eager, or the network under max-autotune torch.compile)."""
+def diffusers_row(benchmark, case: Case, precision: str, *, compiled: bool, solver: str = "ddpm") -> None:
+    """Time DDPMPipeline's loop of S steps (eager, or the network under max-autotune torch.compile);
+    with `solver` "dpmpp-2m", the same loop over DPMSolverMultistepScheduler.from_config of the
+    DDPMScheduler (its set_timesteps in each round: it keeps history)."""
     device, dtype = case.device, torch.float16 if precision == "fp16" else torch.float32
     unet, scheduler = case.model.diffusers(device, dtype)
+    if solver != "ddpm":
+        scheduler = SOLVER_SCHEDULERS[solver](scheduler)
     scheduler.set_timesteps(case.steps)
     if compiled:
         torch._dynamo.reset()  # a fresh cache: the recompile limit would otherwise leave later rows eager
@@ -221,6 +230,8 @@ def diffusers_row(benchmark, case: Case, precision: str, *, compiled: bool) -> N
 
     @torch.no_grad()
     def run() -> None:
+        if solver != "ddpm":
+            scheduler.set_timesteps(case.steps)  # a multistep scheduler starts its history afresh
         x = torch.randn((case.batch, *case.model.shape), generator=generator, device=device, dtype=dtype)
         for t, t_unet in timesteps:
             if compiled:
@@ -235,6 +246,7 @@ def diffusers_row(benchmark, case: Case, precision: str, *, compiled: bool) -> N
             case,
             run,
             system="diffusers+compile" if compiled else "diffusers",
+            solver=solver,
             precision=precision,
             backend="inductor" if compiled else "eager",
             graph=compiled and device.type == "cuda",  # Inductor's CUDA graphs
@@ -252,10 +264,11 @@ def fastddpm_row(
     channels_last: bool,
     graph: bool,
     compile: bool = False,
+    solver: str = "ddpm",
 ) -> None:
-    """Time one `Sampler.sample` call of S steps, on CUDA with (graph) or without (cuda_graph=False) the
-    CUDA-graph runner; on the CPU with the Sampler's default, eager there. A graph row whose runner
-    captured nothing in the warm-up (it fell back to eager) skips."""
+    """Time one `Sampler.sample` call of S steps (`solver`: its method), on CUDA with (graph) or
+    without (cuda_graph=False) the CUDA-graph runner; on the CPU with the Sampler's default, eager
+    there. A graph row whose runner captured nothing in the warm-up (it fell back to eager) skips."""
     backend_or_skip(backend)
     if compile:
         torch._dynamo.reset()  # as for diffusers: no earlier row's compiled code or shape history
@@ -265,7 +278,9 @@ def fastddpm_row(
     sampler = case.model.fastddpm(case.device, backend, **options)
 
     def run() -> None:
-        sampler.sample(case.batch, steps=case.steps, seed=0, batch_size=case.batch, progress=False)
+        sampler.sample(
+            case.batch, steps=case.steps, method=solver, seed=0, batch_size=case.batch, progress=False
+        )
         synchronize(case.device)
 
     def captured() -> None:
@@ -278,12 +293,25 @@ def fastddpm_row(
         run,
         warmed=captured,
         system="fastddpm",
+        solver=solver,
         precision=precision,
         backend=backend,
         graph=graph,
         channels_last=channels_last,
         compile=compile,
     )
+
+
+def _dpmsolver(scheduler):
+    import diffusers
+
+    return diffusers.DPMSolverMultistepScheduler.from_config(scheduler.config)
+
+
+# The few-step solvers timed against diffusers' scheduler of the same name (the others' steps cost
+# the same: one network call and one fused update each).
+SOLVER_SCHEDULERS = {"dpmpp-2m": _dpmsolver}
+SOLVER_GPU_STEPS = 20  # the step count users run DPM-Solver++ at
 
 
 # --- GPU rows ---------------------------------------------------------------------------------------
@@ -315,6 +343,33 @@ def test_fastddpm_gpu(benchmark, model, batch, backend, precision, graph):
     fastddpm_row(benchmark, case, backend=backend, precision=precision, channels_last=False, graph=graph)
 
 
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("precision", DIFFUSERS_PRECISIONS)
+@pytest.mark.parametrize("batch", [1, 256])
+def test_diffusers_solver_gpu(benchmark, batch, precision):
+    case = Case(MODELS["cifar10"], GPU, batch, SOLVER_GPU_STEPS, GPU_ROUNDS)
+    diffusers_row(benchmark, case, precision, compiled=False, solver="dpmpp-2m")
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("precision", ("fp32", "bf16"))
+@pytest.mark.parametrize("backend", ops.CONCRETE_BACKENDS)
+@pytest.mark.parametrize("batch", [1, 256])
+def test_fastddpm_solver_gpu(benchmark, batch, backend, precision):
+    case = Case(MODELS["cifar10"], GPU, batch, SOLVER_GPU_STEPS, GPU_ROUNDS)
+    fastddpm_row(
+        benchmark,
+        case,
+        backend=backend,
+        precision=precision,
+        channels_last=False,
+        graph=True,
+        solver="dpmpp-2m",
+    )
+
+
 # --- CPU rows ---------------------------------------------------------------------------------------
 
 CPU = torch.device("cpu")
@@ -341,4 +396,25 @@ def test_fastddpm_cpu(benchmark, model, batch, precision, channels_last, compile
         channels_last=channels_last,
         graph=False,
         compile=compile,
+    )
+
+
+@pytest.mark.parametrize(("model", "batch"), CPU_CASES, ids=case_ids(CPU_CASES))
+def test_diffusers_solver_cpu(benchmark, model, batch):
+    """DPM-Solver++ 2M: diffusers' DPMSolverMultistepScheduler loop, fp32 (fastddpm's: below)."""
+    case = Case(MODELS[model], CPU, batch, CPU_STEPS, CPU_ROUNDS)
+    diffusers_row(benchmark, case, "fp32", compiled=False, solver="dpmpp-2m")
+
+
+@pytest.mark.parametrize(("model", "batch"), CPU_CASES, ids=case_ids(CPU_CASES))
+def test_fastddpm_solver_cpu(benchmark, model, batch):
+    case = Case(MODELS[model], CPU, batch, CPU_STEPS, CPU_ROUNDS)
+    fastddpm_row(
+        benchmark,
+        case,
+        backend="torch",
+        precision="fp32",
+        channels_last=False,
+        graph=False,
+        solver="dpmpp-2m",
     )

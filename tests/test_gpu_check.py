@@ -73,7 +73,7 @@ def test_the_dry_bench_runs_every_section(dry_run):
     bench = json.loads((out / "bench.json").read_text())
     assert bench["dry"] is True
     assert {name: s["status"] for name, s in bench["sections"].items()} == dict.fromkeys(
-        ("ceilings", "check", "alternatives", "graphs", "split"), "ok"
+        ("ceilings", "check", "alternatives", "graphs", "solvers", "split"), "ok"
     )
     check = bench["check"]
     assert check["passed"] and check["checks"] and all(r["backend"] == "torch" for r in check["checks"])
@@ -86,6 +86,9 @@ def test_the_dry_bench_runs_every_section(dry_run):
     assert all(r["ms"] > 0 for r in check["unet"])
     (graph,) = bench["graphs"]
     assert graph["backend"] == "torch" and graph["graph"] is False and graph["ms_per_step"] > 0
+    ours, theirs = bench["solvers"]  # the dry run: batch 1, the torch backend and diffusers
+    assert (ours["system"], ours["backend"], ours["graph"]) == ("fastddpm", "torch", False)
+    assert theirs["system"] == "diffusers" and ours["ms_per_step"] > 0 and theirs["ms_per_step"] > 0
     (split,) = bench["split"]
     assert split["ms"]["conv"] > 0 and split["gaps_ms"] is None
     skipped = "\n".join(bench["skipped"])
