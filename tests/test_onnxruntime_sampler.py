@@ -96,6 +96,20 @@ def test_the_step_graph_holds_the_table(step_sampler):
     assert step_sampler.export.step == export.StepSpec(steps=10, clip_x0=True)
 
 
+@pytest.mark.parametrize("method", ["dpmpp-2m-sde", "unipc", "euler-a"])
+def test_a_solver_on_the_onnx_network_gives_the_pytorch_images(onnx_sampler, sampler, method):
+    kwargs = dict(steps=5, method=method, spacing="trailing", seed=4, progress=False)
+    assert (
+        onnx_sampler.sample(2, **kwargs) - sampler.sample(2, **kwargs)
+    ).abs().max().item() <= IMAGE_TOLERANCE
+
+
+def test_fractional_timesteps_are_refused_by_an_onnx_network(onnx_sampler):
+    """Euler's linspace spacing visits fractional t, which an int64 ONNX input cannot hold."""
+    with pytest.raises(ValueError, match="fractional timesteps here, which only a torch network"):
+        onnx_sampler.sample(1, steps=7, method="euler", spacing="linspace", progress=False)
+
+
 def test_bad_arguments(step_sampler, onnx_sampler):
     with pytest.raises(ValueError, match=r"x_T must have shape \(2, 3, 16, 16\)"):
         step_sampler.sample(2, x_T=torch.randn(1, 3, 16, 16))
