@@ -122,8 +122,9 @@ def test_fastddpm_benchmark_rows_run_without_diffusers(tmp_path):
         "--benchmark-disable",
         "benchmarks/test_e2e.py",
         "-k",
-        "cpu and cifar10-b1 and (diffusers or fp32-cl0)",
+        "cpu and cifar10-b1 and (diffusers or fp32-cl0 or fastddpm_solver)",
         hide_diffusers=True,
     )
     assert out.startswith("rc=0"), out[-3000:]
-    assert "1 passed, 1 skipped" in out and "diffusers is not installed" in out, out[-3000:]
+    # fastddpm's DDPM and solver rows run; diffusers' DDPMPipeline and DPMSolver rows skip
+    assert "2 passed, 2 skipped" in out and "diffusers is not installed" in out, out[-3000:]
