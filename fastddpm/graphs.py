@@ -41,7 +41,7 @@ step that has one and, after the replay, calls callback(i, t, x_t, x0_pred) with
 computed from that copy and the graph's static eps buffer, outside the graph: the arguments
 equal the eager steps'.
 
-Fallback: eager steps (fastddpm.loop.EagerSteps), with a one-line notice (a warning of the
+Fallback: eager steps (fastddpm.solvers.steps.Eager), with a one-line notice (a warning of the
 `fastddpm.graphs` logger, which Python prints to stderr when logging is not configured) once per
 cause and runner, where the runner cannot serve: not a CUDA device (silent unless the graph was
 requested), steps that draw from a generator, or a capture that failed (that key is then not
@@ -59,11 +59,11 @@ from dataclasses import replace
 import torch
 
 from . import ops
-from .loop import Denoiser, EagerSteps, StepRun
+from .loop import Denoiser, StepRun
 from .noise import BatchNoise
 from .schedule import StepTable
 from .solver_table import SolverTable
-from .solvers.steps import SolverSteps
+from .solvers.steps import Eager
 
 WARMUP_STEPS = 2
 LOG = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class GraphRunner:
     ) -> None:
         self.denoiser, self.weights = denoiser, weights
         self.requested, self.max_graphs = requested, max_graphs
-        self.eager, self.solver_eager = EagerSteps(denoiser), SolverSteps(denoiser)
+        self.eager = Eager(denoiser)
         self._graphs: OrderedDict[tuple, GraphedStep] = OrderedDict()
         self.captures = 0  # graphs captured so far (a cache hit captures none)
         self._failed: set[tuple] = set()
@@ -195,27 +195,26 @@ class GraphRunner:
         """A run of graph replays from x_T (N, C, H, W) float32, or of eager steps where the runner
         cannot serve."""
         device = x_T.device
-        eager = self.solver_eager if isinstance(table, SolverTable) else self.eager
         if device.type != "cuda":
             if self.requested:
                 self._notice("device", f"the sampler runs on {device}; CUDA graphs need a CUDA device")
-            return eager.start(x_T, table, clip_x0, noise)
+            return self.eager.start(x_T, table, clip_x0, noise)
         if table.stochastic and not noise.philox:
             self._notice(
                 "generator",
                 "the steps draw their noise from a torch.Generator, which a graph cannot replay"
                 " (sample(seed=...) or --noise philox draws it in the kernel)",
             )
-            return eager.start(x_T, table, clip_x0, noise)
+            return self.eager.start(x_T, table, clip_x0, noise)
         key = self._key(x_T, table, clip_x0)
         if key in self._failed:
-            return eager.start(x_T, table, clip_x0, noise)
+            return self.eager.start(x_T, table, clip_x0, noise)
         # Capture on x_T's device, whichever device is current: a graph's streams, memory pool
         # and kernels all belong to the device current when it is made.
         with torch.cuda.device(device):
             step = self._graphs.get(key) or self._capture(key, x_T, table, clip_x0)
         if step is None:
-            return eager.start(x_T, table, clip_x0, noise)
+            return self.eager.start(x_T, table, clip_x0, noise)
         self._graphs.move_to_end(key)
         return step.start(x_T, noise.seed, noise.offset(0) if noise.philox else 0)
 

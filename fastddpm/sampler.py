@@ -15,13 +15,13 @@ import torch
 
 from . import loop
 from .graphs import GraphRunner
-from .loop import Denoiser, EagerSteps, StepCallback, StepStrategy
+from .loop import Denoiser, StepCallback, StepStrategy
 from .precision import Precision
 from .schedule import METHODS, DiffusionConfig, StepTable, check_eta, step_coefficients, step_table
 from .solver_table import SolverTable
 from .solvers import SOLVERS, solver_table
 from .solvers.ddim import ddim_eps_table
-from .solvers.steps import SolverSteps
+from .solvers.steps import Eager
 from .unet import UNet, UNetConfig
 
 __all__ = ["SAMPLERS", "Sampler", "TorchDenoiser"]
@@ -124,7 +124,7 @@ class Sampler:
         self.network = torch.compile(unet, fullgraph=True) if compile else unet
         self.denoiser: Denoiser = TorchDenoiser(unet, self.network, self.precision) if is_module else unet
         self._weights = self.denoiser.weights if is_module else tuple  # what a CUDA graph bakes in
-        self.eager, self.solver_steps = EagerSteps(self.denoiser), SolverSteps(self.denoiser)
+        self.eager = Eager(self.denoiser)
         self.diffusion = diffusion or DiffusionConfig()
         self.cuda_graph = cuda_graph
 
@@ -142,11 +142,11 @@ class Sampler:
             None if value is False else GraphRunner(self.denoiser, self._weights, requested=value)
         )
 
-    def strategy(self, table: StepTable | SolverTable) -> StepStrategy:
-        """How each step of `table` runs: the graph runner (which falls back to eager steps), or
-        eager steps (EagerSteps; SolverSteps for a solver's table)."""
-        eager = self.solver_steps if isinstance(table, SolverTable) else self.eager
-        return self.graph_runner or eager
+    @property
+    def strategy(self) -> StepStrategy:
+        """How each step runs: the graph runner (which falls back to eager steps), or eager steps
+        (fastddpm.solvers.steps.Eager: EagerSteps, or SolverSteps for a solver's table)."""
+        return self.graph_runner or self.eager
 
     def predict_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The network's eps (N, C, H, W) float32 for x_t (N, C, H, W) float32 at timesteps t (N,)."""
@@ -227,7 +227,7 @@ class Sampler:
         self.precision.check_device(device)
         cfg = self.denoiser.config
         return loop.sample(
-            self.strategy(table),
+            self.strategy,
             table,
             n,
             (cfg.in_channels, cfg.resolution, cfg.resolution),

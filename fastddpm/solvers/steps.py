@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..loop import Denoiser
+from ..loop import Denoiser, EagerSteps, StepRun
 from ..noise import BatchNoise
+from ..schedule import StepTable
 from ..solver_table import SolverTable
 
 
@@ -50,3 +51,17 @@ class _SolverRun:
             x, eps, self.history, i, table, clip_x0=self.clip_x0, backend=self.denoiser.backend, **noise
         )
         return eps
+
+
+class Eager:
+    """Eager steps of either kind of table: EagerSteps for a StepTable, SolverSteps for a
+    SolverTable (the Sampler's strategy without CUDA graphs, and the graph runner's fallback)."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.ddpm, self.solver = EagerSteps(denoiser), SolverSteps(denoiser)
+
+    def start(
+        self, x_T: torch.Tensor, table: StepTable | SolverTable, clip_x0: bool, noise: BatchNoise
+    ) -> StepRun:
+        strategy = self.solver if isinstance(table, SolverTable) else self.ddpm
+        return strategy.start(x_T, table, clip_x0, noise)
