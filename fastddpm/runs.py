@@ -50,7 +50,7 @@ from .loop import NonFiniteSamplesError
 from .precision import DTYPES
 from .sampler import SAMPLERS, Sampler, check_clipped_model_output
 from .schedule import check_eta, check_steps
-from .solvers import SOLVERS
+from .solvers import SOLVERS, check_solver_steps
 
 MANIFEST = "run.json"
 SHARDS = "shards"
@@ -101,8 +101,8 @@ class RunSpec:
         if self.method not in SAMPLERS:
             raise ValueError(f"unknown sampling method {self.method!r}; choose one of {', '.join(SAMPLERS)}")
         object.__setattr__(self, "steps", check_steps(self.steps))
-        if self.method in SOLVERS and not isinstance(self.steps, int):
-            raise ValueError(f"the {self.method} solver needs steps, an int; got {self.steps!r}")
+        if self.method in SOLVERS:
+            check_solver_steps(self.method, self.steps)
         object.__setattr__(self, "eta", check_eta(self.eta, self.method))
         check_clipped_model_output(self.use_clipped_model_output, self.method)
 

@@ -45,14 +45,20 @@ _SOLVERS = {
 SOLVERS = tuple(_SOLVERS)
 
 
+def check_solver_steps(name: str, steps: object) -> int:
+    """A solver's steps: an int (its scheduler's set_timesteps(steps)); else a ValueError."""
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise ValueError(f"the {name} solver needs steps, an int number of steps; got {steps!r}")
+    return steps
+
+
 def solver_table(
     name: str, diffusion: DiffusionConfig, steps: int, device: torch.device | str = "cpu"
 ) -> SolverTable:
     """Solver `name`'s table of `steps` steps (its scheduler's set_timesteps(steps)) for `diffusion`."""
     if name not in _SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise ValueError(f"the {name} solver needs steps, an int number of steps; got {steps!r}")
+    check_solver_steps(name, steps)
     family, options, default_spacing = _SOLVERS[name]
     schedule = diffusion.schedule()
     T = len(schedule)
