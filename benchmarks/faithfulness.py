@@ -24,14 +24,13 @@ import fastddpm
 from fastddpm.solvers import SOLVERS
 from tests import test_solvers
 from tests.conftest import TINY_DIFFUSERS_UNET, reference_json, require_diffusers, write_diffusers_folder
-from tests.test_pipelines_at_step_counts import ddpm_pipeline, pixels
+from tests.test_pipelines_at_step_counts import ddim_pipeline, ddpm_pipeline, pixels
 from tests.test_solver_pipelines import diffusers_loop
 
 STEP_COUNTS = (10, 50, 100, 1000)
 
 
 def pipelines(folder: Path, model) -> None:
-    diffusers = require_diffusers()
     sampler = fastddpm.load(folder)
     print("| pipeline | " + " | ".join(map(str, STEP_COUNTS)) + " |")
     rows = {"DDPMPipeline": []}
@@ -40,13 +39,7 @@ def pipelines(folder: Path, model) -> None:
         rows["DDPMPipeline"].append(np.abs(pixels(ours) - ddpm_pipeline(folder, model, S, seed=5)).max())
         for clipped in (True, False):
             for eta in (0.0, 0.5):
-                pipe = diffusers.DDIMPipeline(
-                    unet=model, scheduler=diffusers.DDIMScheduler.from_pretrained(folder)
-                )
-                pipe.set_progress_bar_config(disable=True)
-                g = torch.Generator().manual_seed(6)
-                options = {"eta": eta, "num_inference_steps": S, "use_clipped_model_output": clipped}
-                theirs = pipe(batch_size=2, generator=g, output_type="np", **options).images
+                theirs = ddim_pipeline(folder, model, S, 6, eta, clipped)
                 ours = sampler.sample(
                     2, steps=S, method="ddim", eta=eta, use_clipped_model_output=clipped,
                     generator=torch.Generator().manual_seed(6), progress=False,

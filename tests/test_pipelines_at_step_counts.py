@@ -48,6 +48,15 @@ def ddpm_pipeline(folder, model, S: int, seed: int) -> np.ndarray:
     ).images
 
 
+def ddim_pipeline(folder, model, S: int, seed: int, eta: float, clipped: bool) -> np.ndarray:
+    pipe = diffusers.DDIMPipeline(unet=model, scheduler=diffusers.DDIMScheduler.from_pretrained(folder))
+    pipe.set_progress_bar_config(disable=True)
+    options = {"eta": eta, "num_inference_steps": S, "use_clipped_model_output": clipped}
+    return pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(seed), output_type="np", **options
+    ).images
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("S", STEP_COUNTS)
 def test_ddpm_equals_ddpm_pipeline_at_every_step_count(tiny_1000, S):
@@ -71,17 +80,7 @@ def test_ddim_equals_ddim_pipeline(tiny_1000, S, eta, clipped):
     by 1e-6 differs by 5e-5 at 10 steps and by 0.1 or more at 50 (benchmarks/faithfulness.py),
     so whole chains are compared at 10 steps; every step at every S is compared below."""
     folder, model = tiny_1000
-    pipe = diffusers.DDIMPipeline(unet=model, scheduler=diffusers.DDIMScheduler.from_pretrained(folder))
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(6)
-    theirs = pipe(
-        batch_size=2,
-        generator=g,
-        eta=eta,
-        num_inference_steps=S,
-        use_clipped_model_output=clipped,
-        output_type="np",
-    ).images
+    theirs = ddim_pipeline(folder, model, S, 6, eta, clipped)
     sampler = fastddpm.load(folder)
     ours = sampler.sample(
         2, steps=S, method="ddim", eta=eta, use_clipped_model_output=clipped,
