@@ -14,6 +14,12 @@ eager run would execute it:
   transpose, expand, empty, ...), else 1. A cuDNN convolution or cuBLAS GEMM counts as 1 kernel
   (libraries may add a small one); a fused op of fastddpm (a custom op of a `fastddpm_*`
   namespace) counts as the kernels its launch plan runs (`fused_launches`; 1 by default).
+- what an op runs on CUDA besides its own kernel, as PyTorch's CUDA code does it, each its own
+  record: a convolution with a bias adds it in a second kernel (`output.add_(bias)`: cuDNN does
+  not take the bias; category "elementwise"), and copies an input that is not dense in the memory
+  format cuDNN runs (channels_last if the input or the weight is, "copy"); an out-of-place
+  `baddbmm` first copies its broadcast input into the output ("copy"), which the GEMM then reads
+  (beta = 1). `addmm` with a 1-D bias is one kernel (cuBLASLt's bias epilogue).
 - bytes: the minimum traffic, each distinct input tensor read once and each output written once,
   at the unique elements a tensor addresses (an expanded dimension, stride 0, is read once).
 - flops: PyTorch's own formulas (torch.utils.flop_counter) where it has one, else 0.
@@ -83,6 +89,21 @@ class Record:
     flops: int
 
 
+def _pass(what: str, kind: str, moved: int) -> Record:
+    """A memory-bound kernel that an op runs on CUDA besides its own (see the module docstring)."""
+    return Record(what, kind, 1, moved, 0)
+
+
+def _cudnn_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The layout cuDNN convolves in: channels_last if the input's or the weight's strides are NHWC
+    (and not also NCHW), as PyTorch's cudnn_conv_suggest_memory_format decides."""
+    nhwc = any(
+        t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+        for t in (x, weight)
+    )
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """The bytes `t` addresses once: its unique elements (a stride-0 dimension counts once)."""
     elements = math.prod(size for size, stride in zip(t.shape, t.stride(), strict=True) if stride != 0)
@@ -145,6 +166,10 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func is torch.ops.aten.convolution.default and out.is_meta:
+            # Meta's convolution writes NCHW whatever its operands; cuDNN's output has the layout
+            # it convolves in (and so does the CPU's).
+            out = out.contiguous(memory_format=_cudnn_memory_format(args[0], args[1]))
         if not self.counter._inside:
             self.counter._record_op(func, args, kwargs, out)
         return out
@@ -211,10 +236,25 @@ class Counter:
         moved = sum(tensor_bytes(t) for t in inputs) + sum(tensor_bytes(t) for t in outputs)
         kind = category(func)
         launches, flops = 1, _flops(func, args, kwargs, out)
+        before, after = [], []  # the kernels PyTorch's CUDA code runs around this one
+        if name == "convolution":
+            x, weight, bias = args[0], args[1], args[2]
+            if not x.is_contiguous(memory_format=_cudnn_memory_format(x, weight)):
+                before.append(_pass("convolution input copy", "copy", 2 * tensor_bytes(x)))
+            if bias is not None:
+                after.append(
+                    _pass("convolution bias add", "elementwise", 2 * tensor_bytes(out) + tensor_bytes(bias))
+                )
+            moved = tensor_bytes(x) + tensor_bytes(weight) + tensor_bytes(out)
+        elif name == "baddbmm" and kwargs.get("beta", 1) != 0:
+            before.append(
+                _pass("baddbmm input copy", "copy", tensor_bytes(args[0]) + tensor_bytes(out))
+            )  # out = self
+            moved = tensor_bytes(args[1]) + tensor_bytes(args[2]) + 2 * tensor_bytes(out)  # out += b1 @ b2
         if kind == "fused":
             launches = self.fused_launches(name, args) if self.fused_launches else 1
             flops = attention_flops(args[0], args[1]) if name == "attention" else 0
-        self.records.append(Record(str(func), kind, launches, moved, flops))
+        self.records += [*before, Record(str(func), kind, launches, moved, flops), *after]
 
     def total(self, field: str, categories: tuple[str, ...] | None = None) -> int:
         """The sum of `field` ("launches", "bytes", "flops") over records of `categories` (all if None)."""

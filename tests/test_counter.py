@@ -23,6 +23,57 @@ def test_linear_then_relu_is_two_kernels_with_the_bytes_and_flops_of_a_gemm_and_
     assert c.total("launches") == 2  # w.t() is a view: no kernel
 
 
+def test_a_convolution_with_a_bias_is_two_kernels_as_cudnn_runs_it():
+    """cuDNN convolves without the bias; PyTorch adds it in a second kernel over the output."""
+    x, w, b = (torch.empty(s, device="meta") for s in ((2, 4, 8, 8), (6, 4, 3, 3), (6,)))
+    with Counter() as c:
+        F.conv2d(x, w, b, padding=1)
+    y = 2 * 6 * 8 * 8
+    assert [(r.category, r.launches, r.bytes) for r in c.records] == [
+        ("convolution", 1, (2 * 4 * 8 * 8 + 6 * 4 * 9 + y) * F32),
+        ("elementwise", 1, (2 * y + 6) * F32),  # output.add_(bias): read, write, and the bias
+    ]
+    assert c.records[0].flops == 2 * y * 4 * 9
+    with Counter() as c:
+        F.conv2d(x, w, None, padding=1)
+    assert c.total("launches") == 1
+
+
+def test_a_convolution_copies_an_input_not_in_the_layout_it_convolves_in():
+    """An NHWC weight makes cuDNN convolve NHWC: an NCHW input is copied first, and the output is
+    NHWC (on meta tensors too, whose own convolution would write NCHW)."""
+    cl = torch.channels_last
+    x, w = torch.empty(2, 4, 8, 8, device="meta"), torch.empty(6, 4, 3, 3, device="meta").to(memory_format=cl)
+    with Counter() as c:
+        y = F.conv2d(x, w, None, padding=1)
+    assert [(r.op, r.category, r.bytes) for r in c.records][0] == (
+        "convolution input copy",
+        "copy",
+        2 * x.numel() * F32,
+    )
+    assert y.is_contiguous(memory_format=cl) and c.total("launches") == 2
+    x = x.to(memory_format=cl)
+    with Counter() as c:
+        F.conv2d(x, w, None, padding=1)
+    assert c.total("launches") == 1
+
+
+def test_an_out_of_place_baddbmm_copies_its_input_into_the_output_first():
+    """PyTorch's baddbmm writes `self` (here a broadcast bias) into the output, then runs the GEMM
+    with beta = 1, which reads the output back; in place (baddbmm_) it is one kernel."""
+    bias, a, b = torch.randn(5), torch.randn(3, 4, 6), torch.randn(3, 6, 5)
+    with Counter() as c:
+        out = torch.baddbmm(bias, a, b)
+    o = 3 * 4 * 5
+    assert [(r.category, r.launches, r.bytes) for r in c.records] == [
+        ("copy", 1, (5 + o) * F32),
+        ("gemm", 1, (3 * 4 * 6 + 3 * 6 * 5 + 2 * o) * F32),
+    ]
+    with Counter() as c:
+        out.baddbmm_(a, b)
+    assert [(r.category, r.launches) for r in c.records] == [("gemm", 1)]
+
+
 def test_views_and_allocations_launch_nothing():
     x = torch.randn(2, 3, 4)
     with Counter() as c:
