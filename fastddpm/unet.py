@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import config_schema, ops
+from .folds import Fold, FoldMemo, compute_now
+from .reference import memory_format_of
 
 
 @dataclass(frozen=True)
@@ -93,15 +96,51 @@ def preset(name: str) -> UNetConfig:
     return PRESETS[name]
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding (N,) -> (N, dim): [sin(t w_k), cos(t w_k)], w_k = 10000^(-k/(dim/2 - 1))."""
+def timestep_frequencies(dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """w_k = 10000^(-k/(dim/2 - 1)), k < dim/2: the sinusoidal embedding's frequencies, float32."""
     half = dim // 2
-    freqs = torch.exp(
-        torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(10000) / (half - 1))
-    )
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return torch.exp(torch.arange(half, dtype=torch.float32, device=device) * (-math.log(10000) / (half - 1)))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """Sinusoidal embedding (N,) -> (N, dim) float32: [sin(t w_k), cos(t w_k)] (timestep_frequencies,
+    or `freqs` where the caller holds them), zero-padded to an odd dim."""
+    freqs = timestep_frequencies(dim, t.device) if freqs is None else freqs
+    half = freqs.shape[0]
+    args = t[:, None] * freqs  # float32 (t's integers promote exactly below 2^24)
+    emb = args.new_empty(t.shape[0], 2 * half)
+    torch.sin(args, out=emb[:, :half])  # each half written in place: no concatenation
+    torch.cos(args, out=emb[:, half:])
     return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class Act(NamedTuple):
+    """An activation as the U-Net's forward carries it: a (N, C, H, W) and a per-channel bias not
+    yet added, pending (C,) or None; its value is a + pending[:, None, None].
+
+    A convolution's bias is carried as pending until an op can take it without a pass of its own:
+    the next GroupNorm's add (GN(a + p) is group_norm_silu(a, add=p)), the next block's bias, a
+    1x1 shortcut's bias (W (a + p) = W a + W p), the attention block's residual add. Before an
+    op that cannot (a Downsample's or Upsample's zero-padded convolution) the block before it
+    materializes: its last convolution takes the pending sum as its bias.
+    """
+
+    a: torch.Tensor
+    pending: torch.Tensor | None = None
+
+    def add(self) -> torch.Tensor | None:
+        """pending as a GroupNorm's (N, C) add (a broadcast view), or None."""
+        return None if self.pending is None else self.pending.expand(self.a.shape[0], -1)
+
+    def value(self) -> torch.Tensor:
+        """a + pending (a itself when nothing is pending)."""
+        return self.a if self.pending is None else self.a + self.pending.view(-1, 1, 1).to(self.a.dtype)
+
+
+def _sum(*biases: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of the biases given (None for none): (C,) vectors."""
+    given = [b for b in biases if b is not None]
+    return None if not given else sum(given[1:], given[0])
 
 
 class Norm(nn.Module):
@@ -142,21 +181,35 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, backend: str) -> torch.Tensor:
-        """x (N, c_in, H, W), temb (N, c_out) = temb_proj(SiLU(temb)) -> (N, c_out, H, W).
+        """x (N, c_in, H, W), temb (N, c_out) = temb_proj(SiLU(temb)) -> (N, c_out, H, W)."""
+        return self.run(Act(x), temb + self.conv1.bias, backend, compute_now, materialize=True).a
+
+    def run(self, x: Act, temb_b: torch.Tensor, backend: str, fold: Fold, materialize: bool) -> Act:
+        """The block on x (c_in channels); temb_b (N, c_out) = temb_proj(SiLU(temb)) + conv1.bias:
+        conv1's bias rides in GN2's add. The output's pending bias is conv2's plus the shortcut's
+        (x's pending through it); with `materialize` conv2 adds it and nothing stays pending.
 
         The residual add is folded into the last op: in place into conv2's output, or, with a 1x1
-        shortcut, as a GEMM accumulating nin_shortcut(x) into it (conv2 carrying both biases).
+        shortcut, as a GEMM accumulating nin_shortcut(x.a) into it.
         """
-        h = self.conv1(self.norm1(x, silu=True, backend=backend))
-        h = self.dropout(self.norm2(h, silu=True, add=temb, backend=backend))
-        if self.nin_shortcut is None:
-            return self.conv2(h).add_(x)
-        if torch.compiler.is_exporting():  # ONNX: the shortcut stays a Conv, not a MatMul
-            return self.nin_shortcut(x) + self.conv2(h)
-        out = F.conv2d(h, self.conv2.weight, self.conv2.bias + self.nin_shortcut.bias, padding=1)
-        N, C, H, W = out.shape
-        add_pointwise_(out.view(N, C, H * W), self.nin_shortcut.weight.flatten(1), x.flatten(2))
-        return out
+        h = F.conv2d(self.norm1(x.a, silu=True, add=x.add(), backend=backend), self.conv1.weight, padding=1)
+        h = self.dropout(self.norm2(h, silu=True, add=temb_b, backend=backend))
+        nin = self.nin_shortcut
+        if nin is None:
+            pending = fold((self, "pending"), lambda: _sum(self.conv2.bias, x.pending))
+        else:
+            w = nin.weight.flatten(1)  # (c_out, c_in)
+            through = (lambda: None) if x.pending is None else (lambda: w @ x.pending)  # W p
+            pending = fold((self, "pending"), lambda: _sum(self.conv2.bias, nin.bias, through()))
+        out = F.conv2d(h, self.conv2.weight, pending if materialize else None, padding=1)
+        if nin is None:
+            out.add_(x.a)
+        elif torch.compiler.is_exporting():  # ONNX: the shortcut stays a Conv, not a MatMul
+            out = out + F.conv2d(x.a, nin.weight)
+        else:
+            N, C, H, W = out.shape
+            add_pointwise_(out.view(N, C, H * W), w, x.a.flatten(2))
+        return Act(out, None if materialize else pending)
 
 
 class AttnBlock(nn.Module):
@@ -173,28 +226,36 @@ class AttnBlock(nn.Module):
         self.heads = 1 if cfg.attn_head_dim is None else channels // cfg.attn_head_dim
 
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        """x (N, C, H, W) -> (N, C, H, W) in x's memory format; attention over L = H*W positions
-        with D = C // heads per head.
+        """x (N, C, H, W) -> (N, C, H, W) in x's memory format."""
+        return self.run(Act(x), backend, compute_now, materialize=True, in_place=False).a
 
-        GN(x) is read in place as (N, L, C) tokens (a transposed view for NCHW): q, k and v are each
-        one batched GEMM with the bias as its initial value (baddbmm), written (N, L, C) contiguous
-        and viewed (N, heads, L, D) with unit stride along D, as attention kernels read best. The
-        output projection accumulates into x + proj_out.bias in x's layout: the residual add and the
-        projection are one GEMM.
+    def run(self, x: Act, backend: str, fold: Fold, materialize: bool, in_place: bool) -> Act:
+        """The block on x; attention over L = H*W positions with D = C // heads per head.
+
+        GN(x) is read in place as (N, L, C) tokens (a transposed view for NCHW): q, k and v are one
+        batched GEMM over their stacked weights with the stacked bias as its initial value, written
+        (N, L, 3C) and viewed (N, heads, L, D) each, unit stride along D. The output projection
+        accumulates into x.a + pending + proj_out.bias in x's layout, one GEMM for projection and
+        residual; `in_place` (x.a is not read again: the U-Net's forward without gradients)
+        accumulates into x.a itself and leaves the biases pending, unless `materialize`.
         """
-        N, C, H, W = x.shape
+        N, C, H, W = x.a.shape
         L, D = H * W, C // self.heads
-        tokens = self.norm(x, silu=False, backend=backend).view(N, C, L).mT  # (N, L, C)
-
-        def project(conv: nn.Conv2d) -> torch.Tensor:  # tokens -> (N, heads, L, D)
-            weight_t = conv.weight.view(C, C).mT.expand(N, C, C)  # (N, C_in, C_out), not copied
-            return torch.baddbmm(conv.bias, tokens, weight_t).view(N, L, self.heads, D).transpose(1, 2)
-
-        o = ops.attention(project(self.q), project(self.k), project(self.v), backend=backend)
-        o = o.transpose(1, 2).reshape(N, L, C)  # a view unless the backend wrote (N, heads, L, D)
-        out = x + self.proj_out.bias.view(C, 1, 1).to(x.dtype)  # x's dtype under autocast too
+        tokens = self.norm(x.a, silu=False, add=x.add(), backend=backend).view(N, C, L).mT  # (N, L, C)
+        convs = (self.q, self.k, self.v)
+        weight = fold((self, "qkv weight"), lambda: torch.cat([c.weight.view(C, C) for c in convs]).mT)
+        bias = fold((self, "qkv bias"), lambda: torch.cat([c.bias for c in convs]))
+        qkv = torch.baddbmm(bias, tokens, weight.expand(N, C, 3 * C))  # (N, L, 3C)
+        q, k, v = (part.view(N, L, self.heads, D).transpose(1, 2) for part in qkv.split(C, dim=2))
+        o = ops.attention(q, k, v, backend=backend)
+        o = o.transpose(1, 2).reshape(N, L, C)  # a view where the backend wrote (N, L, heads, D)
+        pending = fold((self, "pending"), lambda: _sum(x.pending, self.proj_out.bias))
+        if in_place and not materialize:
+            out = x.a
+        else:
+            out, pending = x.a + pending.view(C, 1, 1).to(x.a.dtype), None  # x's dtype under autocast
         add_pointwise_(out.view(N, C, L), self.proj_out.weight.view(C, C), o.mT)
-        return out
+        return Act(out, pending)
 
 
 def add_pointwise_(acc: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -220,7 +281,27 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.run(Act(x)).value()
+
+    def run(self, x: Act) -> Act:
+        """The convolution of x's value; its bias stays pending."""
+        return Act(F.conv2d(F.pad(x.value(), (0, 1, 0, 1)), self.conv.weight, stride=2), self.conv.bias)
+
+
+# The 1-D taps of a 3x3 convolution (rows: offsets -1, 0, +1) that a stride-2 transposed
+# convolution's 4 taps sum, for nearest x2 upsampling then the convolution (padding 1): output row
+# 2m reads input rows m-1 (tap 3: w[-1]) and m (tap 1: w[0] + w[1]), row 2m+1 rows m (tap 2:
+# w[-1] + w[0]) and m+1 (tap 0: w[1]).
+_UPSAMPLE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+
+
+def upsample_conv_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 convolution's weight (C_out, C_in, 3, 3) as the (C_in, C_out, 4, 4) weight of
+    conv_transpose2d(stride=2, padding=1) that equals nearest x2 upsampling then the convolution
+    (padding 1): each of its 16 taps a sum of the 3x3 taps, computed in float32."""
+    taps = torch.tensor(_UPSAMPLE_TAPS, dtype=torch.float32, device=weight.device)  # (4, 3)
+    kernel = torch.einsum("ky,oiyx,lx->iokl", taps, weight.float(), taps)
+    return kernel.to(weight.dtype).contiguous(memory_format=memory_format_of(weight))
 
 
 class Upsample(nn.Module):
@@ -231,7 +312,16 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.run(Act(x), compute_now).value()
+
+    def run(self, x: Act, fold: Fold) -> Act:
+        """Upsampling and convolution of x's value as one stride-2 transposed convolution
+        (upsample_conv_kernel: 4/9 of the FLOPs, no upsampled copy); its bias stays pending.
+        Exported to ONNX as the upsampling and the convolution."""
+        if torch.compiler.is_exporting():
+            return Act(self.conv(F.interpolate(x.value(), scale_factor=2.0, mode="nearest")))
+        kernel = fold((self, "kernel"), lambda: upsample_conv_kernel(self.conv.weight))
+        return Act(F.conv_transpose2d(x.value(), kernel, stride=2, padding=1), self.conv.bias)
 
 
 class UNet(nn.Module):
@@ -244,6 +334,7 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig, backend: str = "auto") -> None:
         super().__init__()
         self.config, self.backend = config, backend
+        self._folds = FoldMemo()  # tensors derived from the weights (fastddpm.folds), not parameters
         cfg, ch = config, config.ch
         temb_ch = 4 * ch
         self.temb = nn.Module()
@@ -321,41 +412,77 @@ class UNet(nn.Module):
             *(block for level in reversed(self.up) for block in level.block),
         )
 
-    def time_projections(self, silu_temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """silu_temb (N, 4 ch) -> every ResnetBlock's temb_proj(silu_temb) (N, c_out), in the order
-        forward calls the blocks: one GEMM over their weights, stacked at use."""
-        projs = [block.temb_proj for block in self.resnet_blocks()]
-        weight = torch.cat([p.weight for p in projs])  # (sum of c_out, 4 ch)
-        bias = torch.cat([p.bias for p in projs])
-        return F.linear(silu_temb, weight, bias).split([p.out_features for p in projs], dim=1)
+    def time_projections(self, silu_temb: torch.Tensor, fold: Fold = compute_now) -> tuple[torch.Tensor, ...]:
+        """silu_temb (N, 4 ch) -> every ResnetBlock's temb_proj(silu_temb) + conv1.bias (N, c_out),
+        in the order forward calls the blocks (conv1's bias rides in GN2's add with the projection):
+        one GEMM over their stacked weights and summed biases."""
+        blocks = self.resnet_blocks()
+        weight = fold(
+            "temb weight", lambda: torch.cat([b.temb_proj.weight for b in blocks])
+        )  # (sum c_out, 4 ch)
+        bias = fold("temb bias", lambda: torch.cat([b.temb_proj.bias + b.conv1.bias for b in blocks]))
+        return F.linear(silu_temb, weight, bias).split([b.temb_proj.out_features for b in blocks], dim=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """The network on x (N, in_channels, H, W) at timesteps t; activations travel as Act, their
+        convolution biases pending (see Act), and the tensors derived from the weights come from
+        `fold` (fastddpm.folds: memoized while no gradient is taken)."""
         t = self._check_input(x, t)
-        backend = self.backend
-        temb = timestep_embedding(t, self.config.ch).to(self.conv_in.weight.dtype)
+        backend, fold = self.backend, self._folds.for_forward(self)
+        in_place = not torch.is_grad_enabled()  # attention may overwrite an input nothing reads again
+        ch = self.config.ch
+        freqs = fold("timestep frequencies", lambda: timestep_frequencies(ch, x.device))
+        temb = timestep_embedding(t, ch, freqs).to(self.conv_in.weight.dtype)
         silu_temb = F.silu(self.temb.dense[1](F.silu(self.temb.dense[0](temb))))
-        temb_proj = iter(self.time_projections(silu_temb))
+        temb_proj = iter(self.time_projections(silu_temb, fold))
 
-        hs = [self.conv_in(x)]
-        for level in self.down:
+        def level_blocks(level: nn.Module, h: Act | None, skips: list[Act] | None) -> Act:
+            """A level's blocks (and attention) on h, or on the last skip of the down path (skips
+            None: up path, h concatenated with the skips it pops); the last one materializes
+            before a resampling."""
+            last = len(level.block) - 1 if hasattr(level, "downsample") or hasattr(level, "upsample") else -1
             for j, block in enumerate(level.block):
-                h = block(hs[-1], next(temb_proj), backend)
-                if len(level.attn):
-                    h = level.attn[j](h, backend)
-                hs.append(h)
-            if hasattr(level, "downsample"):
-                hs.append(level.downsample(hs[-1]))
+                attn = level.attn[j] if len(level.attn) else None
+                x_j = hs[-1] if skips is not None else concat(h, hs.pop(), block, fold)
+                h = block.run(x_j, next(temb_proj), backend, fold, materialize=j == last and attn is None)
+                if attn is not None:
+                    h = attn.run(h, backend, fold, materialize=j == last, in_place=in_place)
+                if skips is not None:
+                    skips.append(h)
+            return h
 
-        h = self.mid.block_1(hs[-1], next(temb_proj), backend)
-        h = self.mid.attn_1(h, backend)
-        h = self.mid.block_2(h, next(temb_proj), backend)
+        hs = [Act(F.conv2d(x, self.conv_in.weight, padding=1), self.conv_in.bias)]
+        for level in self.down:
+            level_blocks(level, None, hs)
+            if hasattr(level, "downsample"):
+                hs.append(level.downsample.run(hs[-1]))
+
+        h = self.mid.block_1.run(hs[-1], next(temb_proj), backend, fold, materialize=False)
+        h = self.mid.attn_1.run(h, backend, fold, materialize=False, in_place=in_place)
+        h = self.mid.block_2.run(h, next(temb_proj), backend, fold, materialize=False)
 
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(torch.cat([h, hs.pop()], dim=1), next(temb_proj), backend)
-                if len(level.attn):
-                    h = level.attn[j](h, backend)
+            h = level_blocks(level, h, None)
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
+                h = level.upsample.run(h, fold)
 
-        return self.conv_out(self.norm_out(h, silu=True, backend=backend))
+        h = self.norm_out(h.a, silu=True, add=h.add(), backend=backend)
+        return F.conv2d(h, self.conv_out.weight, self.conv_out.bias, padding=1)
+
+
+def concat(h: Act, skip: Act, site: nn.Module, fold: Fold) -> Act:
+    """h and skip along channels: the tensors concatenated, and their pending biases (zeros where
+    one has none)."""
+    a = torch.cat([h.a, skip.a], dim=1)
+    if h.pending is None and skip.pending is None:
+        return Act(a)
+
+    def pending() -> torch.Tensor:
+        return torch.cat(
+            [
+                p if p is not None else a.new_zeros(t.shape[1])
+                for p, t in ((h.pending, h.a), (skip.pending, skip.a))
+            ]
+        )
+
+    return Act(a, fold((site, "concat pending"), pending))

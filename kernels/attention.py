@@ -42,6 +42,7 @@ def _attn_fwd_kernel(
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,
     svb, svh, svl, svd,
+    sob, soh, sol, sod,
     H,
     Lq,
     Lk,
@@ -60,8 +61,8 @@ def _attn_fwd_kernel(
 ):  # fmt: skip
     """Rows [m*BLOCK_M, +BLOCK_M) x columns chunk dv of head bh over keys of split s.
 
-    Grid: (cdiv(Lq, BLOCK_M), B * H, KV_SPLITS * NUM_DV). Without SPLIT_KV the output is
-    written to o (B, H, Lq, D); with it, part[s, bh, m, d] (fp32, normalized) and lse[s, bh, m].
+    Grid: (cdiv(Lq, BLOCK_M), B * H, KV_SPLITS * NUM_DV). Without SPLIT_KV the output is written
+    to o (B, H, Lq, D) at o's strides; with it, part[s, bh, m, d] (fp32, normalized) and lse[s, bh, m].
     """
     # This program: query block pid_m of head bh = b * H + h, output column chunk dv, key split s.
     pid_m = tl.program_id(0)
@@ -155,8 +156,9 @@ def _attn_fwd_kernel(
         if dv == 0:  # one column chunk writes the row's log-sum-exp
             tl.store(lse_ptr + row_index, m_i + tl.log2(l_i), mask=row_ok)
     else:
-        o_rows = bh.to(tl.int64) * Lq + rows
-        tl.store(o_ptr + o_rows[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+        o_base = o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+        o_offs = rows.to(tl.int64)[:, None] * sol + cols[None, :] * sod
+        tl.store(o_base + o_offs, out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -164,7 +166,12 @@ def _attn_combine_kernel(
     part_ptr,
     lse_ptr,
     o_ptr,
+    sob,
+    soh,
+    sol,
+    sod,
     BH,
+    H,
     Lq,
     D,
     SPLITS,
@@ -196,10 +203,11 @@ def _attn_combine_kernel(
         part = tl.load(part_ptr + row_index[:, None] * D + cols[None, :], mask=mask, other=0.0)
         acc += w[:, None] * part
         total += w
-    # o = the weighted sum over the sum of the weights, in o's dtype.
-    o_rows = bh.to(tl.int64) * Lq + rows
+    # o = the weighted sum over the sum of the weights, in o's dtype, at o's strides.
+    o_base = o_ptr + (bh // H).to(tl.int64) * sob + (bh % H).to(tl.int64) * soh
     out = acc / total[:, None]
-    tl.store(o_ptr + o_rows[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+    o_offs = rows.to(tl.int64)[:, None] * sol + cols[None, :] * sod
+    tl.store(o_base + o_offs, out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -267,12 +275,14 @@ def launch_attention(
     kv_splits: int | None = None,
     blocks: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Launch; q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D) contiguous, q's dtype."""
+    """Launch; q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D) in q's dtype, laid out as
+    (B, Lq, H, D) is contiguously (`out_like`): the heads interleaved per query, so that
+    o.transpose(1, 2).reshape(B, Lq, H * D) is a view."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if scale is None:
         scale = D**-0.5
-    out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
+    out = out_like(q)
     if out.numel() == 0:
         return out
     if Lk == 0:
@@ -289,7 +299,7 @@ def launch_attention(
         grid = (triton.cdiv(Lq, p.block_m), B * H, p.kv_splits * num_dv)
         _attn_fwd_kernel[grid](
             q, k, v, out, part, lse,
-            *q.stride(), *k.stride(), *v.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, Lq, Lk, D, float(scale) * LOG2E, p.keys_per_split,
             BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv,
             NUM_DK=p.num_dk(D), NUM_DV=num_dv, SPLIT_KV=split,
@@ -301,8 +311,16 @@ def launch_attention(
         if split:
             block_d = min(next_pow2(D), 128)
             grid = (triton.cdiv(Lq, 32), B * H, triton.cdiv(D, block_d))
-            _attn_combine_kernel[grid](part, lse, out, B * H, Lq, D, p.kv_splits, BLOCK_M=32, BLOCK_D=block_d)
+            _attn_combine_kernel[grid](
+                part, lse, out, *out.stride(), B * H, H, Lq, D, p.kv_splits, BLOCK_M=32, BLOCK_D=block_d
+            )
     return out
+
+
+def out_like(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialized output for q (B, H, Lq, D): (B, H, Lq, D) viewed from (B, Lq, H, D) contiguous."""
+    B, H, Lq, D = q.shape
+    return torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
 
 
 def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
@@ -324,7 +342,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) ->
 custom_ops.define(
     "fastddpm_triton::attention",
     _forward,
-    fake=lambda q, *_: q.new_empty(q.shape),
+    fake=lambda q, *_: out_like(q),
     reference=reference.attention,
 )
 

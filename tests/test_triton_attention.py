@@ -42,6 +42,7 @@ def qkv(B, H, Lq, Lk, D, dtype, layout="contiguous", seed=0):
 
 def check(out, q, k, v, scale=None):
     assert out.shape == q.shape
+    assert out.transpose(1, 2).is_contiguous()  # (B, Lq, H, D) in memory: heads interleaved per query
     assert_equals_reference("attention", out, q, k, v, scale)
 
 
