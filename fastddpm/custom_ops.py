@@ -116,8 +116,16 @@ def _reference_grads(fn: Callable, inputs: list, needs: tuple[bool, ...], grad: 
 
 
 def output_like(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A fake output of x's shape and dtype, in x's memory format (group_norm_silu's)."""
+    """A fake output of x's shape and dtype, in x's memory format (ddpm_step's)."""
     return torch.empty_like(x, memory_format=memory_format_of(x))
+
+
+def norm_output(x: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """group_norm_silu's fake output: x's N, H, W and dtype, weight's channels (x's and a skip's),
+    x's memory format."""
+    N, _, H, W = x.shape
+    shape = (N, weight.shape[0], H, W)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 # --- ddpm_step ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from .backends import (  # the registry, re-exported: ops is where callers find 
     get_backend,
     resolve_backend,
 )
+from .reference import memory_format_of
 from .schedule import StepTable
 from .solver_table import SolverTable
 
@@ -70,13 +71,16 @@ def group_norm_silu(
     *,
     silu: bool = True,
     add: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """y = SiLU(GroupNorm(x + add[:, :, None, None])), statistics in float32.
+    """y = SiLU(GroupNorm(h + add[:, :, None, None])), statistics in float32; h = x, or with
+    `skip` the channel concatenation cat([x, skip], dim=1), read from the two tensors in place.
 
-    x: (N, C, H, W), contiguous or channels_last; weight, bias: (C,); add: (N, C) or None.
-    silu=False gives the plain GroupNorm in front of attention. Returns x's shape,
-    dtype and memory format.
+    x: (N, C1, H, W), contiguous or channels_last; skip: None or (N, C2, H, W) in x's dtype and
+    memory format; C = C1 + C2 (C1 without skip); weight, bias: (C,); add: (N, C) or None (any
+    strides: a broadcast row is read in place). silu=False gives the plain GroupNorm in front of
+    attention. Returns (N, C, H, W) in x's dtype and memory format.
     """
     _check_float("x", x)
     if x.dim() != 4:
@@ -84,6 +88,16 @@ def group_norm_silu(
     if x.numel() == 0:
         raise ValueError(f"x has shape {tuple(x.shape)}: group_norm_silu needs a non-empty (N, C, H, W)")
     N, C = x.shape[:2]
+    if skip is not None:
+        _check_float("skip", skip)
+        if skip.dim() != 4 or skip.shape[0] != N or skip.shape[2:] != x.shape[2:] or skip.shape[1] == 0:
+            raise ValueError(
+                f"skip must be (N, C2, H, W) with x's N, H, W {(N, *x.shape[2:])}, got {tuple(skip.shape)}"
+            )
+        _check_same("dtype", "x", x, skip=skip)
+        if memory_format_of(skip) != memory_format_of(x) or not _dense(skip):
+            raise ValueError("skip must be in x's memory format (both contiguous, or both channels_last)")
+        C += skip.shape[1]
     if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups={num_groups} must be a positive int dividing the {C} channels")
     for name, p in (("weight", weight), ("bias", bias)):
@@ -94,10 +108,17 @@ def group_norm_silu(
         _check_float("add", add)
         if add.shape != (N, C):
             raise ValueError(f"add must have shape ({N}, {C}), got {tuple(add.shape)}")
-    _check_same("device", "x", x, weight=weight, bias=bias, add=add)
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+    _check_same("device", "x", x, weight=weight, bias=bias, add=add, skip=skip)
+    if not _dense(x):
         raise ValueError("x must be contiguous or channels_last")
-    return _impl("group_norm_silu", backend, x)(x, weight, bias, num_groups, eps, silu=silu, add=add)
+    return _impl("group_norm_silu", backend, x)(
+        x, weight, bias, num_groups, eps, silu=silu, add=add, skip=skip
+    )
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """x (N, C, H, W) is contiguous or channels_last."""
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
 
 
 def attention(

@@ -41,8 +41,12 @@ def group_norm_silu(
     *,
     silu: bool = True,
     add: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = SiLU(GroupNorm(x + add[:, :, None, None])); x (N, C, H, W), add (N, C) -> (N, C, H, W).
+    """y = SiLU(GroupNorm(h + add[:, :, None, None])), h = x or, with `skip`, cat([x, skip], dim=1);
+    x (N, C1, H, W), skip (N, C2, H, W), add (N, C) -> (N, C, H, W), C = C1 + C2 (C1 without skip).
+    The U-Net's up path normalizes its concatenation of h and a skip this way: the fused backends
+    read the two tensors where they are, and no concatenated copy is made.
 
     In float32: each group's mean is subtracted first, then F.group_norm normalises the centred
     values, whose own mean (the first mean's rounding error) and variance it computes without
@@ -54,8 +58,8 @@ def group_norm_silu(
     TensorRT's parser maps to its normalization layer: (N, G, C/G * H * W) -> InstanceNormalization
     (unit scale, zero bias) -> (N, C, H, W) -> * weight[c] + bias[c] -> SiLU.
     """
-    N, C, H, W = x.shape
-    h = x.float()
+    h = x.float() if skip is None else torch.cat([x.float(), skip.float()], dim=1)
+    N, C, H, W = h.shape
     if add is not None:
         h = h + add.float()[:, :, None, None]
     g = h.reshape(N, num_groups, -1)

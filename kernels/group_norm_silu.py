@@ -1,4 +1,5 @@
-"""Fused GroupNorm (+ time-embedding add) (+ SiLU) in Triton: y = SiLU(GN(x + add[:, :, None, None])).
+"""Fused GroupNorm (+ time-embedding add) (+ SiLU) in Triton: y = SiLU(GN(x + add[:, :, None, None])),
+x optionally the channel concatenation of two tensors (x, skip), read from each in place.
 
 x (N, C, H, W) contiguous or channels_last, fp32/fp16/bf16; weight, bias (C,); add (N, C) or None.
 Statistics are fp32: each tile is reduced two-pass on chip (its mean, then the squared deviations
@@ -69,6 +70,8 @@ def _silu(y, SILU: tl.constexpr):
 @triton.jit
 def _tile(
     x_group,
+    skip_group,
+    c1,
     add_group,
     stride_add_c,
     tile,
@@ -78,9 +81,12 @@ def _tile(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
 ):
     """Tile `tile` of a group whose first element of x is x_group (of add: add_group): h = x + add
-    (fp32, 0 where masked), its mask, its offsets from x_group and its channels within the group."""
+    (fp32, 0 where masked), its mask, its offsets from x_group and its channels within the group.
+    With HAS_SKIP the group's channels from c1 on are skip's (c1 may be <= 0 or >= Cg), read at
+    the same offsets from skip_group, its address of the group's first channel."""
     # [BLOCK_C channels, BLOCK_HW positions], tiles numbered channel block first.
     c = (tile // n_hw_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     hw = (tile % n_hw_tiles) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -88,7 +94,12 @@ def _tile(
     mask = c_ok[:, None] & (hw < HW)[None, :]
     offs = c[:, None] * HW + hw[None, :]
     # h = x + add[n, c], broadcast along the positions.
-    h = tl.load(x_group + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SKIP:
+        from_x = (c < c1)[:, None]
+        h = tl.load(x_group + offs, mask=mask & from_x, other=0.0).to(tl.float32)
+        h += tl.load(skip_group + offs, mask=mask & ~from_x, other=0.0).to(tl.float32)
+    else:
+        h = tl.load(x_group + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
         a = tl.load(add_group + c * stride_add_c, mask=c_ok, other=0.0).to(tl.float32)
         h = tl.where(mask, h + a[:, None], 0.0)
@@ -108,6 +119,8 @@ def _tile_stats(h, mask):
 @triton.jit
 def _chunk_stats(
     x_group,
+    skip_group,
+    c1,
     add_group,
     stride_add_c,
     first,
@@ -118,17 +131,42 @@ def _chunk_stats(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
 ):
     """(count, mean, M2) over tiles [first, last) of a group. The first tile's mean is the shift the
     later tiles are reduced and merged about, so the running mean stays small and exact in fp32."""
     h, mask, offs, c = _tile(
-        x_group, add_group, stride_add_c, first, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+        x_group,
+        skip_group,
+        c1,
+        add_group,
+        stride_add_c,
+        first,
+        n_hw_tiles,
+        Cg,
+        HW,
+        BLOCK_C,
+        BLOCK_HW,
+        HAS_ADD,
+        HAS_SKIP,
     )
     count, shift, m2 = _tile_stats(h, mask)
     mean = 0.0
     for tile in range(first + 1, last):
         h, mask, offs, c = _tile(
-            x_group, add_group, stride_add_c, tile, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+            x_group,
+            skip_group,
+            c1,
+            add_group,
+            stride_add_c,
+            tile,
+            n_hw_tiles,
+            Cg,
+            HW,
+            BLOCK_C,
+            BLOCK_HW,
+            HAS_ADD,
+            HAS_SKIP,
         )
         count_b, mean_b, m2_b = _tile_stats(tl.where(mask, h - shift, 0.0), mask)
         count, mean, m2 = _merge(count, mean, m2, count_b, mean_b, m2_b)
@@ -148,25 +186,31 @@ def _apply_tile(h, mask, offs, c, y_group, w_group, b_group, Cg, mean, rstd, SIL
 
 
 @triton.jit
-def _bases(pid_group, G, C, HW, Cg, stride_add_n):
-    """Offsets of group pid_group = n * G + g: into x/y, into add, and its first channel."""
+def _bases(pid_group, G, C, C1, HW, Cg, stride_add_n):
+    """Offsets of group pid_group = n * G + g: into y, into x (C1 channels) and skip (C - C1;
+    negative where the group starts in x), into add, and its first channel."""
     n = pid_group // G
     g = pid_group % G
     c0 = g * Cg
-    x_base = n.to(tl.int64) * C * HW + c0.to(tl.int64) * HW
-    add_base = n.to(tl.int64) * stride_add_n + c0
-    return x_base, add_base, c0
+    n64, c64 = n.to(tl.int64), c0.to(tl.int64)
+    y_base = n64 * C * HW + c64 * HW
+    x_base = n64 * C1 * HW + c64 * HW
+    skip_base = n64 * (C - C1) * HW + (c64 - C1) * HW
+    add_base = n64 * stride_add_n + c0
+    return y_base, x_base, skip_base, add_base, c0
 
 
 @triton.jit
 def _gn_fused_kernel(
     x_ptr,
+    skip_ptr,
     w_ptr,
     b_ptr,
     add_ptr,
     y_ptr,
     G,
     C,
+    C1,
     HW,
     Cg,
     stride_add_n,
@@ -178,28 +222,69 @@ def _gn_fused_kernel(
     BLOCK_HW: tl.constexpr,
     ONE_TILE: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
     SILU: tl.constexpr,
 ):
     """One program per (n, g). Grid: (N * G,)."""
     # The group's Cg x HW elements are contiguous in x and y; its add and parameters start at c0.
-    x_base, add_base, c0 = _bases(tl.program_id(0), G, C, HW, Cg, stride_add_n)
-    x_group, y_group, add_group = x_ptr + x_base, y_ptr + x_base, add_ptr + add_base
+    y_base, x_base, skip_base, add_base, c0 = _bases(tl.program_id(0), G, C, C1, HW, Cg, stride_add_n)
+    x_group, y_group, add_group = x_ptr + x_base, y_ptr + y_base, add_ptr + add_base
+    skip_group, c1 = skip_ptr + skip_base, C1 - c0
     w_group, b_group = w_ptr + c0, b_ptr + c0
     if ONE_TILE:
         # The whole group in one tile: read x once, normalize it from registers.
-        h, mask, offs, c = _tile(x_group, add_group, stride_add_c, 0, 1, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD)
+        h, mask, offs, c = _tile(
+            x_group,
+            skip_group,
+            c1,
+            add_group,
+            stride_add_c,
+            0,
+            1,
+            Cg,
+            HW,
+            BLOCK_C,
+            BLOCK_HW,
+            HAS_ADD,
+            HAS_SKIP,
+        )
         count, mean, m2 = _tile_stats(h, mask)
         rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
         _apply_tile(h, mask, offs, c, y_group, w_group, b_group, Cg, mean, rstd, SILU)
     else:
         # The group's statistics over all its tiles, then a second pass normalizes each tile.
         count, mean, m2 = _chunk_stats(
-            x_group, add_group, stride_add_c, 0, num_tiles, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+            x_group,
+            skip_group,
+            c1,
+            add_group,
+            stride_add_c,
+            0,
+            num_tiles,
+            n_hw_tiles,
+            Cg,
+            HW,
+            BLOCK_C,
+            BLOCK_HW,
+            HAS_ADD,
+            HAS_SKIP,
         )
         rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
         for tile in range(0, num_tiles):
             h, mask, offs, c = _tile(
-                x_group, add_group, stride_add_c, tile, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+                x_group,
+                skip_group,
+                c1,
+                add_group,
+                stride_add_c,
+                tile,
+                n_hw_tiles,
+                Cg,
+                HW,
+                BLOCK_C,
+                BLOCK_HW,
+                HAS_ADD,
+                HAS_SKIP,
             )
             _apply_tile(h, mask, offs, c, y_group, w_group, b_group, Cg, mean, rstd, SILU)
 
@@ -207,10 +292,12 @@ def _gn_fused_kernel(
 @triton.jit
 def _gn_stats_kernel(
     x_ptr,
+    skip_ptr,
     add_ptr,
     partial_ptr,
     G,
     C,
+    C1,
     HW,
     Cg,
     stride_add_n,
@@ -222,18 +309,33 @@ def _gn_stats_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
 ):
     """(count, mean, M2) of chunk s of group (n, g) -> partial[n * G + g, s, :]. Grid: (N * G, SPLIT)."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
     # The group's first element of x and of add.
-    x_base, add_base, c0 = _bases(pid, G, C, HW, Cg, stride_add_n)
+    _, x_base, skip_base, add_base, c0 = _bases(pid, G, C, C1, HW, Cg, stride_add_n)
     x_group, add_group = x_ptr + x_base, add_ptr + add_base
+    skip_group, c1 = skip_ptr + skip_base, C1 - c0
     # Chunk s: the group's tiles [s * tiles_per_split, +tiles_per_split).
     first = s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     count, mean, m2 = _chunk_stats(
-        x_group, add_group, stride_add_c, first, last, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+        x_group,
+        skip_group,
+        c1,
+        add_group,
+        stride_add_c,
+        first,
+        last,
+        n_hw_tiles,
+        Cg,
+        HW,
+        BLOCK_C,
+        BLOCK_HW,
+        HAS_ADD,
+        HAS_SKIP,
     )
     # partial[pid, s] = (count, mean, M2).
     out = partial_ptr + (pid.to(tl.int64) * SPLIT + s) * 3
@@ -245,6 +347,7 @@ def _gn_stats_kernel(
 @triton.jit
 def _gn_apply_kernel(
     x_ptr,
+    skip_ptr,
     w_ptr,
     b_ptr,
     add_ptr,
@@ -252,6 +355,7 @@ def _gn_apply_kernel(
     partial_ptr,
     G,
     C,
+    C1,
     HW,
     Cg,
     stride_add_n,
@@ -265,13 +369,15 @@ def _gn_apply_kernel(
     BLOCK_HW: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
     SILU: tl.constexpr,
 ):
     """Merge the group's SPLIT partials, then normalize chunk s. Grid: (N * G, SPLIT)."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
-    x_base, add_base, c0 = _bases(pid, G, C, HW, Cg, stride_add_n)
-    x_group, y_group, add_group = x_ptr + x_base, y_ptr + x_base, add_ptr + add_base
+    y_base, x_base, skip_base, add_base, c0 = _bases(pid, G, C, C1, HW, Cg, stride_add_n)
+    x_group, y_group, add_group = x_ptr + x_base, y_ptr + y_base, add_ptr + add_base
+    skip_group, c1 = skip_ptr + skip_base, C1 - c0
     w_group, b_group = w_ptr + c0, b_ptr + c0
     # The group's statistics: its SPLIT chunks' (count, mean, M2) merged in one step.
     k = tl.arange(0, BLOCK_SPLIT)
@@ -290,7 +396,19 @@ def _gn_apply_kernel(
     last = tl.minimum(first + tiles_per_split, num_tiles)
     for tile in range(first, last):
         h, mask, offs, c = _tile(
-            x_group, add_group, stride_add_c, tile, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD
+            x_group,
+            skip_group,
+            c1,
+            add_group,
+            stride_add_c,
+            tile,
+            n_hw_tiles,
+            Cg,
+            HW,
+            BLOCK_C,
+            BLOCK_HW,
+            HAS_ADD,
+            HAS_SKIP,
         )
         _apply_tile(h, mask, offs, c, y_group, w_group, b_group, Cg, mean, rstd, SILU)
 
@@ -328,13 +446,37 @@ def _nhwc_add(add_ptr, n, c, c_ok, stride_add_n, stride_add_c, HAS_ADD: tl.const
 
 
 @triton.jit
-def _nhwc_tile(x_ptr, x_base, tile, c, c_ok, a, HW, C, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr):
-    """Tile `tile` (positions tile * BLOCK_HW + [0, BLOCK_HW)): h = x + add (fp32, 0 where masked),
-    its mask, offsets, and its number of valid positions."""
+def _nhwc_tile(
+    x_ptr,
+    skip_ptr,
+    n,
+    C1,
+    x_base,
+    tile,
+    c,
+    c_ok,
+    a,
+    HW,
+    C,
+    BLOCK_HW: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+):
+    """Tile `tile` (positions tile * BLOCK_HW + [0, BLOCK_HW)) of sample n: h = x + add (fp32, 0
+    where masked), its mask, offsets into y, and its number of valid positions. With HAS_SKIP
+    channels c < C1 are x's (N, HW, C1) and the rest skip's (N, HW, C - C1)."""
     hw = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = (hw < HW)[:, None] & c_ok[None, :]
     offs = x_base + hw[:, None] * C + c[None, :]  # each row: the program's channels, contiguous
-    h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SKIP:
+        from_x = (c < C1)[None, :]
+        n64, C2 = n.to(tl.int64), C - C1
+        x_offs = n64 * HW * C1 + hw[:, None] * C1 + c[None, :]
+        skip_offs = n64 * HW * C2 + hw[:, None] * C2 + (c - C1)[None, :]
+        h = tl.load(x_ptr + x_offs, mask=mask & from_x, other=0.0).to(tl.float32)
+        h += tl.load(skip_ptr + skip_offs, mask=mask & ~from_x, other=0.0).to(tl.float32)
+    else:
+        h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
         h = tl.where(mask, h + a[None, :], 0.0)
     return h, mask, offs, tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW).to(tl.float32)
@@ -380,6 +522,9 @@ def _nhwc_refine(count, mean, m2, d, group, BLOCK_G: tl.constexpr):
 @triton.jit
 def _nhwc_chunk_stats(
     x_ptr,
+    skip_ptr,
+    n,
+    C1,
     x_base,
     first,
     last,
@@ -393,15 +538,20 @@ def _nhwc_chunk_stats(
     BLOCK_HW: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
 ):
     """Per group: (count, mean, M2) over tiles [first, last), merged about the first tile's means."""
-    h, mask, offs, rows = _nhwc_tile(x_ptr, x_base, first, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD)
+    h, mask, offs, rows = _nhwc_tile(
+        x_ptr, skip_ptr, n, C1, x_base, first, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD, HAS_SKIP
+    )
     count, shift, m2, d = _nhwc_tile_stats(h, mask, rows, group, CG, BLOCK_G)
     shift, m2, d = _nhwc_refine(count, shift, m2, d, group, BLOCK_G)
     shift_c = _to_columns(shift, group, BLOCK_G)
     mean = tl.zeros_like(shift)
     for tile in range(first + 1, last):
-        h, mask, offs, rows = _nhwc_tile(x_ptr, x_base, tile, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD)
+        h, mask, offs, rows = _nhwc_tile(
+            x_ptr, skip_ptr, n, C1, x_base, tile, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD, HAS_SKIP
+        )
         h = tl.where(mask, h - shift_c[None, :], 0.0)
         count_b, mean_b, m2_b, _ = _nhwc_tile_stats(h, mask, rows, group, CG, BLOCK_G)
         count, mean, m2 = _merge(count, mean, m2, count_b, mean_b, m2_b)
@@ -419,12 +569,14 @@ def _nhwc_apply_tile(centred, mask, offs, y_ptr, scale_c, b, SILU: tl.constexpr)
 @triton.jit
 def _gn_nhwc_fused_kernel(
     x_ptr,
+    skip_ptr,
     w_ptr,
     b_ptr,
     add_ptr,
     y_ptr,
     G,
     C,
+    C1,
     HW,
     stride_add_n,
     stride_add_c,
@@ -437,6 +589,7 @@ def _gn_nhwc_fused_kernel(
     BLOCK_G: tl.constexpr,
     ONE_TILE: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
     SILU: tl.constexpr,
 ):
     """One program per (n, GPP groups). Grid: (N * cdiv(G, GPP),)."""
@@ -446,7 +599,9 @@ def _gn_nhwc_fused_kernel(
     w, b = _nhwc_column(w_ptr, c, c_ok), _nhwc_column(b_ptr, c, c_ok)
     if ONE_TILE:
         # Every position in one tile: read x once, normalize it from registers.
-        h, mask, offs, rows = _nhwc_tile(x_ptr, x_base, 0, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD)
+        h, mask, offs, rows = _nhwc_tile(
+            x_ptr, skip_ptr, n, C1, x_base, 0, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD, HAS_SKIP
+        )
         count, mean, m2, d = _nhwc_tile_stats(h, mask, rows, group, CG, BLOCK_G)
         mean, m2, centred = _nhwc_refine(count, mean, m2, d, group, BLOCK_G)
         rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
@@ -454,22 +609,43 @@ def _gn_nhwc_fused_kernel(
     else:
         # Each group's statistics over all the tiles, then a second pass normalizes each tile.
         count, mean, m2 = _nhwc_chunk_stats(
-            x_ptr, x_base, 0, num_tiles, c, c_ok, a, group, HW, C, CG, BLOCK_HW, BLOCK_G, HAS_ADD
+            x_ptr,
+            skip_ptr,
+            n,
+            C1,
+            x_base,
+            0,
+            num_tiles,
+            c,
+            c_ok,
+            a,
+            group,
+            HW,
+            C,
+            CG,
+            BLOCK_HW,
+            BLOCK_G,
+            HAS_ADD,
+            HAS_SKIP,
         )
         rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
         mean_c, scale_c = _to_columns(mean, group, BLOCK_G), _to_columns(rstd, group, BLOCK_G) * w
         for tile in range(0, num_tiles):
-            h, mask, offs, rows = _nhwc_tile(x_ptr, x_base, tile, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD)
+            h, mask, offs, rows = _nhwc_tile(
+                x_ptr, skip_ptr, n, C1, x_base, tile, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD, HAS_SKIP
+            )
             _nhwc_apply_tile(h - mean_c[None, :], mask, offs, y_ptr, scale_c, b, SILU)
 
 
 @triton.jit
 def _gn_nhwc_stats_kernel(
     x_ptr,
+    skip_ptr,
     add_ptr,
     partial_ptr,
     G,
     C,
+    C1,
     HW,
     stride_add_n,
     stride_add_c,
@@ -482,6 +658,7 @@ def _gn_nhwc_stats_kernel(
     BLOCK_HW: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
 ):
     """(count, mean, M2) of chunk s of each of the program's groups n * G + g -> partial[n * G + g,
     s, :]. Grid: (N * cdiv(G, GPP), SPLIT)."""
@@ -493,7 +670,24 @@ def _gn_nhwc_stats_kernel(
     first = s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     count, mean, m2 = _nhwc_chunk_stats(
-        x_ptr, x_base, first, last, c, c_ok, a, group, HW, C, CG, BLOCK_HW, BLOCK_G, HAS_ADD
+        x_ptr,
+        skip_ptr,
+        n,
+        C1,
+        x_base,
+        first,
+        last,
+        c,
+        c_ok,
+        a,
+        group,
+        HW,
+        C,
+        CG,
+        BLOCK_HW,
+        BLOCK_G,
+        HAS_ADD,
+        HAS_SKIP,
     )
     # partial[first_group + k, s] = (count, mean, M2) of each of the program's groups k.
     k = tl.arange(0, BLOCK_G)
@@ -507,6 +701,7 @@ def _gn_nhwc_stats_kernel(
 @triton.jit
 def _gn_nhwc_apply_kernel(
     x_ptr,
+    skip_ptr,
     w_ptr,
     b_ptr,
     add_ptr,
@@ -514,6 +709,7 @@ def _gn_nhwc_apply_kernel(
     partial_ptr,
     G,
     C,
+    C1,
     HW,
     stride_add_n,
     stride_add_c,
@@ -528,6 +724,7 @@ def _gn_nhwc_apply_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
     SILU: tl.constexpr,
 ):
     """Merge each of the program's groups' SPLIT partials, then normalize chunk s.
@@ -555,7 +752,9 @@ def _gn_nhwc_apply_kernel(
     first = s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     for tile in range(first, last):
-        h, mask, offs, rows = _nhwc_tile(x_ptr, x_base, tile, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD)
+        h, mask, offs, rows = _nhwc_tile(
+            x_ptr, skip_ptr, n, C1, x_base, tile, c, c_ok, a, HW, C, BLOCK_HW, HAS_ADD, HAS_SKIP
+        )
         _nhwc_apply_tile(h - mean_c[None, :], mask, offs, y_ptr, scale_c, b, SILU)
 
 
@@ -658,23 +857,27 @@ def launch_group_norm_silu(
     *,
     silu: bool = True,
     add: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
     split: int | None = None,
     tile: int | None = None,
     groups: int | None = None,
 ) -> torch.Tensor:
-    """Launch the kernels; x (N, C, H, W) -> y of x's shape, dtype and memory format.
+    """Launch the kernels; x (N, C1, H, W) and skip (N, C2, H, W) or None -> y (N, C1 + C2, H, W)
+    in x's dtype and memory format, the normalization of their channel concatenation (read from
+    each in place).
 
     Inputs are assumed checked by `fastddpm.ops` (and `check_group_norm_silu`). `split`, `tile`
     and `groups` (per program, channels_last only) override the plan, for tests.
     """
-    N, C, H, W = x.shape
-    HW = H * W
+    N, _, H, W = x.shape
+    C, HW = weight.shape[0], H * W
     fmt = memory_format_of(x)
     channels_last = fmt == torch.channels_last
     if not channels_last:
         x = x.contiguous()
-    y = torch.empty_like(x, memory_format=fmt)
-    if x.numel() == 0:
+        skip = None if skip is None else skip.contiguous()
+    y = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=fmt)
+    if y.numel() == 0:
         return y
     p = plan(
         N, C, HW, num_groups, x.device, channels_last=channels_last, itemsize=x.element_size(),
@@ -682,7 +885,7 @@ def launch_group_norm_silu(
     )  # fmt: skip
     launch = _launch_nhwc if channels_last else _launch_nchw
     with device_guard(x.device):
-        launch(x, weight.contiguous(), bias.contiguous(), add, y, p, num_groups, eps, silu)
+        launch(x, skip, weight.contiguous(), bias.contiguous(), add, y, p, num_groups, eps, silu)
     return y
 
 
@@ -691,61 +894,65 @@ def _add_args(add: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, 
     return (x, 0, 0) if add is None else (add, *add.stride())
 
 
-def _launch_nchw(x, weight, bias, add, y, p: Plan, G: int, eps: float, silu: bool) -> None:
-    N, C, H, W = x.shape
-    HW, Cg, groups = H * W, C // G, N * G
-    has_add = add is not None
+def _launch_nchw(x, skip, weight, bias, add, y, p: Plan, G: int, eps: float, silu: bool) -> None:
+    N, C, H, W = y.shape
+    C1, HW, Cg, groups = x.shape[1], H * W, C // G, N * G
+    has_add, has_skip = add is not None, skip is not None
     add, stride_add_n, stride_add_c = _add_args(add, x)
-    common = dict(BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, HAS_ADD=has_add, num_warps=p.num_warps)
+    skip = x if skip is None else skip  # without skip a dummy pointer, never read
+    common = dict(
+        BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, HAS_ADD=has_add, HAS_SKIP=has_skip, num_warps=p.num_warps
+    )
     if p.split == 1:
         _gn_fused_kernel[(groups,)](
-            x, weight, bias, add, y, G, C, HW, Cg, stride_add_n, stride_add_c,
+            x, skip, weight, bias, add, y, G, C, C1, HW, Cg, stride_add_n, stride_add_c,
             p.n_hw_tiles, p.num_tiles, eps, ONE_TILE=p.one_tile, SILU=silu, **common,
         )  # fmt: skip
         return
     partial = torch.empty((groups, p.split, 3), device=x.device, dtype=torch.float32)
     _gn_stats_kernel[(groups, p.split)](
-        x, add, partial, G, C, HW, Cg, stride_add_n, stride_add_c,
+        x, skip, add, partial, G, C, C1, HW, Cg, stride_add_n, stride_add_c,
         p.n_hw_tiles, p.num_tiles, p.tiles_per_split, p.split, **common,
     )  # fmt: skip
     _gn_apply_kernel[(groups, p.split)](
-        x, weight, bias, add, y, partial, G, C, HW, Cg, stride_add_n, stride_add_c,
+        x, skip, weight, bias, add, y, partial, G, C, C1, HW, Cg, stride_add_n, stride_add_c,
         p.n_hw_tiles, p.num_tiles, p.tiles_per_split, p.split, eps,
         BLOCK_SPLIT=next_pow2(p.split), SILU=silu, **common,
     )  # fmt: skip
 
 
-def _launch_nhwc(x, weight, bias, add, y, p: Plan, G: int, eps: float, silu: bool) -> None:
-    N, C, H, W = x.shape
-    HW, gpp = H * W, p.groups_per_program
+def _launch_nhwc(x, skip, weight, bias, add, y, p: Plan, G: int, eps: float, silu: bool) -> None:
+    N, C, H, W = y.shape
+    C1, HW, gpp = x.shape[1], H * W, p.groups_per_program
     programs = N * triton.cdiv(G, gpp)
-    has_add = add is not None
+    has_add, has_skip = add is not None, skip is not None
     add, stride_add_n, stride_add_c = _add_args(add, x)
+    skip = x if skip is None else skip  # without skip a dummy pointer, never read
     common = dict(
         CG=C // G, GPP=gpp, BLOCK_CH=p.block_c, BLOCK_HW=p.block_hw, BLOCK_G=next_pow2(gpp),
-        HAS_ADD=has_add, num_warps=p.num_warps,
+        HAS_ADD=has_add, HAS_SKIP=has_skip, num_warps=p.num_warps,
     )  # fmt: skip
     if p.split == 1:
         _gn_nhwc_fused_kernel[(programs,)](
-            x, weight, bias, add, y, G, C, HW, stride_add_n, stride_add_c, p.num_tiles, eps,
+            x, skip, weight, bias, add, y, G, C, C1, HW, stride_add_n, stride_add_c, p.num_tiles, eps,
             ONE_TILE=p.one_tile, SILU=silu, **common,
         )  # fmt: skip
         return
     partial = torch.empty((N * G, p.split, 3), device=x.device, dtype=torch.float32)
     _gn_nhwc_stats_kernel[(programs, p.split)](
-        x, add, partial, G, C, HW, stride_add_n, stride_add_c, p.num_tiles, p.tiles_per_split, p.split,
-        **common,
+        x, skip, add, partial, G, C, C1, HW, stride_add_n, stride_add_c,
+        p.num_tiles, p.tiles_per_split, p.split, **common,
     )  # fmt: skip
     _gn_nhwc_apply_kernel[(programs, p.split)](
-        x, weight, bias, add, y, partial, G, C, HW, stride_add_n, stride_add_c,
+        x, skip, weight, bias, add, y, partial, G, C, C1, HW, stride_add_n, stride_add_c,
         p.num_tiles, p.tiles_per_split, p.split, eps,
         BLOCK_SPLIT=next_pow2(p.split), SILU=silu, **common,
     )  # fmt: skip
 
 
-def check_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add) -> None:
+def check_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add, skip=None) -> None:
     """What only this kernel imposes (fastddpm.ops checks the rest): a device Triton runs on."""
-    check_device("group_norm_silu", x=x, weight=weight, bias=bias, add=add)
+    check_device("group_norm_silu", x=x, weight=weight, bias=bias, add=add, skip=skip)
 
 
 # --- the custom op torch.ops.fastddpm_triton.group_norm_silu ---------------------------------------
@@ -759,14 +966,15 @@ def _forward(
     eps: float,
     silu: bool,
     add: torch.Tensor | None,
+    skip: torch.Tensor | None,
 ) -> torch.Tensor:
-    return launch_group_norm_silu(x, weight, bias, num_groups, eps, silu=silu, add=add)
+    return launch_group_norm_silu(x, weight, bias, num_groups, eps, silu=silu, add=add, skip=skip)
 
 
 custom_ops.define(
     "fastddpm_triton::group_norm_silu",
     _forward,
-    fake=custom_ops.output_like,
+    fake=custom_ops.norm_output,
     reference=reference.group_norm_silu,
 )
 
@@ -780,8 +988,9 @@ def group_norm_silu(
     *,
     silu: bool = True,
     add: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = SiLU(GroupNorm(x + add[:, :, None, None])) through the custom op. The reference's
-    signature; inputs checked by fastddpm.ops."""
-    check_group_norm_silu(x, weight, bias, add)
-    return torch.ops.fastddpm_triton.group_norm_silu(x, weight, bias, num_groups, float(eps), silu, add)
+    """y = SiLU(GroupNorm(cat(x, skip) + add[:, :, None, None])) through the custom op. The
+    reference's signature; inputs checked by fastddpm.ops."""
+    check_group_norm_silu(x, weight, bias, add, skip)
+    return torch.ops.fastddpm_triton.group_norm_silu(x, weight, bias, num_groups, float(eps), silu, add, skip)

@@ -12,10 +12,11 @@ from ..reference import memory_format_of
 from ._library import DTYPE_CODES, MAX_GROUP_CHANNELS, check_cuda, check_status, data_ptr, library, stream_of
 
 
-def check(x: torch.Tensor, weight, bias, num_groups: int, add) -> None:
+def check(x: torch.Tensor, weight, bias, num_groups: int, add, skip=None) -> None:
     """What only this library imposes (fastddpm.ops checks the rest)."""
-    check_cuda("group_norm_silu", x=x, weight=weight, bias=bias, add=add)
-    N, C, H, W = x.shape
+    check_cuda("group_norm_silu", x=x, weight=weight, bias=bias, add=add, skip=skip)
+    N, _, H, W = x.shape
+    C = weight.shape[0]
     if C // num_groups > MAX_GROUP_CHANNELS:
         raise ValueError(
             f"the cuda group_norm_silu takes at most {MAX_GROUP_CHANNELS} channels per group;"
@@ -38,9 +39,13 @@ def launch_group_norm_silu(
     silu: bool,
     add: torch.Tensor | None,
     stream: int | None,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Marshal the tensors for fastddpm_group_norm_silu and launch it on `stream` (a cudaStream_t)."""
+    """Marshal the tensors for fastddpm_group_norm_silu and launch it on `stream` (a cudaStream_t).
+    With `skip` the library normalizes cat([x, skip], dim=1), concatenated here first (one copy)."""
     fmt = memory_format_of(x)
+    if skip is not None:
+        x = torch.cat([x, skip], dim=1).contiguous(memory_format=fmt)
     if weight.dtype != bias.dtype:  # one parameter dtype; float32 holds either exactly
         weight, bias = weight.float(), bias.float()
     weight, bias = weight.contiguous(), bias.contiguous()
@@ -105,17 +110,18 @@ def _forward(
     eps: float,
     silu: bool,
     add: torch.Tensor | None,
+    skip: torch.Tensor | None,
 ) -> torch.Tensor:
     with torch.cuda.device(x.device):
         return launch_group_norm_silu(
-            library(), x, weight, bias, num_groups, eps, silu, add, stream_of(x.device)
+            library(), x, weight, bias, num_groups, eps, silu, add, stream_of(x.device), skip
         )
 
 
 custom_ops.define(
     "fastddpm_cuda::group_norm_silu",
     _forward,
-    fake=custom_ops.output_like,
+    fake=custom_ops.norm_output,
     reference=reference.group_norm_silu,
 )
 
@@ -129,8 +135,9 @@ def group_norm_silu(
     *,
     silu: bool = True,
     add: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = SiLU(GroupNorm(x + add[:, :, None, None])): csrc/include/fastddpm/group_norm_silu.cuh.
+    """y = SiLU(GroupNorm(cat(x, skip) + add[:, :, None, None])): csrc/include/fastddpm/group_norm_silu.cuh.
     The reference's signature; inputs checked by fastddpm.ops."""
-    check(x, weight, bias, num_groups, add)
-    return torch.ops.fastddpm_cuda.group_norm_silu(x, weight, bias, num_groups, float(eps), silu, add)
+    check(x, weight, bias, num_groups, add, skip)
+    return torch.ops.fastddpm_cuda.group_norm_silu(x, weight, bias, num_groups, float(eps), silu, add, skip)
