@@ -29,7 +29,8 @@ Capture: a warm-up of two steps on a side stream first (Triton's JIT, cuDNN/cuBL
 workspaces, the CUDA library's device queries stay out of the graph), then the capture, in
 "thread_local" error mode. Graphs are cached by everything a capture bakes in: device, batch
 shape, the network's dtype, memory format and parameters (their addresses: a graph reads the
-weights where they were at capture), the resolved backend, the table's contents (the runner
+weights where they were at capture, and the tensors the U-Net derives from them, fastddpm.folds,
+which each run refreshes in place), the resolved backend, the table's contents (the runner
 keeps its own copy: a sampler builds a new table per call), clip_x0, whether the steps draw
 noise, the TF32 flags and train/eval mode. The seed is not part of the key (it is a device
 scalar), so a sharded run with a seed per shard reuses one graph. At most `max_graphs` are

@@ -9,6 +9,7 @@ a Philox `seed` (fastddpm.noise).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 
 import torch
@@ -71,10 +72,12 @@ class TorchDenoiser:
         return next(self.module.parameters()).dtype
 
     def weights(self) -> tuple:
-        """What a captured call bakes in of the module: train/eval mode, and each parameter's and
-        buffer's address, dtype and strides."""
+        """What a captured call bakes in of the module: train/eval mode, each parameter's and
+        buffer's address, dtype and strides, and the generation of the tensors the U-Net derives
+        from them (fastddpm.folds: refreshed in place while their addresses hold)."""
         m = self.module
-        return (m.training,) + tuple(
+        folds = getattr(m, "_folds", None)
+        return (m.training, None if folds is None else folds.generation) + tuple(
             (t.data_ptr(), t.dtype, t.stride()) for t in (*m.parameters(), *m.buffers())
         )
 
@@ -147,6 +150,13 @@ class Sampler:
         """How each step runs: the graph runner (which falls back to eager steps), or eager steps
         (fastddpm.solvers.steps.Eager: EagerSteps, or SolverSteps for a solver's table)."""
         return self.graph_runner or self.eager
+
+    def frozen(self) -> AbstractContextManager:
+        """A scope that holds the network's weights constant: its forwards without gradients reuse
+        the tensors the U-Net derives from them (fastddpm.folds), recomputed on entry. sample()
+        runs inside one; a loop of predict_eps calls may too."""
+        folds = getattr(self.unet, "_folds", None)
+        return nullcontext() if folds is None else folds.frozen(self.unet)
 
     def predict_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The network's eps (N, C, H, W) float32 for x_t (N, C, H, W) float32 at timesteps t (N,)."""
@@ -226,20 +236,21 @@ class Sampler:
         device = self.denoiser.device
         self.precision.check_device(device)
         cfg = self.denoiser.config
-        return loop.sample(
-            self.strategy,
-            table,
-            n,
-            (cfg.in_channels, cfg.resolution, cfg.resolution),
-            device,
-            clip_x0=clip_x0,
-            batch_size=batch_size,
-            generator=generator,
-            seed=seed,
-            x_T=x_T,
-            start_step=start_step,
-            progress=progress,
-            callback=callback,
-            callback_every=callback_every,
-            scope=self.precision.scope,
-        )
+        with self.frozen():
+            return loop.sample(
+                self.strategy,
+                table,
+                n,
+                (cfg.in_channels, cfg.resolution, cfg.resolution),
+                device,
+                clip_x0=clip_x0,
+                batch_size=batch_size,
+                generator=generator,
+                seed=seed,
+                x_T=x_T,
+                start_step=start_step,
+                progress=progress,
+                callback=callback,
+                callback_every=callback_every,
+                scope=self.precision.scope,
+            )

@@ -9,6 +9,7 @@ through `fastddpm.ops`: a backend swaps in without touching this file.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -106,11 +107,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, freqs: torch.Tensor | None = N
     """Sinusoidal embedding (N,) -> (N, dim) float32: [sin(t w_k), cos(t w_k)] (timestep_frequencies,
     or `freqs` where the caller holds them), zero-padded to an odd dim."""
     freqs = timestep_frequencies(dim, t.device) if freqs is None else freqs
-    half = freqs.shape[0]
     args = t[:, None] * freqs  # float32 (t's integers promote exactly below 2^24)
-    emb = args.new_empty(t.shape[0], 2 * half)
-    torch.sin(args, out=emb[:, :half])  # each half written in place: no concatenation
-    torch.cos(args, out=emb[:, half:])
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
@@ -153,8 +151,15 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(
-        self, x: torch.Tensor, *, silu: bool, add: torch.Tensor | None = None, backend: str = "auto"
+        self,
+        x: torch.Tensor,
+        *,
+        silu: bool,
+        add: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
+        backend: str = "auto",
     ) -> torch.Tensor:
+        """The norm of x, or of cat([x, skip], dim=1) read in place (see ops.group_norm_silu)."""
         return ops.group_norm_silu(
             x,
             self.weight,
@@ -163,6 +168,7 @@ class Norm(nn.Module):
             self.eps,
             silu=silu,
             add=add,
+            skip=skip,
             backend=backend,
         )
 
@@ -184,23 +190,38 @@ class ResnetBlock(nn.Module):
         """x (N, c_in, H, W), temb (N, c_out) = temb_proj(SiLU(temb)) -> (N, c_out, H, W)."""
         return self.run(Act(x), temb + self.conv1.bias, backend, compute_now, materialize=True).a
 
-    def run(self, x: Act, temb_b: torch.Tensor, backend: str, fold: Fold, materialize: bool) -> Act:
-        """The block on x (c_in channels); temb_b (N, c_out) = temb_proj(SiLU(temb)) + conv1.bias:
-        conv1's bias rides in GN2's add. The output's pending bias is conv2's plus the shortcut's
-        (x's pending through it); with `materialize` conv2 adds it and nothing stays pending.
+    def run(
+        self,
+        x: Act,
+        temb_b: torch.Tensor,
+        backend: str,
+        fold: Fold,
+        materialize: bool,
+        skip: Act | None = None,
+    ) -> Act:
+        """The block on x, or on the channel concatenation of x and `skip` (the up path's input,
+        never made: GN1 reads both in place and the 1x1 shortcut is one GEMM per part);
+        temb_b (N, c_out) = temb_proj(SiLU(temb)) + conv1.bias: conv1's bias rides in GN2's add.
+        The output's pending bias is conv2's plus the shortcut's (the input's pending through it);
+        with `materialize` conv2 adds it and nothing stays pending.
 
         The residual add is folded into the last op: in place into conv2's output, or, with a 1x1
-        shortcut, as a GEMM accumulating nin_shortcut(x.a) into it.
+        shortcut, as GEMMs accumulating nin_shortcut(input) into it.
         """
-        h = F.conv2d(self.norm1(x.a, silu=True, add=x.add(), backend=backend), self.conv1.weight, padding=1)
+        if skip is not None and torch.compiler.is_exporting():  # ONNX: one Concat, as the original
+            x, skip = Act(torch.cat([x.a, skip.a], dim=1), _concat_pending(x, skip)()), None
+        parts = (x,) if skip is None else (x, skip)
+        pending_in = x.pending if skip is None else fold((self, "input pending"), _concat_pending(x, skip))
+        add = None if pending_in is None else pending_in.expand(x.a.shape[0], -1)
+        h = self.norm1(x.a, silu=True, add=add, skip=None if skip is None else skip.a, backend=backend)
+        h = F.conv2d(h, self.conv1.weight, padding=1)
         h = self.dropout(self.norm2(h, silu=True, add=temb_b, backend=backend))
         nin = self.nin_shortcut
         if nin is None:
-            pending = fold((self, "pending"), lambda: _sum(self.conv2.bias, x.pending))
+            pending = fold((self, "pending"), lambda: _sum(self.conv2.bias, pending_in))
         else:
-            w = nin.weight.flatten(1)  # (c_out, c_in)
-            through = (lambda: None) if x.pending is None else (lambda: w @ x.pending)  # W p
-            pending = fold((self, "pending"), lambda: _sum(self.conv2.bias, nin.bias, through()))
+            through = (lambda: None) if pending_in is None else (lambda: nin.weight.flatten(1) @ pending_in)
+            pending = fold((self, "pending"), lambda: _sum(self.conv2.bias, nin.bias, through()))  # + W p
         out = F.conv2d(h, self.conv2.weight, pending if materialize else None, padding=1)
         if nin is None:
             out.add_(x.a)
@@ -208,7 +229,11 @@ class ResnetBlock(nn.Module):
             out = out + F.conv2d(x.a, nin.weight)
         else:
             N, C, H, W = out.shape
-            add_pointwise_(out.view(N, C, H * W), w, x.a.flatten(2))
+            w, first = nin.weight.flatten(1), 0  # (c_out, c_in)
+            for part in parts:  # W x = W[:, :C1] x + W[:, C1:] skip
+                c = part.a.shape[1]
+                add_pointwise_(out.view(N, C, H * W), w[:, first : first + c], part.a.flatten(2))
+                first += c
         return Act(out, None if materialize else pending)
 
 
@@ -233,11 +258,13 @@ class AttnBlock(nn.Module):
         """The block on x; attention over L = H*W positions with D = C // heads per head.
 
         GN(x) is read in place as (N, L, C) tokens (a transposed view for NCHW): q, k and v are one
-        batched GEMM over their stacked weights with the stacked bias as its initial value, written
-        (N, L, 3C) and viewed (N, heads, L, D) each, unit stride along D. The output projection
-        accumulates into x.a + pending + proj_out.bias in x's layout, one GEMM for projection and
-        residual; `in_place` (x.a is not read again: the U-Net's forward without gradients)
-        accumulates into x.a itself and leaves the biases pending, unless `materialize`.
+        GEMM over their stacked weights, written (N, L, 3C) and viewed (N, heads, L, D) each, unit
+        stride along D: where the tokens are one (N L, C) matrix (NHWC, or N = 1) a 2-D GEMM with
+        the stacked bias in its epilogue, else a batched GEMM with the bias as its initial value.
+        The output projection accumulates into x.a (a copy, or with `in_place` x.a itself: the
+        U-Net's forward without gradients reads it no more) in x's layout, one GEMM for projection
+        and residual; the input's pending bias and proj_out's stay pending, or with `materialize`
+        are added to the copy first.
         """
         N, C, H, W = x.a.shape
         L, D = H * W, C // self.heads
@@ -245,15 +272,20 @@ class AttnBlock(nn.Module):
         convs = (self.q, self.k, self.v)
         weight = fold((self, "qkv weight"), lambda: torch.cat([c.weight.view(C, C) for c in convs]).mT)
         bias = fold((self, "qkv bias"), lambda: torch.cat([c.bias for c in convs]))
-        qkv = torch.baddbmm(bias, tokens, weight.expand(N, C, 3 * C))  # (N, L, 3C)
+        matrix = N == 1 or tokens.stride(0) == L * tokens.stride(1)  # NHWC, or one image
+        if matrix and not torch.compiler.is_exporting():  # (ONNX: one MatMul whatever the batch)
+            qkv = torch.addmm(bias, tokens.reshape(N * L, C), weight).view(N, L, 3 * C)  # bias epilogue
+        else:
+            qkv = torch.baddbmm(bias, tokens, weight.expand(N, C, 3 * C))  # (N, L, 3C)
         q, k, v = (part.view(N, L, self.heads, D).transpose(1, 2) for part in qkv.split(C, dim=2))
         o = ops.attention(q, k, v, backend=backend)
         o = o.transpose(1, 2).reshape(N, L, C)  # a view where the backend wrote (N, L, heads, D)
-        pending = fold((self, "pending"), lambda: _sum(x.pending, self.proj_out.bias))
-        if in_place and not materialize:
-            out = x.a
-        else:
+        pending_in = x.pending
+        pending = fold((self, "pending"), lambda: _sum(pending_in, self.proj_out.bias))
+        if materialize:
             out, pending = x.a + pending.view(C, 1, 1).to(x.a.dtype), None  # x's dtype under autocast
+        else:  # the same arithmetic either way: the biases stay pending
+            out = x.a if in_place else x.a.clone()
         add_pointwise_(out.view(N, C, L), self.proj_out.weight.view(C, C), o.mT)
         return Act(out, pending)
 
@@ -431,20 +463,21 @@ class UNet(nn.Module):
         backend, fold = self.backend, self._folds.for_forward(self)
         in_place = not torch.is_grad_enabled()  # attention may overwrite an input nothing reads again
         ch = self.config.ch
-        freqs = fold("timestep frequencies", lambda: timestep_frequencies(ch, x.device))
+        device = x.device
+        freqs = fold("timestep frequencies", lambda: timestep_frequencies(ch, device))
         temb = timestep_embedding(t, ch, freqs).to(self.conv_in.weight.dtype)
         silu_temb = F.silu(self.temb.dense[1](F.silu(self.temb.dense[0](temb))))
         temb_proj = iter(self.time_projections(silu_temb, fold))
 
         def level_blocks(level: nn.Module, h: Act | None, skips: list[Act] | None) -> Act:
             """A level's blocks (and attention) on h, or on the last skip of the down path (skips
-            None: up path, h concatenated with the skips it pops); the last one materializes
-            before a resampling."""
+            None: up path, each block on h and the skip it pops); the last one materializes before
+            a resampling."""
             last = len(level.block) - 1 if hasattr(level, "downsample") or hasattr(level, "upsample") else -1
             for j, block in enumerate(level.block):
                 attn = level.attn[j] if len(level.attn) else None
-                x_j = hs[-1] if skips is not None else concat(h, hs.pop(), block, fold)
-                h = block.run(x_j, next(temb_proj), backend, fold, materialize=j == last and attn is None)
+                x_j, skip = (hs[-1], None) if skips is not None else (h, hs.pop())
+                h = block.run(x_j, next(temb_proj), backend, fold, j == last and attn is None, skip)
                 if attn is not None:
                     h = attn.run(h, backend, fold, materialize=j == last, in_place=in_place)
                 if skips is not None:
@@ -470,19 +503,16 @@ class UNet(nn.Module):
         return F.conv2d(h, self.conv_out.weight, self.conv_out.bias, padding=1)
 
 
-def concat(h: Act, skip: Act, site: nn.Module, fold: Fold) -> Act:
-    """h and skip along channels: the tensors concatenated, and their pending biases (zeros where
-    one has none)."""
-    a = torch.cat([h.a, skip.a], dim=1)
-    if h.pending is None and skip.pending is None:
-        return Act(a)
+def _concat_pending(x: Act, skip: Act) -> Callable[[], torch.Tensor | None]:
+    """The computation of x and skip's channel concatenation's pending bias (zeros for a part
+    without one; None if neither has one), holding their pending biases and shapes, not them."""
+    parts = [(t.pending, t.a.shape[1], t.a.dtype, t.a.device) for t in (x, skip)]
 
-    def pending() -> torch.Tensor:
+    def pending() -> torch.Tensor | None:
+        if all(p is None for p, *_ in parts):
+            return None
         return torch.cat(
-            [
-                p if p is not None else a.new_zeros(t.shape[1])
-                for p, t in ((h.pending, h.a), (skip.pending, skip.a))
-            ]
+            [p if p is not None else torch.zeros(c, dtype=d, device=dev) for p, c, d, dev in parts]
         )
 
-    return Act(a, fold((site, "concat pending"), pending))
+    return pending

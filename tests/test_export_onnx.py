@@ -66,7 +66,9 @@ def test_groupnorm_is_instance_normalization_and_attention_is_matmul_softmax(dif
     norms = sum(isinstance(m, fastddpm.unet.Norm) for m in sampler.unet.modules())
     attns = sum(isinstance(m, fastddpm.unet.AttnBlock) for m in sampler.unet.modules())
     assert counts["InstanceNormalization"] == norms == 21
-    assert counts["Softmax"] == attns and counts["MatMul"] == 4 * attns  # attention 2, projections 2 (q, k, v stacked)
+    assert (
+        counts["Softmax"] == attns and counts["MatMul"] == 4 * attns
+    )  # attention 2, projections 2 (q, k, v stacked)
     assert "GroupNormalization" not in counts and "LayerNormalization" not in counts
     assert set(counts) <= STANDARD_OPS, set(counts) - STANDARD_OPS
     # The InstanceNormalization pattern: unit scale and zero bias as initializers (TensorRT needs

@@ -78,8 +78,10 @@ class EmulatedOps:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
 
-    def group_norm_silu(self, x, weight, bias, num_groups, eps=1e-6, *, silu=True, add=None) -> torch.Tensor:
-        return cuda.launch_group_norm_silu(self.lib, x, weight, bias, num_groups, eps, silu, add, None)
+    def group_norm_silu(
+        self, x, weight, bias, num_groups, eps=1e-6, *, silu=True, add=None, skip=None
+    ) -> torch.Tensor:
+        return cuda.launch_group_norm_silu(self.lib, x, weight, bias, num_groups, eps, silu, add, None, skip)
 
     def attention(self, q, k, v, scale=None) -> torch.Tensor:
         scale = q.shape[-1] ** -0.5 if scale is None else scale

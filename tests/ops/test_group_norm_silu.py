@@ -87,6 +87,48 @@ def test_add_may_be_a_strided_view(backend, layout):
     check(backend, x, w, bias, 4, add=add)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "C1, C2, groups",
+    [(12, 20, 8), (8, 8, 4), (6, 10, 4), (256, 128, 32)],
+    ids=["straddle", "aligned", "straddle-odd", "unet-384"],
+)
+def test_skip_is_the_norm_of_the_concatenation(backend, layout, C1, C2, groups):
+    """skip: the norm of cat([x, skip], dim=1), read from both in place (the U-Net's up path), at
+    each dtype, with groups straddling the boundary (C1 not a multiple of C / groups) and add a
+    broadcast row (the U-Net's pending bias)."""
+    fmt = LAYOUTS[layout]
+    for dtype in DTYPES:
+        h, w, bias, _ = inputs(backend, (2, C1 + C2, 3, 5), dtype, layout, seed=C1)
+        x, skip = (part.contiguous(memory_format=fmt) for part in (h[:, :C1], h[:, C1:]))
+        add = torch.randn(C1 + C2, dtype=dtype).to(backend.device).expand(2, -1)
+        out = backend.group_norm_silu(x, w, bias, groups, 1e-6, silu=True, add=add, skip=skip)
+        assert out.shape == h.shape and out.is_contiguous(memory_format=fmt)
+        assert_equals_reference(
+            "group_norm_silu", out, x, w, bias, groups, 1e-6, silu=True, add=add, skip=skip
+        )
+
+
+def test_a_skip_that_does_not_fit_is_refused():
+    """skip must match x in N, H, W, dtype, device and memory format; weight covers both."""
+    from fastddpm import ops
+
+    x, skip = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    w, b = torch.ones(16), torch.zeros(16)
+    cases = [
+        (torch.randn(2, 8, 4, 5), "skip must be"),
+        (torch.randn(3, 8, 4, 4), "skip must be"),
+        (skip.double(), "dtype"),
+        (skip.to(memory_format=torch.channels_last), "memory format"),
+        (skip[:, :, :, :2], "skip must be"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ops.group_norm_silu(x, w, b, 4, skip=bad, backend="torch")
+    with pytest.raises(ValueError, match=r"weight must have shape \(16,\)"):
+        ops.group_norm_silu(x, w[:8], b[:8], 4, skip=skip, backend="torch")
+
+
 # --- the launch paths of the CUDA kernels --------------------------------------------------------
 
 CUDA_SHAPES = [  # (N, C, H, W), groups: the launch path each takes in csrc/group_norm_silu.cu
