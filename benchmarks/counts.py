@@ -2,6 +2,8 @@
 
     python -m benchmarks.counts            # the Markdown table of benchmarks/README.md
     python -m benchmarks.counts --json F   # every row, with its per-category split
+    python -m benchmarks.counts --before F # each fastddpm figure as "before -> now (now / before)",
+                                           # before: the --json rows of an earlier commit
 
 Systems (random weights; counts do not depend on them), fp32:
 - "diffusers": `UNet2DModel` of the model's diffusers config; a step is `unet(x, t).sample` and
@@ -190,12 +192,46 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def comparison(before: list[dict], rows: list[Row]) -> str:
+    """The Markdown table of fastddpm's rows against `before` (the --json rows of an earlier
+    commit): launches per step and per forward, memory-bound GB per forward, each "before -> now
+    (now / before)"."""
+    old = {(r["model"], r["batch"], r["backend"], r["channels_last"], r["what"]): r for r in before}
+    lines = [
+        "| model | batch | backend | layout | launches / step | launches / forward"
+        " | memory-bound GB / forward |",
+        "|---|---:|---|---|---:|---:|---:|",
+    ]
+
+    def cell(was: float, now: float, scale: float = 1.0, digits: int = 0) -> str:
+        return f"{was / scale:.{digits}f} -> {now / scale:.{digits}f} ({now / was:.0%})"
+
+    for r in rows:
+        key = (r.model, r.batch, r.backend, r.channels_last)
+        if r.system != "fastddpm" or r.what != "forward" or (*key, "step") not in old:
+            continue
+        step = next(
+            s for s in rows if (s.model, s.batch, s.backend, s.channels_last, s.what) == (*key, "step")
+        )
+        f0, s0 = old[(*key, "forward")], old[(*key, "step")]
+        lines.append(
+            f"| {r.model} | {r.batch} | {r.backend} | {'NHWC' if r.channels_last else 'NCHW'}"
+            f" | {cell(s0['launches'], step.launches)} | {cell(f0['launches'], r.launches)}"
+            f" | {cell(f0['memory_bound_bytes'], r.memory_bound_bytes, 1e9, 3)} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.counts", description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write every row, with its per-category split")
+    parser.add_argument("--before", type=Path, help="compare with these rows (an earlier --json)")
     args = parser.parse_args(argv)
     rows = all_rows()
-    print(table(rows))
+    if args.before:
+        print(comparison(json.loads(args.before.read_text()), rows))
+    else:
+        print(table(rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
 

@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python -m benchmarks.unet_ab counter        # fastddpm/unet.py at `counter`
     python -m benchmarks.unet_ab HEAD~3 --batch 8 --rounds 10 --model cifar10
 
-Both networks hold the same random weights and run the torch backend in fp32 NCHW under no_grad.
+Both networks hold the same random weights and run the torch backend in fp32 NCHW under no_grad,
+each as a sampling run runs it (inside its weights' frozen() scope where it has one: fastddpm.folds).
 Each round times one forward of each, in alternating order (base first in even rounds), so a drift
 in the machine's load falls on both; the result is the median of the per-round ratios new / base and
 their spread. The base commit's unet.py runs against this checkout's fastddpm (ops, reference).
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import types
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -54,13 +56,16 @@ def compare(ref: str, model: str, batch: int, rounds: int) -> dict[str, float]:
     cfg = new_net.config
     x = torch.randn(batch, cfg.in_channels, cfg.resolution, cfg.resolution)
     t = torch.full((batch,), 500)
-    for net in (base_net, new_net):  # warm-up: allocator, oneDNN primitives
-        net(x, t)
     times: dict[str, list[float]] = {"base": [], "new": []}
-    for r in range(rounds):
-        order = (("base", base_net), ("new", new_net))
-        for name, net in order if r % 2 == 0 else reversed(order):
-            times[name].append(_forward_seconds(net, x, t))
+    with ExitStack() as scopes:
+        for net in (base_net, new_net):
+            if hasattr(net, "_folds"):
+                scopes.enter_context(net._folds.frozen(net))
+            net(x, t)  # warm-up: allocator, oneDNN primitives, folded weights
+        for r in range(rounds):
+            order = (("base", base_net), ("new", new_net))
+            for name, net in order if r % 2 == 0 else reversed(order):
+                times[name].append(_forward_seconds(net, x, t))
     ratios = [n / b for n, b in zip(times["new"], times["base"], strict=True)]
     return {
         "base_s": statistics.median(times["base"]),

@@ -40,7 +40,10 @@ STEP_FP32_TOLERANCE = 1e-5
 # holds with margin where ddpm_step's two-term 1e-5 need not.
 MULTISTEP_FP32_TOLERANCE = 1e-4
 SEED = 20200619  # every case draws its inputs from its own generator, seeded with this
-NORM_VARIANTS = ("add+silu", "plain")  # the ResBlock's norm, and the norm in front of attention
+# The ResBlock's norm, the norm in front of attention, and the up path's norm of its input and a
+# skip read in place (x holds C // 2 + 1 of the C channels: a group straddles the two; add is a
+# broadcast row, the U-Net's pending bias).
+NORM_VARIANTS = ("add+silu", "plain", "skip")
 STEP_VARIANTS = ("noise", "seed")  # z passed in, or drawn in the kernel from Philox (seed, offset)
 # multistep_update: z passed in at a step that swaps two slots (each read and written), no clip; z
 # from Philox at a step that keeps one row (dest -1 for the other), D clipped.
@@ -156,6 +159,10 @@ def make_inputs(case: Case, device: torch.device) -> tuple[tuple, dict]:
         N, C = case.shape[:2]
         x = randn(*case.shape, scale=2.0, shift=0.5).to(case.dtype).contiguous(memory_format=fmt)
         weight, bias = randn(C, scale=0.5, shift=1.0).to(case.dtype), randn(C, scale=0.5).to(case.dtype)
+        if case.variant == "skip":
+            add = randn(C).to(case.dtype).expand(N, C)
+            x, skip = (part.contiguous(memory_format=fmt) for part in x.tensor_split([C // 2 + 1], dim=1))
+            return (x, weight, bias, case.groups, 1e-6), {"silu": True, "add": add, "skip": skip}
         add = randn(N, C).to(case.dtype) if case.variant == "add+silu" else None
         kwargs = {"silu": case.variant == "add+silu", "add": add}
         return (x, weight, bias, case.groups, 1e-6), kwargs

@@ -64,8 +64,8 @@ def test_every_backend_passes_every_case_on_the_cpu():
     assert "cuda" in report.backends["cuda"].lower()  # skipped, saying why
     cases = {(r["op"], r["case"], r["dtype"]) for r in report.checks if r["backend"] == "triton"}
     assert (
-        len(cases) == len(check.cases(torch.device("cpu"))) == 3 * (4 + 3) + 2 + 2
-    )  # dtypes x (norm + attention) + step + solver step
+        len(cases) == len(check.cases(torch.device("cpu"))) == 3 * (2 * 3 + 3) + 2 + 2
+    )  # dtypes x (norm: 2 layouts x 3 variants + attention) + step + solver step
     for label in ("NCHW, add+silu", "channels_last, plain", "1 head, D=256", "1 head, D=512", "4 heads, D=8"):
         assert any(case == label for _, case, _ in cases), label
     assert {dtype for _, _, dtype in cases} == {"float32", "float16", "bfloat16"}
