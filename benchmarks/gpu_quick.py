@@ -62,9 +62,10 @@ GEMM_NAMES = ("gemm", "cublas", "cutlass", "xmma", "fmha", "flash", "attention",
               "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")  # fmt: skip
 
 
-def group_norm_silu_eager(x, weight, bias, num_groups, eps, *, silu, add):
-    """The eager modules' GroupNorm(+add)(+SiLU), three to four kernels."""
-    h = x if add is None else x + add[:, :, None, None]
+def group_norm_silu_eager(x, weight, bias, num_groups, eps, *, silu, add, skip=None):
+    """The eager modules' (concatenation)(+add) GroupNorm(+SiLU), three to five kernels."""
+    h = x if skip is None else torch.cat([x, skip], dim=1)
+    h = h if add is None else h + add[:, :, None, None]
     h = F.group_norm(h, num_groups, weight, bias, eps)
     return F.silu(h) if silu else h
 

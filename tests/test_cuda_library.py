@@ -457,7 +457,7 @@ def test_fake_implementations_trace_without_a_gpu(lib):
             memory_format=torch.channels_last
         )
         w = torch.empty(64, device="cuda")
-        y = torch.ops.fastddpm_cuda.group_norm_silu(x, w, w, 32, 1e-6, True, None)
+        y = torch.ops.fastddpm_cuda.group_norm_silu(x, w, w, 32, 1e-6, True, None, None)
         assert (
             y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous(memory_format=torch.channels_last)
         )
