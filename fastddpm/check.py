@@ -137,7 +137,7 @@ def traffic(case: Case) -> tuple[float, float | None]:
     numel, size = math.prod(case.shape), torch.tensor([], dtype=case.dtype).element_size()
     if case.op == "group_norm_silu":
         N, C = case.shape[:2]
-        extra = 2 * C + (N * C if case.variant == "add+silu" else 0)
+        extra = 2 * C + {"add+silu": N * C, "skip": C}.get(case.variant, 0)  # skip's add: one row
         return float((2 * numel + extra) * size), None
     if case.op == "attention":
         B, H, L, D = case.shape
