@@ -30,6 +30,14 @@ int check_sizes(int64_t N, int64_t C, int64_t H, int64_t W, int64_t num_groups) 
   return FASTDDPM_SUCCESS;
 }
 
+// x's channels C1 of the C (skip holds the other C - C1); C1 = C = 0 is an empty problem.
+int check_x_channels(int64_t C1, int64_t C) {
+  FASTDDPM_CHECK(C1 <= C && (C1 > 0 || C == 0), FASTDDPM_ERROR_INVALID_VALUE,
+                 "C1 = %lld channels of x must be in (0, C = %lld]", static_cast<long long>(C1),
+                 static_cast<long long>(C));
+  return FASTDDPM_SUCCESS;
+}
+
 }  // namespace
 
 extern "C" int fastddpm_group_norm_silu_workspace_size(int64_t N, int64_t C, int64_t H, int64_t W,
@@ -43,19 +51,31 @@ extern "C" int fastddpm_group_norm_silu_workspace_size(int64_t N, int64_t C, int
   FASTDDPM_API_END
 }
 
-extern "C" int fastddpm_group_norm_silu(const void* x, const void* add, const void* weight, const void* bias,
-                                        void* y, void* workspace, size_t workspace_bytes, int64_t N, int64_t C,
-                                        int64_t H, int64_t W, int64_t num_groups, float eps, int silu,
+extern "C" int fastddpm_group_norm_silu(const void* x, const void* skip, const void* add, const void* weight,
+                                        const void* bias, void* y, void* workspace, size_t workspace_bytes,
+                                        int64_t N, int64_t C1, int64_t C, int64_t H, int64_t W, int64_t num_groups,
+                                        int64_t add_stride_n, int64_t add_stride_c, float eps, int silu,
                                         int channels_last, int dtype, int add_dtype, int param_dtype,
                                         void* stream) {
   FASTDDPM_API_BEGIN
-  const int status = check_sizes(N, C, H, W, num_groups);
+  int status = check_sizes(N, C, H, W, num_groups);
   if (status != FASTDDPM_SUCCESS) return status;
+  status = check_x_channels(C1, C);
+  if (status != FASTDDPM_SUCCESS) return status;
+  FASTDDPM_CHECK(skip == nullptr || C1 < C, FASTDDPM_ERROR_INVALID_VALUE,
+                 "skip is given but C1 = C = %lld leaves it no channels", static_cast<long long>(C));
   FASTDDPM_CHECK_DTYPE(dtype);
   FASTDDPM_CHECK_DTYPE(param_dtype);
-  if (add != nullptr) FASTDDPM_CHECK_DTYPE(add_dtype);
+  if (add != nullptr) {
+    FASTDDPM_CHECK_DTYPE(add_dtype);
+    FASTDDPM_CHECK_NONNEGATIVE(add_stride_n);
+    FASTDDPM_CHECK_NONNEGATIVE(add_stride_c);
+  }
   if (N * C * H * W == 0) return FASTDDPM_SUCCESS;
   FASTDDPM_CHECK_NOT_NULL(x);
+  FASTDDPM_CHECK(skip != nullptr || C1 == C, FASTDDPM_ERROR_INVALID_VALUE,
+                 "skip is a null pointer but C1 = %lld < C = %lld", static_cast<long long>(C1),
+                 static_cast<long long>(C));
   FASTDDPM_CHECK_NOT_NULL(weight);
   FASTDDPM_CHECK_NOT_NULL(bias);
   FASTDDPM_CHECK_NOT_NULL(y);
@@ -83,28 +103,32 @@ extern "C" int fastddpm_group_norm_silu(const void* x, const void* add, const vo
   p.silu = silu != 0;
   p.add_dtype = add_dtype;
   p.param_dtype = param_dtype;
+  const fastddpm::GroupNormInputs in{skip, C1, add_stride_n, add_stride_c};
   const bool cl = channels_last != 0;
   const auto s = static_cast<cudaStream_t>(stream);
   cudaError_t err;
   switch (dtype) {
     case FASTDDPM_FLOAT16:
-      err = fastddpm::launch_group_norm_silu<__half>(p, cl, s);
+      err = fastddpm::launch_group_norm_silu<__half>(p, in, cl, s);
       break;
     case FASTDDPM_BFLOAT16:
-      err = fastddpm::launch_group_norm_silu<__nv_bfloat16>(p, cl, s);
+      err = fastddpm::launch_group_norm_silu<__nv_bfloat16>(p, in, cl, s);
       break;
     default:
-      err = fastddpm::launch_group_norm_silu<float>(p, cl, s);
+      err = fastddpm::launch_group_norm_silu<float>(p, in, cl, s);
   }
   return fastddpm::abi::cuda_status(err, "group_norm_silu launch");
   FASTDDPM_API_END
 }
 
-extern "C" int fastddpm_group_norm_silu_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t num_groups,
-                                             int channels_last, int dtype, int64_t* groups_per_block,
-                                             int64_t* blocks, int64_t* threads_per_block, int64_t* vector_bytes) {
+extern "C" int fastddpm_group_norm_silu_plan(int64_t N, int64_t C1, int64_t C, int64_t H, int64_t W,
+                                             int64_t num_groups, int channels_last, int dtype,
+                                             int64_t* groups_per_block, int64_t* blocks,
+                                             int64_t* threads_per_block, int64_t* vector_bytes) {
   FASTDDPM_API_BEGIN
-  const int status = check_sizes(N, C, H, W, num_groups);
+  int status = check_sizes(N, C, H, W, num_groups);
+  if (status != FASTDDPM_SUCCESS) return status;
+  status = check_x_channels(C1, C);
   if (status != FASTDDPM_SUCCESS) return status;
   FASTDDPM_CHECK_DTYPE(dtype);
   FASTDDPM_CHECK_NOT_NULL(groups_per_block);
@@ -117,7 +141,7 @@ extern "C" int fastddpm_group_norm_silu_plan(int64_t N, int64_t C, int64_t H, in
   *blocks = N * num_groups * plan.splits;
   *threads_per_block = plan.threads;
   *vector_bytes = fastddpm::kGnVecBytes;
-  switch (fastddpm::group_norm_path(N, C, H * W, num_groups, channels_last != 0, elem, true)) {
+  switch (fastddpm::group_norm_path(N, C1, C, H * W, num_groups, channels_last != 0, elem, true)) {
     case fastddpm::GroupNormPath::kNhwcVec: {
       const fastddpm::GroupNormNhwcPlan nhwc = fastddpm::plan_group_norm_nhwc(N, C, H * W, num_groups, elem);
       *groups_per_block = nhwc.groups_per_block;

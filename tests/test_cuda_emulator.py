@@ -59,6 +59,36 @@ def test_group_norm_silu_channels_last_tiles_with_skewed_warps(
     norm_cases.test_cuda_channels_last_tiles(emulated, shape, groups, dtype)
 
 
+@pytest.mark.parametrize("schedule", SKEWED)
+@pytest.mark.parametrize("add", norm_cases.ADDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", norm_cases.LAYOUTS)
+@pytest.mark.parametrize("shape, groups, C1", norm_cases.CUDA_SKIP_SHAPES)
+def test_group_norm_silu_skip_with_skewed_warps(
+    emulated, shape, groups, C1, dtype, layout, add, schedule, monkeypatch
+):
+    """h = cat([x, skip], dim=1) read from both in place: groups straddling channel C1, C1 and C2
+    off the vector width, split groups, add as rows or a broadcast (stride 0) row."""
+    monkeypatch.setenv("FASTDDPM_EMU_SCHEDULE", schedule)
+    norm_cases.test_cuda_skip_launch_paths(emulated, shape, groups, C1, dtype, layout, add)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_skip_takes_16_byte_vectors_where_c1_allows(lib, dtype):
+    """With skip, NCHW keeps 16-byte vectors whatever C1 (a vector runs along one channel's
+    positions); channels_last needs 16 bytes of elements to divide C1 (x's and skip's rows then
+    start aligned, and no vector straddles the two), else the element-wise kernel runs."""
+    plan = functools.partial(cuda.group_norm_silu_plan, lib, dtype=dtype)
+    elem, vec = dtype.itemsize, 16 // dtype.itemsize
+    for C1 in (26, 32, 36, 256):
+        assert plan((1, 384, 4, 4), 32, False, x_channels=C1)["vector_bytes"] == 16
+        want = 16 if C1 % vec == 0 else elem
+        assert plan((1, 384, 4, 4), 32, True, x_channels=C1)["vector_bytes"] == want, C1
+    assert plan((1, 384, 4, 4), 32, True, x_channels=256) == plan((1, 384, 4, 4), 32, True)
+    with pytest.raises(ValueError, match=r"C1 = 0 channels of x must be in \(0, C = 384\]"):
+        plan((1, 384, 4, 4), 32, True, x_channels=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_group_norm_nhwc_blocks_take_many_groups_in_16_byte_vectors(lib, dtype):
     """channels_last: a block normalizes several whole groups, loading 16 bytes along C (it took

@@ -135,11 +135,12 @@ def test_status_names_and_last_error(lib):
 
 def group_norm(lib, **changes) -> int:
     args = dict(
-        x=FAKE, add=None, weight=FAKE, bias=FAKE, y=FAKE, workspace=None, workspace_bytes=0,
-        N=2, C=64, H=8, W=8, G=32, eps=1e-6, silu=1, channels_last=0, dtype=0, add_dtype=0, param_dtype=0,
-        stream=None,
+        x=FAKE, skip=None, add=None, weight=FAKE, bias=FAKE, y=FAKE, workspace=None, workspace_bytes=0,
+        N=2, C1=64, C=64, H=8, W=8, G=32, add_stride_n=64, add_stride_c=1, eps=1e-6, silu=1,
+        channels_last=0, dtype=0, add_dtype=0, param_dtype=0, stream=None,
     )  # fmt: skip
     args.update(changes)
+    args["C1"] = changes.get("C1", args["C"])  # all channels in x unless a case says otherwise
     return lib.fastddpm_group_norm_silu(*args.values())
 
 
@@ -161,6 +162,13 @@ def group_norm(lib, **changes) -> int:
         ({"dtype": 3}, cuda.ERROR_NOT_SUPPORTED, "dtype = 3 is not a supported dtype"),
         ({"param_dtype": -1}, cuda.ERROR_NOT_SUPPORTED, "param_dtype = -1 is not a supported dtype"),
         ({"add": FAKE, "add_dtype": 9}, cuda.ERROR_NOT_SUPPORTED, "add_dtype = 9 is not a supported dtype"),
+        ({"add": FAKE, "add_stride_n": -64}, cuda.ERROR_INVALID_VALUE, "add_stride_n = -64 is negative"),
+        ({"add": FAKE, "add_stride_c": -1}, cuda.ERROR_INVALID_VALUE, "add_stride_c = -1 is negative"),
+        # skip: C1 of the C channels in x, the rest in skip
+        ({"C1": 40}, cuda.ERROR_INVALID_VALUE, "skip is a null pointer but C1 = 40 < C = 64"),
+        ({"C1": 0, "skip": FAKE}, cuda.ERROR_INVALID_VALUE, "C1 = 0 channels of x must be in (0, C = 64]"),
+        ({"C1": 65}, cuda.ERROR_INVALID_VALUE, "C1 = 65 channels of x must be in (0, C = 64]"),
+        ({"skip": FAKE}, cuda.ERROR_INVALID_VALUE, "skip is given but C1 = C = 64 leaves it no channels"),
         # one sample of a 256x256 LSUN activation splits its groups over blocks: a workspace is due
         ({"N": 1, "C": 128, "H": 256, "W": 256}, cuda.ERROR_INVALID_VALUE, "need a workspace of"),
     ],
@@ -215,7 +223,7 @@ ITEMS = {"If": 8, "I6__half": 4, "I13__nv_bfloat16": 4}  # 16-byte vectors per t
 
 
 def nhwc_kernel_items(name: str) -> tuple[int, int]:
-    """(vectors per thread, mode) of a mangled group_norm_silu_nhwc_kernel<T, MODE> name."""
+    """(vectors per thread, mode) of a mangled group_norm_silu_nhwc_kernel<T, MODE, SKIP> name."""
     args = name.split(NHWC_KERNEL)[1]
     items = next(n for prefix, n in ITEMS.items() if args.startswith(prefix + "Li"))
     return items, int(args.split("Li")[1][0])
@@ -237,11 +245,12 @@ def group_norm_sm90(tmp_path_factory) -> Path:
 
 
 def check_nhwc_accesses(bodies: dict[str, str], load: str, stores: str, store: str, narrow_load: str) -> None:
-    """Each kernel: a 16-byte load of x per vector a thread holds (`items`, unrolled; the compiler
-    may duplicate a loop, e.g. one copy with SiLU and one without, so at least that many);
+    """Each kernel, with skip or without: a 16-byte load of x (or skip) per vector a thread holds
+    (`items`, unrolled; the compiler may duplicate a loop, e.g. one copy with SiLU and one without,
+    so at least that many);
     fused and apply: every global store (mnemonics starting with `stores`) is a 16-byte `store`
     of y; fused: no 8-byte `narrow_load`."""
-    assert len(bodies) == 9, f"expected 3 dtypes x 3 modes of {NHWC_KERNEL}: {sorted(bodies)}"
+    assert len(bodies) == 18, f"expected 3 dtypes x 3 modes x skip or not of {NHWC_KERNEL}: {sorted(bodies)}"
     for name, body in bodies.items():
         items, mode = nhwc_kernel_items(name)
         assert body.count(load) >= items, f"{name}: {body.count(load)} 16-byte loads of x, want {items}"
@@ -379,6 +388,7 @@ def test_multistep_update_rejects_bad_input(lib, changes, status, message):
 def test_empty_problems_launch_nothing(lib):
     """Zero elements: success without a CUDA call, so even null data pointers pass."""
     assert group_norm(lib, N=0, x=None, y=None) == cuda.SUCCESS
+    assert group_norm(lib, N=0, C1=40, x=None, y=None) == cuda.SUCCESS, "an empty skip: a null pointer"
     assert attention(lib, B=0, q=None, o=None) == cuda.SUCCESS
     assert ddpm_step(lib, N=0, x=None, out=None) == cuda.SUCCESS
     assert multistep_update(lib, numel=0, x=None, out=None, history=None) == cuda.SUCCESS
@@ -461,6 +471,11 @@ def test_fake_implementations_trace_without_a_gpu(lib):
         assert (
             y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous(memory_format=torch.channels_last)
         )
+        half = torch.empty(2, 32, 8, 8, device="cuda", dtype=torch.bfloat16).to(
+            memory_format=torch.channels_last
+        )  # x and skip of 32 channels each
+        y = torch.ops.fastddpm_cuda.group_norm_silu(half, w, w, 32, 1e-6, True, None, half)
+        assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
         q = torch.empty(2, 4, 256, 8, device="cuda", dtype=torch.float16)
         o = torch.ops.fastddpm_cuda.attention(q, q, q, 0.25)
         assert o.shape == q.shape and o.dtype == q.dtype

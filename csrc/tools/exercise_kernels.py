@@ -22,6 +22,8 @@ def main() -> None:
         for layout in norm.LAYOUTS:
             for param in norm.CUDA_SHAPES:
                 norm.test_cuda_launch_paths(gpu, *param.values, dtype, layout)
+            for param in norm.CUDA_SKIP_SHAPES:  # h = cat([x, skip]) read in place
+                norm.test_cuda_skip_launch_paths(gpu, *param.values, dtype, layout, "broadcast")
         for param in norm.CUDA_NHWC_SHAPES:  # channels_last tiles, 16-byte and element-wise
             norm.test_cuda_channels_last_tiles(gpu, *param.values, dtype)
         norm.test_cuda_channels_last_tile_variants(gpu, (1, 384, 4, 4), 32, "misaligned", dtype)
@@ -31,6 +33,7 @@ def main() -> None:
         attention.test_layouts_and_scale(gpu, "unet", dtype)  # head-dim tile 8, strided
     for layout in norm.LAYOUTS:  # in every dtype
         norm.test_variants(gpu, "misaligned", layout)
+        norm.test_cuda_skip_misaligned(gpu, layout)
     for param in step.BAD_INDICES:  # device step indices outside the table: no read past it
         for noise in ("tensor", "seed"):
             step.test_step_index_outside_the_table_gives_nan_samples(gpu, *param.values, noise)

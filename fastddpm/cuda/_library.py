@@ -19,7 +19,7 @@ LIBRARY_PATH = Path(__file__).parent.parent / "_lib" / "libfastddpm_cuda.so"
 SUCCESS, ERROR_INVALID_VALUE, ERROR_NOT_SUPPORTED, ERROR_CUDA = 0, 1, 2, 3
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_HEAD_DIM = 512  # attention
 MAX_GROUP_CHANNELS = 2048  # group_norm_silu: channels per group
 MAX_QUERY_POSITIONS = 65535 * 16  # attention: Lq
@@ -36,9 +36,9 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "fastddpm_group_norm_silu_workspace_size": (_int, [_i64] * 5 + [ctypes.POINTER(ctypes.c_size_t)]),
     "fastddpm_group_norm_silu": (
         _int,
-        [_ptr] * 6 + [ctypes.c_size_t] + [_i64] * 5 + [_f32] + [_int] * 5 + [_ptr],
+        [_ptr] * 7 + [ctypes.c_size_t] + [_i64] * 8 + [_f32] + [_int] * 5 + [_ptr],
     ),
-    "fastddpm_group_norm_silu_plan": (_int, [_i64] * 5 + [_int] * 2 + [ctypes.POINTER(_i64)] * 4),
+    "fastddpm_group_norm_silu_plan": (_int, [_i64] * 6 + [_int] * 2 + [ctypes.POINTER(_i64)] * 4),
     "fastddpm_attention": (_int, [_ptr] * 4 + [_i64] * 5 + [ctypes.POINTER(_i64)] * 3 + [_f32, _int, _ptr]),
     "fastddpm_attention_plan": (_int, [_i64, _int] + [ctypes.POINTER(_i64)] * 3),
     "fastddpm_ddpm_step": (

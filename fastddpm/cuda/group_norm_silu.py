@@ -42,22 +42,22 @@ def launch_group_norm_silu(
     skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Marshal the tensors for fastddpm_group_norm_silu and launch it on `stream` (a cudaStream_t).
-    With `skip` the library normalizes cat([x, skip], dim=1), concatenated here first (one copy)."""
+    With `skip` the library normalizes cat([x, skip], dim=1), reading x and skip in place; add is
+    read at its strides (a broadcast view such as bias.expand(N, C) is not copied)."""
     fmt = memory_format_of(x)
-    if skip is not None:
-        x = torch.cat([x, skip], dim=1).contiguous(memory_format=fmt)
     if weight.dtype != bias.dtype:  # one parameter dtype; float32 holds either exactly
         weight, bias = weight.float(), bias.float()
     weight, bias = weight.contiguous(), bias.contiguous()
-    add = None if add is None else add.contiguous()
-    y = torch.empty_like(x, memory_format=fmt)
-    N, C, H, W = x.shape
+    N, C1, H, W = x.shape
+    C = weight.shape[0]
+    y = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device, memory_format=fmt)
     size = ctypes.c_size_t(0)
     status = lib.fastddpm_group_norm_silu_workspace_size(N, C, H, W, num_groups, ctypes.byref(size))
     check_status(lib, status, "group_norm_silu")
     workspace = torch.empty(size.value, dtype=torch.uint8, device=x.device) if size.value else None
     status = lib.fastddpm_group_norm_silu(
         data_ptr(x),
+        data_ptr(skip),
         data_ptr(add),
         data_ptr(weight),
         data_ptr(bias),
@@ -65,10 +65,12 @@ def launch_group_norm_silu(
         data_ptr(workspace),
         size.value,
         N,
+        C1,
         C,
         H,
         W,
         num_groups,
+        *(add.stride() if add is not None else (0, 0)),
         eps,
         int(silu),
         int(fmt == torch.channels_last),
@@ -87,12 +89,23 @@ def group_norm_silu_plan(
     num_groups: int,
     channels_last: bool,
     dtype: torch.dtype,
+    x_channels: int | None = None,
 ) -> dict[str, int]:
-    """What fastddpm_group_norm_silu launches for x of `shape` (N, C, H, W), 16-byte aligned:
-    groups_per_block, blocks, threads (per block) and vector_bytes (of each access to x and y)."""
+    """What fastddpm_group_norm_silu launches for h of `shape` (N, C, H, W), 16-byte aligned, the
+    first `x_channels` (default: all C) read from x and the rest from skip: groups_per_block,
+    blocks, threads (per block) and vector_bytes (of each access to x, skip and y)."""
+    N, C, H, W = shape
     values = [ctypes.c_int64() for _ in range(4)]
     status = lib.fastddpm_group_norm_silu_plan(
-        *shape, num_groups, int(channels_last), DTYPE_CODES[dtype], *(ctypes.byref(v) for v in values)
+        N,
+        C if x_channels is None else x_channels,
+        C,
+        H,
+        W,
+        num_groups,
+        int(channels_last),
+        DTYPE_CODES[dtype],
+        *(ctypes.byref(v) for v in values),
     )
     check_status(lib, status, "group_norm_silu_plan")
     names = ("groups_per_block", "blocks", "threads", "vector_bytes")

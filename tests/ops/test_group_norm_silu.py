@@ -1,7 +1,8 @@
 """group_norm_silu on every backend equals the reference within the contract's tolerance: three
 dtypes, NCHW and channels_last, add= and silu=False, the U-Net's channel counts, a strided add, a
-misaligned x, float32 parameters with 16-bit activations, and statistics that stay float32 and
-stable for a large mean. The reference itself equals torch's GroupNorm and SiLU modules in float64."""
+misaligned x, float32 parameters with 16-bit activations, a skip tensor read in place (the CUDA
+kernels' paths), and statistics that stay float32 and stable for a large mean. The reference
+itself equals torch's GroupNorm and SiLU modules in float64."""
 
 import pytest
 import torch
@@ -191,6 +192,73 @@ def test_cuda_channels_last_tile_variants(backend, shape, groups, variant, dtype
     silu, with_add = options.pop("silu", True), options.pop("with_add", True)
     x, w, bias, add = inputs(backend, shape, dtype, "nhwc", seed=sum(shape) + groups, **options)
     check(backend, x, w, bias, groups, silu=silu, add=add if with_add else None)
+
+
+# h = cat([x, skip], dim=1) read in place: (N, C, H, W) of h, groups, C1 (x's channels), and the
+# launch path each takes in csrc/group_norm_silu.cu. A group straddles channel C1 unless the
+# group's channels Cg divide it. channels_last vectors need 16 bytes of elements to divide C1.
+CUDA_SKIP_SHAPES = [
+    pytest.param((2, 64, 8, 8), 16, 26, id="vec-straddle"),  # NCHW vectors; NHWC: 26 % 4: element-wise
+    pytest.param((2, 64, 8, 8), 16, 32, id="vec-boundary"),  # the boundary between groups, both 16-byte
+    pytest.param((1, 384, 4, 4), 32, 256, id="nhwc-straddle"),  # 12 per group: group 21 = x's 252..255
+    pytest.param((1, 128, 8, 8), 32, 36, id="nhwc-c1-4"),  # NHWC: fp32 16-byte; 16-bit 36 % 8: element-wise
+    pytest.param((1, 24, 5, 7), 4, 9, id="odd"),  # element-wise kernel, group 1 straddles
+    pytest.param((1, 5, 80, 80), 1, 2, id="split3"),  # one group over 3 blocks, two kernels
+    pytest.param((1, 24, 40, 40), 2, 8, id="nhwc-split"),  # NHWC 16-byte tiles split over positions
+    pytest.param((1, 4, 97, 95), 1, 2, id="split-odd"),  # split, element-wise
+]
+ADDS = ["rows", "broadcast", "none"]  # add (N, C); torch.randn(C).expand(N, C), strides (0, 1); None
+
+
+PAD = 64  # NaN elements on either side of x and skip (a multiple of 16 bytes)
+
+
+def amid_nans(t: torch.Tensor, misaligned: bool = False) -> torch.Tensor:
+    """t's values in a buffer of NaNs, PAD elements in (PAD + 1: misaligned): a read outside t gives
+    NaN, not a neighbouring tensor's values."""
+    buf = torch.full((t.numel() + 2 * PAD + 1,), float("nan"), dtype=t.dtype, device=t.device)
+    return buf[PAD + misaligned :].as_strided(t.shape, t.stride()).copy_(t)
+
+
+def skip_inputs(b, shape, C1, dtype, layout, add, *, seed=0, misaligned_skip=False):
+    """x (N, C1, H, W) and skip (N, C - C1, H, W) from inputs(...) of shape (N, C, H, W), each in
+    `layout` amid NaNs, with weight, bias and add (of kind `add`, one of ADDS).
+    misaligned_skip: skip's values one element off 16 bytes."""
+    h, w, bias, rows = inputs(b, shape, dtype, layout, seed=seed)
+    fmt = LAYOUTS[layout]
+    x = amid_nans(h[:, :C1].contiguous(memory_format=fmt))
+    skip = amid_nans(h[:, C1:].contiguous(memory_format=fmt), misaligned_skip)
+    N, C = shape[:2]
+    g = torch.Generator().manual_seed(seed + 1)
+    adds = {"rows": rows, "broadcast": torch.randn(C, generator=g).to(b.device, dtype).expand(N, C)}
+    return x, skip, w, bias, adds.get(add)
+
+
+def check_skip(b, x, skip, w, bias, groups, *, add=None, silu=True):
+    out = b.group_norm_silu(x, w, bias, groups, 1e-6, silu=silu, add=add, skip=skip)
+    assert out.shape == (x.shape[0], w.shape[0], *x.shape[2:])
+    assert_equals_reference("group_norm_silu", out, x, w, bias, groups, 1e-6, silu=silu, add=add, skip=skip)
+
+
+@pytest.mark.parametrize("backend", ["cuda"], indirect=True)
+@pytest.mark.parametrize("add", ADDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape, groups, C1", CUDA_SKIP_SHAPES)
+def test_cuda_skip_launch_paths(backend, shape, groups, C1, dtype, layout, add):
+    x, skip, w, bias, add_ = skip_inputs(backend, shape, C1, dtype, layout, add, seed=sum(shape) + C1)
+    check_skip(backend, x, skip, w, bias, groups, add=add_)
+
+
+@pytest.mark.parametrize("backend", ["cuda"], indirect=True)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_skip_misaligned(backend, layout):
+    """skip one element off 16 bytes: the element-wise kernel, where x alone would take vectors."""
+    for dtype in DTYPES:
+        x, skip, w, bias, add = skip_inputs(
+            backend, (2, 64, 8, 8), 32, dtype, layout, "rows", misaligned_skip=True
+        )
+        check_skip(backend, x, skip, w, bias, 16, add=add, silu=False)
 
 
 # --- the DDPM networks' own sizes, on a GPU -------------------------------------------------------

@@ -20,7 +20,7 @@
 extern "C" {
 #endif
 
-#define FASTDDPM_ABI_VERSION 4
+#define FASTDDPM_ABI_VERSION 5
 
 /* The library is compiled with hidden visibility; only these entry points are exported. */
 #if defined(__GNUC__)
@@ -89,27 +89,33 @@ FASTDDPM_API const char* fastddpm_last_error(void);
 /* FASTDDPM_SUCCESS if the kernels have code for the current CUDA device; touches the device. */
 FASTDDPM_API int fastddpm_check_device(void);
 
-/* y = act(GroupNorm(x + add[:, :, None, None])) over (N, C, H, W), statistics in float32.
- * x and y: dtype, contiguous (NCHW) or, with channels_last = 1, NHWC-strided.
- * add: (N, C) contiguous of add_dtype, or NULL. weight, bias: (C,) of param_dtype.
- * silu: 1 applies SiLU. Large groups split across blocks use `workspace`, at least
- * fastddpm_group_norm_silu_workspace_size() bytes of device memory (may be NULL when 0). */
+/* y = act(GroupNorm(h + add[:, :, None, None])) over (N, C, H, W), statistics in float32, where
+ * h = x, or with skip the channel concatenation cat([x, skip], dim=1) read in place: x is
+ * (N, C1, H, W), skip (N, C - C1, H, W) or NULL (then C1 = C; else 0 < C1 < C; a group may
+ * straddle channel C1). x, skip and y: dtype, contiguous (NCHW) or, with channels_last = 1,
+ * NHWC-strided, each over its own channels. add: (N, C) of add_dtype at element strides
+ * (add_stride_n, add_stride_c) >= 0 (0: a broadcast row or column), or NULL. weight, bias: (C,)
+ * of param_dtype. silu: 1 applies SiLU. Large groups split across blocks use `workspace`, at
+ * least fastddpm_group_norm_silu_workspace_size() bytes of device memory (may be NULL when 0). */
 FASTDDPM_API int fastddpm_group_norm_silu_workspace_size(int64_t N, int64_t C, int64_t H, int64_t W,
                                                          int64_t num_groups, size_t* bytes);
-FASTDDPM_API int fastddpm_group_norm_silu(const void* x, const void* add, const void* weight, const void* bias,
-                                          void* y, void* workspace, size_t workspace_bytes, int64_t N, int64_t C,
-                                          int64_t H, int64_t W, int64_t num_groups, float eps, int silu,
-                                          int channels_last, int dtype, int add_dtype, int param_dtype,
+FASTDDPM_API int fastddpm_group_norm_silu(const void* x, const void* skip, const void* add, const void* weight,
+                                          const void* bias, void* y, void* workspace, size_t workspace_bytes,
+                                          int64_t N, int64_t C1, int64_t C, int64_t H, int64_t W,
+                                          int64_t num_groups, int64_t add_stride_n, int64_t add_stride_c, float eps,
+                                          int silu, int channels_last, int dtype, int add_dtype, int param_dtype,
                                           void* stream);
 
-/* The launch fastddpm_group_norm_silu makes for these sizes, layout and dtype with 16-byte aligned
- * x and y (else one element per access): the groups each block normalizes (channels_last tiles
- * of several whole groups), the blocks (with a split, those of both kernels' grids each), the
- * threads per block, and the bytes of each load and store of x and y (16, or one element).
- * Touches no device. */
-FASTDDPM_API int fastddpm_group_norm_silu_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t num_groups,
-                                               int channels_last, int dtype, int64_t* groups_per_block,
-                                               int64_t* blocks, int64_t* threads_per_block, int64_t* vector_bytes);
+/* The launch fastddpm_group_norm_silu makes for these sizes (C1 of the C channels in x, the rest
+ * in skip), layout and dtype with 16-byte aligned x, skip and y (else one element per access):
+ * the groups each block normalizes (channels_last tiles of several whole groups), the blocks
+ * (with a split, those of both kernels' grids each), the threads per block, and the bytes of
+ * each load and store of x, skip and y (16, or one element: channels_last with 16 bytes of
+ * elements not dividing C1). Touches no device. */
+FASTDDPM_API int fastddpm_group_norm_silu_plan(int64_t N, int64_t C1, int64_t C, int64_t H, int64_t W,
+                                               int64_t num_groups, int channels_last, int dtype,
+                                               int64_t* groups_per_block, int64_t* blocks,
+                                               int64_t* threads_per_block, int64_t* vector_bytes);
 
 /* o = softmax(q k^T * scale) v. q: (B, heads, Lq, D); k, v: (B, heads, Lk, D); o: (B, heads, Lq, D)
  * contiguous. q_strides, k_strides, v_strides: 3 element strides each (batch, head, position);

@@ -1,4 +1,7 @@
-// y = act(GroupNorm(x + add[:, :, None, None])) over (N, C, H, W), NCHW or NHWC (channels_last).
+// y = act(GroupNorm(h + add[:, :, None, None])) over (N, C, H, W), NCHW or NHWC (channels_last),
+// h = x (N, C, H, W) or, with skip, cat([x, skip], dim=1) read in place: channels c < C1 from x
+// (N, C1, H, W), the others from skip (N, C - C1, H, W) at channel c - C1. A group may straddle
+// the boundary. add is read at its own strides (a broadcast (N, C) view included).
 //
 // A group (sample n, group g) is its C/G channels times H*W positions: M elements. A block
 // loads a chunk of at most 16384 elements (x + add) into registers, 32 per thread, with
@@ -45,8 +48,8 @@ constexpr int64_t kGnMinTileRowBytes = 32;                    // NHWC: at least 
 constexpr int64_t kGnNhwcTargetBlocks = 264;
 
 struct GroupNormParams {
-  const void* x;       // (N, C, H, W), dtype T
-  const void* add;     // (N, C) or nullptr
+  const void* x;       // (N, C1, H, W), dtype T; C1 and skip in GroupNormInputs
+  const void* add;     // (N, C) at GroupNormInputs' strides, or nullptr
   const void* weight;  // (C,)
   const void* bias;    // (C,)
   void* y;             // like x
@@ -60,7 +63,15 @@ struct GroupNormParams {
   float eps;
   bool silu;
   int add_dtype, param_dtype;
-};  // 128 bytes: at 144 (two more int64 fields) ptxas 13.0 spilled the NCHW fp32 kernels for sm_90
+};  // 128 bytes: at 136 (one more int64 field) ptxas 13.0 spills the NCHW fp32 kernels for sm_90
+
+// Where h's channels and add's elements are, a kernel argument of its own (GroupNormParams
+// stays at 128 bytes).
+struct GroupNormInputs {
+  const void* skip;        // (N, C - C1, H, W) like x, or nullptr (then C1 = C)
+  int64_t C1;              // x's channels
+  int64_t add_sn, add_sc;  // add's element strides
+};
 
 // How the groups are cut into blocks; a function of the sizes only, so the workspace size
 // is known before the launch and results do not depend on the device.
@@ -169,8 +180,8 @@ struct GnBlock {
 };
 
 template <int MODE>
-__device__ __forceinline__ GnBlock gn_block_setup(const GroupNormParams& p, float* s_add, float* s_weight,
-                                                  float* s_bias) {
+__device__ __forceinline__ GnBlock gn_block_setup(const GroupNormParams& p, const GroupNormInputs& in,
+                                                  float* s_add, float* s_weight, float* s_bias) {
   GnBlock b;
   b.group = blockIdx.x / p.splits;
   b.split = blockIdx.x % p.splits;
@@ -180,7 +191,8 @@ __device__ __forceinline__ GnBlock gn_block_setup(const GroupNormParams& p, floa
   const int64_t end = (b.split + 1) * p.chunk;
   b.end = static_cast<uint32_t>(end < p.M ? end : p.M);
   for (int64_t c = threadIdx.x; c < p.Cg; c += blockDim.x) {
-    s_add[c] = p.add != nullptr ? load_as_float(p.add, p.add_dtype, b.n * p.C + b.c0 + c) : 0.0f;
+    const int64_t a = b.n * in.add_sn + (b.c0 + c) * in.add_sc;
+    s_add[c] = p.add != nullptr ? load_as_float(p.add, p.add_dtype, a) : 0.0f;
     if (MODE != kGnStats) {
       s_weight[c] = load_as_float(p.weight, p.param_dtype, b.c0 + c);
       s_bias[c] = load_as_float(p.bias, p.param_dtype, b.c0 + c);
@@ -217,15 +229,15 @@ __device__ __forceinline__ float gn_output(float h, float mean, float rstd, floa
 
 // The NCHW fast path: 16-byte accesses along a channel's H*W positions, the chunk held in
 // registers.
-template <typename T, int VEC, int MODE>
-__global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_kernel(GroupNormParams p) {
+template <typename T, int VEC, int MODE, bool SKIP>
+__global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_kernel(GroupNormParams p, GroupNormInputs in) {
   constexpr int kItems = kGnPerThread / VEC;  // vectors per thread
   FASTDDPM_DYNAMIC_SHARED(float, staged);     // add, weight, bias of the group's channels
   __shared__ float scratch[32];
   float* s_add = staged;
   float* s_weight = staged + p.Cg;
   float* s_bias = staged + 2 * p.Cg;
-  const GnBlock b = gn_block_setup<MODE>(p, s_add, s_weight, s_bias);
+  const GnBlock b = gn_block_setup<MODE>(p, in, s_add, s_weight, s_bias);
 
   // Thread tid's vector i starts at group element e = begin + (i * blockDim + tid) * VEC, in
   // channel e / HW at offset base + e; the channel is carried from one vector to the next
@@ -255,14 +267,42 @@ __global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_kernel(GroupNor
     for (int v = 0; v < VEC; ++v) h[i][v] = 0.0f;
   }
   float sum = 0.0f;
-  for_each_vector([&](int i, uint32_t c, int64_t off) {
-    load_vec<T, VEC>(static_cast<const T*>(p.x) + off, h[i]);
+  auto add_and_sum = [&](int i, uint32_t c) {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
       h[i][v] += s_add[c];
       sum += h[i][v];
     }
-  });
+  };
+  if constexpr (!SKIP) {
+    for_each_vector([&](int i, uint32_t c, int64_t off) {
+      load_vec<T, VEC>(static_cast<const T*>(p.x) + off, h[i]);
+      add_and_sum(i, c);
+    });
+  } else {
+    // The group's channel q (h's c0 + q) is x's c0 + q for q < q_skip, else skip's c0 + q - C1:
+    // the element at y + off is at x + off + x_shift, or skip + off + skip_shift. A group on one
+    // side of the boundary reads from one pointer chosen once; one that straddles it picks one
+    // per vector.
+    const int64_t q_skip = in.C1 - b.c0;
+    const int64_t x_shift = (b.n * in.C1 + b.c0) * p.HW - base;
+    const int64_t skip_shift = (b.n * (p.C - in.C1) + b.c0 - in.C1) * p.HW - base;
+    const T* x = static_cast<const T*>(p.x);
+    const T* skip = static_cast<const T*>(in.skip);
+    if (q_skip >= p.Cg || q_skip <= 0) {
+      const int64_t shift = q_skip > 0 ? x_shift : skip_shift;
+      const T* src = q_skip > 0 ? x : skip;
+      for_each_vector([&](int i, uint32_t c, int64_t off) {
+        load_vec<T, VEC>(src + (off + shift), h[i]);
+        add_and_sum(i, c);
+      });
+    } else {
+      for_each_vector([&](int i, uint32_t c, int64_t off) {
+        load_vec<T, VEC>(c < q_skip ? x + (off + x_shift) : skip + (off + skip_shift), h[i]);
+        add_and_sum(i, c);
+      });
+    }
+  }
 
   float mean, rstd;
   if constexpr (MODE == kGnApply) {
@@ -310,8 +350,8 @@ __device__ __forceinline__ void gn_sum_rows(float* s, int rows, int width) {
 // tile rows, TC contiguous elements each. Statistics: each thread's per-channel partial sums
 // go through shared memory (TC channels by `rows` rows), summed over rows and then over each
 // group's channels.
-template <typename T, int MODE>
-__global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_nhwc_kernel(GroupNormParams p) {
+template <typename T, int MODE, bool SKIP>
+__global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_nhwc_kernel(GroupNormParams p, GroupNormInputs in) {
   constexpr int VEC = kGnVecBytes / sizeof(T);
   constexpr int kItems = kGnPerThread / VEC;
   const int Gb = p.tile_groups, Cg = p.Cg, TC = Gb * Cg, tpr = TC / VEC;
@@ -327,28 +367,47 @@ __global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_nhwc_kernel(Gro
   const int64_t c = g0 * Cg + col * VEC;  // this thread's first channel
   const int64_t pos0 = split * p.chunk;
   const int64_t npos = p.HW - pos0 < p.chunk ? p.HW - pos0 : p.chunk;
-  const int64_t first = (n * p.HW + pos0 + row) * p.C + c;  // element offset of item 0
+  const int64_t first = (n * p.HW + pos0 + row) * p.C + c;  // y's element offset of item 0
   const int64_t item_stride = static_cast<int64_t>(rows) * p.C;
   auto valid = [&](int i) { return active && row + static_cast<int64_t>(i) * rows < npos; };
 
   int grp[VEC];  // the tile-local group of each of this thread's channels
   float add[VEC];
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    grp[v] = (col * VEC + v) / Cg;
-    add[v] = p.add != nullptr && active ? load_as_float(p.add, p.add_dtype, n * p.C + c + v) : 0.0f;
+  for (int v = 0; v < VEC; ++v) grp[v] = (col * VEC + v) / Cg;
+  const int64_t add0 = n * in.add_sn + c * in.add_sc;  // add's element of channel c
+  auto load_add = [&](int64_t add_sc) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      add[v] = p.add != nullptr && active ? load_as_float(p.add, p.add_dtype, add0 + v * add_sc) : 0.0f;
+    }
+  };
+  if (in.add_sc == 1) {  // contiguous channels (a broadcast row too): constant offsets
+    load_add(1);
+  } else {
+    load_add(in.add_sc);
   }
   float h[kItems][VEC];  // x + add; zeros where not valid
+  auto load = [&](const T* src, int64_t stride) {  // item i at src + i * stride
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    if (valid(i)) {
-      load_vec<T, VEC>(static_cast<const T*>(p.x) + first + i * item_stride, h[i]);
+    for (int i = 0; i < kItems; ++i) {
+      if (valid(i)) {
+        load_vec<T, VEC>(src + i * stride, h[i]);
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) h[i][v] += add[v];
-    } else {
+        for (int v = 0; v < VEC; ++v) h[i][v] += add[v];
+      } else {
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) h[i][v] = 0.0f;
+        for (int v = 0; v < VEC; ++v) h[i][v] = 0.0f;
+      }
     }
+  };
+  if constexpr (!SKIP) {
+    load(static_cast<const T*>(p.x) + first, item_stride);
+  } else {  // the thread's VEC channels all x's or all skip's: the launch takes VEC | C1
+    const bool from_x = c < in.C1;
+    const int64_t Cs = from_x ? in.C1 : p.C - in.C1, cs = from_x ? c : c - in.C1;  // channels, channel there
+    const T* src = static_cast<const T*>(from_x ? p.x : in.skip) + (n * p.HW + pos0 + row) * Cs + cs;
+    load(src, static_cast<int64_t>(rows) * Cs);
   }
 
   // out[g] = sum over the block of `part` for group g's channels (out: s_mean or s_rstd).
@@ -460,20 +519,28 @@ __global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_nhwc_kernel(Gro
 // from memory once per pass (mean, M2, output) instead of holding it in registers.
 template <typename T, int MODE>
 __global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_scalar_kernel(GroupNormParams p,
+                                                                               GroupNormInputs in,
                                                                                bool channels_last) {
   FASTDDPM_DYNAMIC_SHARED(float, staged);
   __shared__ float scratch[32];
   float* s_add = staged;
   float* s_weight = staged + p.Cg;
   float* s_bias = staged + 2 * p.Cg;
-  const GnBlock b = gn_block_setup<MODE>(p, s_add, s_weight, s_bias);
+  const GnBlock b = gn_block_setup<MODE>(p, in, s_add, s_weight, s_bias);
   const T* x = static_cast<const T*>(p.x);
+  const T* skip = static_cast<const T*>(in.skip);
   const uint32_t HW = static_cast<uint32_t>(p.HW), Cg = static_cast<uint32_t>(p.Cg);
   auto channel = [&](uint32_t e) { return channels_last ? e % Cg : e / HW; };
-  auto offset = [&](uint32_t e) {
-    return channels_last ? (b.n * p.HW + e / Cg) * p.C + b.c0 + e % Cg : (b.n * p.C + b.c0) * p.HW + e;
+  // Group element e's offset in a tensor of Cs channels whose channel 0 is channel `first` of h.
+  auto offset = [&](uint32_t e, int64_t Cs, int64_t first) {
+    const int64_t c0 = b.c0 - first;
+    return channels_last ? (b.n * p.HW + e / Cg) * Cs + c0 + e % Cg : (b.n * Cs + c0) * p.HW + e;
   };
-  auto value = [&](uint32_t e) { return to_float(x[offset(e)]) + s_add[channel(e)]; };
+  auto load = [&](uint32_t e) {  // h's element: x's channel, or skip's from channel C1 on
+    if (skip == nullptr) return x[offset(e, p.C, 0)];
+    return b.c0 + channel(e) < in.C1 ? x[offset(e, in.C1, 0)] : skip[offset(e, p.C - in.C1, in.C1)];
+  };
+  auto value = [&](uint32_t e) { return to_float(load(e)) + s_add[channel(e)]; };
 
   float mean, rstd;
   if constexpr (MODE == kGnApply) {
@@ -497,50 +564,58 @@ __global__ void __launch_bounds__(kGnMaxThreads) group_norm_silu_scalar_kernel(G
   }
   for (uint32_t e = b.begin + threadIdx.x; e < b.end; e += blockDim.x) {
     const uint32_t c = channel(e);
-    static_cast<T*>(p.y)[offset(e)] = from_float<T>(gn_output(value(e), mean, rstd, s_weight[c], s_bias[c], p.silu));
+    static_cast<T*>(p.y)[offset(e, p.C, 0)] =
+        from_float<T>(gn_output(value(e), mean, rstd, s_weight[c], s_bias[c], p.silu));
   }
 }
 
-// Launches the fused kernel, or the statistics and output kernels of split groups.
+// Launches the fused kernel, or the statistics and output kernels of split groups:
+// launch_mode(mode, skip), mode a kGn* and skip whether h has skip's channels, as
+// std::integral_constant (the vectorized kernels' template arguments).
 template <typename LaunchMode>
-cudaError_t launch_group_norm_modes(const GroupNormParams& p, LaunchMode launch_mode) {
-  if (p.splits == 1) return launch_mode(std::integral_constant<int, kGnFused>());
-  const cudaError_t err = launch_mode(std::integral_constant<int, kGnStats>());
-  return err != cudaSuccess ? err : launch_mode(std::integral_constant<int, kGnApply>());
+cudaError_t launch_group_norm_modes(const GroupNormParams& p, const GroupNormInputs& in, LaunchMode launch_mode) {
+  auto modes = [&](auto skip) {
+    if (p.splits == 1) return launch_mode(std::integral_constant<int, kGnFused>(), skip);
+    const cudaError_t err = launch_mode(std::integral_constant<int, kGnStats>(), skip);
+    return err != cudaSuccess ? err : launch_mode(std::integral_constant<int, kGnApply>(), skip);
+  };
+  return in.skip != nullptr ? modes(std::true_type()) : modes(std::false_type());
 }
 
 template <typename T, int VEC>
-cudaError_t launch_group_norm_silu_vec(const GroupNormParams& p, int threads, cudaStream_t stream) {
+cudaError_t launch_group_norm_silu_vec(const GroupNormParams& p, const GroupNormInputs& in, int threads,
+                                       cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(p.N * p.G * p.splits);
   const size_t smem = 3 * static_cast<size_t>(p.Cg) * sizeof(float);
-  return launch_group_norm_modes(p, [&](auto mode) {
-    return launch_kernel(group_norm_silu_kernel<T, VEC, decltype(mode)::value>, dim3(blocks), dim3(threads), smem,
-                         stream, p);
+  return launch_group_norm_modes(p, in, [&](auto mode, auto skip) {
+    return launch_kernel(group_norm_silu_kernel<T, VEC, decltype(mode)::value, decltype(skip)::value>, dim3(blocks),
+                         dim3(threads), smem, stream, p, in);
   });
 }
 
 template <typename T>
-cudaError_t launch_group_norm_silu_nhwc(GroupNormParams p, const GroupNormNhwcPlan& plan, cudaStream_t stream) {
+cudaError_t launch_group_norm_silu_nhwc(GroupNormParams p, const GroupNormInputs& in, const GroupNormNhwcPlan& plan,
+                                        cudaStream_t stream) {
   p.chunk = plan.positions;
   p.splits = plan.splits;
   p.tile_groups = static_cast<int>(plan.groups_per_block);
   const unsigned blocks = static_cast<unsigned>(p.N * (p.G / plan.groups_per_block) * plan.splits);
   const size_t smem = (static_cast<size_t>(plan.rows) * plan.groups_per_block * p.Cg +
                        2 * static_cast<size_t>(plan.groups_per_block)) * sizeof(float);
-  return launch_group_norm_modes(p, [&](auto mode) {
-    return launch_kernel(group_norm_silu_nhwc_kernel<T, decltype(mode)::value>, dim3(blocks), dim3(plan.threads),
-                         smem, stream, p);
+  return launch_group_norm_modes(p, in, [&](auto mode, auto skip) {
+    return launch_kernel(group_norm_silu_nhwc_kernel<T, decltype(mode)::value, decltype(skip)::value>, dim3(blocks),
+                         dim3(plan.threads), smem, stream, p, in);
   });
 }
 
 template <typename T>
-cudaError_t launch_group_norm_silu_scalar(const GroupNormParams& p, bool channels_last, int threads,
-                                          cudaStream_t stream) {
+cudaError_t launch_group_norm_silu_scalar(const GroupNormParams& p, const GroupNormInputs& in, bool channels_last,
+                                          int threads, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(p.N * p.G * p.splits);
   const size_t smem = 3 * static_cast<size_t>(p.Cg) * sizeof(float);
-  return launch_group_norm_modes(p, [&](auto mode) {
+  return launch_group_norm_modes(p, in, [&](auto mode, auto) {  // skip: a branch per element here
     return launch_kernel(group_norm_silu_scalar_kernel<T, decltype(mode)::value>, dim3(blocks), dim3(threads),
-                         smem, stream, p, channels_last);
+                         smem, stream, p, in, channels_last);
   });
 }
 
@@ -548,34 +623,38 @@ enum class GroupNormPath { kScalar, kNchwVec, kNhwcVec };
 
 // 16-byte accesses (4 floats or 8 halves) where the layout and the pointers' alignment allow:
 // NCHW when VEC divides H*W, NHWC when a tile of whole groups spans a multiple of VEC
-// channels (so VEC divides C, and every row of a tile starts 16-byte aligned); else one
-// element at a time (odd sizes, or a view whose data is not 16-byte aligned).
-inline GroupNormPath group_norm_path(int64_t N, int64_t C, int64_t HW, int64_t G, bool channels_last,
+// channels (so VEC divides C, and every row of a tile starts 16-byte aligned) and VEC divides
+// C1, x's channels (so x's and skip's rows start aligned too, and no vector straddles the two);
+// else one element at a time (odd sizes, or a view whose data is not 16-byte aligned).
+inline GroupNormPath group_norm_path(int64_t N, int64_t C1, int64_t C, int64_t HW, int64_t G, bool channels_last,
                                      int elem_bytes, bool aligned) {
   if (!aligned) return GroupNormPath::kScalar;
   if (channels_last) {
-    return plan_group_norm_nhwc(N, C, HW, G, elem_bytes).groups_per_block > 0 ? GroupNormPath::kNhwcVec
-                                                                               : GroupNormPath::kScalar;
+    const bool vec = plan_group_norm_nhwc(N, C, HW, G, elem_bytes).groups_per_block > 0 &&
+                     C1 % (kGnVecBytes / elem_bytes) == 0;
+    return vec ? GroupNormPath::kNhwcVec : GroupNormPath::kScalar;
   }
   return HW % (kGnVecBytes / elem_bytes) == 0 ? GroupNormPath::kNchwVec : GroupNormPath::kScalar;
 }
 
 template <typename T>
-cudaError_t launch_group_norm_silu(GroupNormParams p, bool channels_last, cudaStream_t stream) {
+cudaError_t launch_group_norm_silu(GroupNormParams p, const GroupNormInputs& in, bool channels_last,
+                                   cudaStream_t stream) {
   const GroupNormPlan plan = plan_group_norm(p.N, p.C, p.HW, p.G);
   if (plan.splits == 0) return cudaSuccess;
   p.Cg = static_cast<int>(p.C / p.G);
   p.M = p.Cg * p.HW;
   p.chunk = plan.chunk;
   p.splits = plan.splits;
-  const bool aligned = is_aligned(p.x, kGnVecBytes) && is_aligned(p.y, kGnVecBytes);
-  switch (group_norm_path(p.N, p.C, p.HW, p.G, channels_last, sizeof(T), aligned)) {
+  const bool aligned = is_aligned(p.x, kGnVecBytes) && is_aligned(in.skip, kGnVecBytes) &&
+                       is_aligned(p.y, kGnVecBytes);  // a null skip is aligned
+  switch (group_norm_path(p.N, in.C1, p.C, p.HW, p.G, channels_last, sizeof(T), aligned)) {
     case GroupNormPath::kNhwcVec:
-      return launch_group_norm_silu_nhwc<T>(p, plan_group_norm_nhwc(p.N, p.C, p.HW, p.G, sizeof(T)), stream);
+      return launch_group_norm_silu_nhwc<T>(p, in, plan_group_norm_nhwc(p.N, p.C, p.HW, p.G, sizeof(T)), stream);
     case GroupNormPath::kNchwVec:
-      return launch_group_norm_silu_vec<T, kGnVecBytes / sizeof(T)>(p, plan.threads, stream);
+      return launch_group_norm_silu_vec<T, kGnVecBytes / sizeof(T)>(p, in, plan.threads, stream);
     default:
-      return launch_group_norm_silu_scalar<T>(p, channels_last, plan.threads, stream);
+      return launch_group_norm_silu_scalar<T>(p, in, channels_last, plan.threads, stream);
   }
 }
 
