@@ -95,7 +95,8 @@ def group_norm_silu(
                 f"skip must be (N, C2, H, W) with x's N, H, W {(N, *x.shape[2:])}, got {tuple(skip.shape)}"
             )
         _check_same("dtype", "x", x, skip=skip)
-        if memory_format_of(skip) != memory_format_of(x) or not _dense(skip):
+        either = x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)  # 1 channel, 1x1
+        if not _dense(skip) or not (either or skip.is_contiguous(memory_format=memory_format_of(x))):
             raise ValueError("skip must be in x's memory format (both contiguous, or both channels_last)")
         C += skip.shape[1]
     if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:

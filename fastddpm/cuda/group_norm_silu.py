@@ -45,6 +45,8 @@ def launch_group_norm_silu(
     With `skip` the library normalizes cat([x, skip], dim=1), reading x and skip in place; add is
     read at its strides (a broadcast view such as bias.expand(N, C) is not copied)."""
     fmt = memory_format_of(x)
+    if skip is not None:  # in x's layout (a copy only where x reads as either: one channel, or 1x1)
+        skip = skip.contiguous(memory_format=fmt)
     if weight.dtype != bias.dtype:  # one parameter dtype; float32 holds either exactly
         weight, bias = weight.float(), bias.float()
     weight, bias = weight.contiguous(), bias.contiguous()

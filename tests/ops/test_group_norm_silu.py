@@ -110,6 +110,15 @@ def test_skip_is_the_norm_of_the_concatenation(backend, layout, C1, C2, groups):
         )
 
 
+def test_a_one_channel_input_takes_a_skip_in_either_layout(backend):
+    """A 1-channel x is both contiguous and channels_last: a channels_last skip beside it is read
+    in the layout the kernels take x in."""
+    h, w, bias, _ = inputs(backend, (2, 9, 3, 5), torch.float32, "nhwc", seed=9)
+    x, skip = (part.contiguous(memory_format=torch.channels_last) for part in (h[:, :1], h[:, 1:]))
+    out = backend.group_norm_silu(x, w, bias, 3, 1e-6, silu=True, skip=skip)
+    assert_equals_reference("group_norm_silu", out, x, w, bias, 3, 1e-6, silu=True, skip=skip)
+
+
 def test_a_skip_that_does_not_fit_is_refused():
     """skip must match x in N, H, W, dtype, device and memory format; weight covers both."""
     from fastddpm import ops
