@@ -136,38 +136,16 @@ def _chunk_stats(
     """(count, mean, M2) over tiles [first, last) of a group. The first tile's mean is the shift the
     later tiles are reduced and merged about, so the running mean stays small and exact in fp32."""
     h, mask, offs, c = _tile(
-        x_group,
-        skip_group,
-        c1,
-        add_group,
-        stride_add_c,
-        first,
-        n_hw_tiles,
-        Cg,
-        HW,
-        BLOCK_C,
-        BLOCK_HW,
-        HAS_ADD,
-        HAS_SKIP,
-    )
+        x_group, skip_group, c1, add_group, stride_add_c, first, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW,
+        HAS_ADD, HAS_SKIP
+    )  # fmt: skip
     count, shift, m2 = _tile_stats(h, mask)
     mean = 0.0
     for tile in range(first + 1, last):
         h, mask, offs, c = _tile(
-            x_group,
-            skip_group,
-            c1,
-            add_group,
-            stride_add_c,
-            tile,
-            n_hw_tiles,
-            Cg,
-            HW,
-            BLOCK_C,
-            BLOCK_HW,
-            HAS_ADD,
-            HAS_SKIP,
-        )
+            x_group, skip_group, c1, add_group, stride_add_c, tile, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW,
+            HAS_ADD, HAS_SKIP
+        )  # fmt: skip
         count_b, mean_b, m2_b = _tile_stats(tl.where(mask, h - shift, 0.0), mask)
         count, mean, m2 = _merge(count, mean, m2, count_b, mean_b, m2_b)
     return count, shift + mean, m2
@@ -234,58 +212,24 @@ def _gn_fused_kernel(
     if ONE_TILE:
         # The whole group in one tile: read x once, normalize it from registers.
         h, mask, offs, c = _tile(
-            x_group,
-            skip_group,
-            c1,
-            add_group,
-            stride_add_c,
-            0,
-            1,
-            Cg,
-            HW,
-            BLOCK_C,
-            BLOCK_HW,
-            HAS_ADD,
-            HAS_SKIP,
-        )
+            x_group, skip_group, c1, add_group, stride_add_c, 0, 1, Cg, HW, BLOCK_C, BLOCK_HW, HAS_ADD,
+            HAS_SKIP
+        )  # fmt: skip
         count, mean, m2 = _tile_stats(h, mask)
         rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
         _apply_tile(h, mask, offs, c, y_group, w_group, b_group, Cg, mean, rstd, SILU)
     else:
         # The group's statistics over all its tiles, then a second pass normalizes each tile.
         count, mean, m2 = _chunk_stats(
-            x_group,
-            skip_group,
-            c1,
-            add_group,
-            stride_add_c,
-            0,
-            num_tiles,
-            n_hw_tiles,
-            Cg,
-            HW,
-            BLOCK_C,
-            BLOCK_HW,
-            HAS_ADD,
-            HAS_SKIP,
-        )
+            x_group, skip_group, c1, add_group, stride_add_c, 0, num_tiles, n_hw_tiles, Cg, HW, BLOCK_C,
+            BLOCK_HW, HAS_ADD, HAS_SKIP
+        )  # fmt: skip
         rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
         for tile in range(0, num_tiles):
             h, mask, offs, c = _tile(
-                x_group,
-                skip_group,
-                c1,
-                add_group,
-                stride_add_c,
-                tile,
-                n_hw_tiles,
-                Cg,
-                HW,
-                BLOCK_C,
-                BLOCK_HW,
-                HAS_ADD,
-                HAS_SKIP,
-            )
+                x_group, skip_group, c1, add_group, stride_add_c, tile, n_hw_tiles, Cg, HW, BLOCK_C,
+                BLOCK_HW, HAS_ADD, HAS_SKIP
+            )  # fmt: skip
             _apply_tile(h, mask, offs, c, y_group, w_group, b_group, Cg, mean, rstd, SILU)
 
 
@@ -322,21 +266,9 @@ def _gn_stats_kernel(
     first = s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     count, mean, m2 = _chunk_stats(
-        x_group,
-        skip_group,
-        c1,
-        add_group,
-        stride_add_c,
-        first,
-        last,
-        n_hw_tiles,
-        Cg,
-        HW,
-        BLOCK_C,
-        BLOCK_HW,
-        HAS_ADD,
-        HAS_SKIP,
-    )
+        x_group, skip_group, c1, add_group, stride_add_c, first, last, n_hw_tiles, Cg, HW, BLOCK_C,
+        BLOCK_HW, HAS_ADD, HAS_SKIP
+    )  # fmt: skip
     # partial[pid, s] = (count, mean, M2).
     out = partial_ptr + (pid.to(tl.int64) * SPLIT + s) * 3
     tl.store(out, count)
@@ -396,20 +328,9 @@ def _gn_apply_kernel(
     last = tl.minimum(first + tiles_per_split, num_tiles)
     for tile in range(first, last):
         h, mask, offs, c = _tile(
-            x_group,
-            skip_group,
-            c1,
-            add_group,
-            stride_add_c,
-            tile,
-            n_hw_tiles,
-            Cg,
-            HW,
-            BLOCK_C,
-            BLOCK_HW,
-            HAS_ADD,
-            HAS_SKIP,
-        )
+            x_group, skip_group, c1, add_group, stride_add_c, tile, n_hw_tiles, Cg, HW, BLOCK_C, BLOCK_HW,
+            HAS_ADD, HAS_SKIP
+        )  # fmt: skip
         _apply_tile(h, mask, offs, c, y_group, w_group, b_group, Cg, mean, rstd, SILU)
 
 
@@ -609,25 +530,9 @@ def _gn_nhwc_fused_kernel(
     else:
         # Each group's statistics over all the tiles, then a second pass normalizes each tile.
         count, mean, m2 = _nhwc_chunk_stats(
-            x_ptr,
-            skip_ptr,
-            n,
-            C1,
-            x_base,
-            0,
-            num_tiles,
-            c,
-            c_ok,
-            a,
-            group,
-            HW,
-            C,
-            CG,
-            BLOCK_HW,
-            BLOCK_G,
-            HAS_ADD,
-            HAS_SKIP,
-        )
+            x_ptr, skip_ptr, n, C1, x_base, 0, num_tiles, c, c_ok, a, group, HW, C, CG, BLOCK_HW, BLOCK_G,
+            HAS_ADD, HAS_SKIP
+        )  # fmt: skip
         rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
         mean_c, scale_c = _to_columns(mean, group, BLOCK_G), _to_columns(rstd, group, BLOCK_G) * w
         for tile in range(0, num_tiles):
@@ -670,25 +575,9 @@ def _gn_nhwc_stats_kernel(
     first = s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     count, mean, m2 = _nhwc_chunk_stats(
-        x_ptr,
-        skip_ptr,
-        n,
-        C1,
-        x_base,
-        first,
-        last,
-        c,
-        c_ok,
-        a,
-        group,
-        HW,
-        C,
-        CG,
-        BLOCK_HW,
-        BLOCK_G,
-        HAS_ADD,
-        HAS_SKIP,
-    )
+        x_ptr, skip_ptr, n, C1, x_base, first, last, c, c_ok, a, group, HW, C, CG, BLOCK_HW, BLOCK_G,
+        HAS_ADD, HAS_SKIP
+    )  # fmt: skip
     # partial[first_group + k, s] = (count, mean, M2) of each of the program's groups k.
     k = tl.arange(0, BLOCK_G)
     k_ok = (k < GPP) & (first_group % G + k < G)
