@@ -71,18 +71,24 @@ def _cases(full: bool):
     }
     cases = []
 
-    def norm(shape, dtype, channels_last=False, add=True, silu=True):
-        def run():
-            x = torch.empty(shape, device=meta, dtype=dtype)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            w = torch.empty(shape[1], device=meta, dtype=dtype)
-            a = torch.empty(shape[:2], device=meta, dtype=dtype) if add else None
-            launch_group_norm_silu(x, w, w, 32, 1e-6, silu=silu, add=a)
+    def norm(shape, dtype, channels_last=False, add=True, silu=True, skip=0):
+        """x of `shape`; with skip=C2 the up path's norm of x and a (N, C2, H, W) skip in place."""
 
-        cases.append(
-            (f"group_norm_silu {tuple(shape)} {dtype} cl={channels_last} add={add} silu={silu}", run)
-        )
+        def run():
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            x = torch.empty(shape, device=meta, dtype=dtype).contiguous(memory_format=fmt)
+            s = torch.empty(shape[0], skip, *shape[2:], device=meta, dtype=dtype).contiguous(
+                memory_format=fmt
+            )
+            C = shape[1] + skip
+            w = torch.empty(C, device=meta, dtype=dtype)
+            # add: the time projection (N, C), or with a skip the pending bias, a broadcast row
+            a = torch.empty(shape[0], C, device=meta, dtype=dtype) if add else None
+            a = a[:1].expand(shape[0], C) if add and skip else a
+            launch_group_norm_silu(x, w, w, 32, 1e-6, silu=silu, add=a, skip=s if skip else None)
+
+        what = f"cl={channels_last} add={add} silu={silu}" + (f" skip={skip}" if skip else "")
+        cases.append((f"group_norm_silu {tuple(shape)} {dtype} {what}", run))
 
     def attn(shape, dtype, unet=True):
         def run():
@@ -138,6 +144,12 @@ def _cases(full: bool):
     norm((8, 128, 256, 256), torch.float16, silu=False)  # 256x256 model, batch 8: looping programs
     norm((1, 256, 64, 64), torch.bfloat16, channels_last=True)  # batch 1: split statistics + apply
     norm((64, 128, 128, 128), torch.bfloat16, channels_last=True)  # channels_last looping programs
+    # The up path's norm of h and a skip read in place, in each kernel:
+    norm((1, 256, 16, 16), torch.float32, skip=128)  # CIFAR10's 384 channels at 16x16: one tile
+    norm((1, 256, 64, 64), torch.float32, skip=256)  # NCHW split statistics + apply
+    norm((8, 128, 256, 256), torch.float16, skip=128)  # NCHW looping programs
+    norm((1, 256, 64, 64), torch.bfloat16, channels_last=True, skip=256)  # NHWC split
+    norm((64, 128, 128, 128), torch.bfloat16, channels_last=True, skip=128)  # NHWC looping
     attn((1, 1, 256, 256), torch.bfloat16)  # CIFAR10 batch 1: keys split, combined
     attn((1, 1, 256, 256), torch.float16, unet=False)
     attn((8, 1, 256, 512), torch.float16)  # LSUN / CelebA-HQ: q k^T in chunks of D
