@@ -173,21 +173,28 @@ def all_rows(models: tuple[str, ...] = MODELS, batches: tuple[int, ...] = BATCHE
     return rows
 
 
+def by_config(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """Rows (as dicts: asdict(Row), or an earlier --json) by (model, batch, system, backend,
+    channels_last), then by what ("forward", "step")."""
+    grouped: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        key = (r["model"], r["batch"], r["system"], r["backend"], r["channels_last"])
+        grouped.setdefault(key, {})[r["what"]] = r
+    return grouped
+
+
 def table(rows: list[Row]) -> str:
     """The Markdown table: launches per step and per forward, memory-bound GB per forward."""
-    by_key: dict[tuple, dict[str, Row]] = {}
-    for r in rows:
-        by_key.setdefault((r.model, r.batch, r.system, r.backend, r.channels_last), {})[r.what] = r
     lines = [
         "| model | batch | system | backend | layout | launches / step | launches / forward"
         " | memory-bound GB / forward | GFLOP / forward |",
         "|---|---:|---|---|---|---:|---:|---:|---:|",
     ]
-    for (model, batch, system, backend, cl), r in by_key.items():
+    for (model, batch, system, backend, cl), r in by_config([asdict(r) for r in rows]).items():
         f, s = r["forward"], r["step"]
         lines.append(
-            f"| {model} | {batch} | {system} | {backend} | {'NHWC' if cl else 'NCHW'} | {s.launches}"
-            f" | {f.launches} | {f.memory_bound_bytes / 1e9:.3f} | {f.flops / 1e9:.1f} |"
+            f"| {model} | {batch} | {system} | {backend} | {'NHWC' if cl else 'NCHW'} | {s['launches']}"
+            f" | {f['launches']} | {f['memory_bound_bytes'] / 1e9:.3f} | {f['flops'] / 1e9:.1f} |"
         )
     return "\n".join(lines)
 
@@ -196,7 +203,7 @@ def comparison(before: list[dict], rows: list[Row]) -> str:
     """The Markdown table of fastddpm's rows against `before` (the --json rows of an earlier
     commit): launches per step and per forward, memory-bound GB per forward, each "before -> now
     (now / before)"."""
-    old = {(r["model"], r["batch"], r["backend"], r["channels_last"], r["what"]): r for r in before}
+    old = by_config(before)
     lines = [
         "| model | batch | backend | layout | launches / step | launches / forward"
         " | memory-bound GB / forward |",
@@ -206,18 +213,15 @@ def comparison(before: list[dict], rows: list[Row]) -> str:
     def cell(was: float, now: float, scale: float = 1.0, digits: int = 0) -> str:
         return f"{was / scale:.{digits}f} -> {now / scale:.{digits}f} ({now / was:.0%})"
 
-    for r in rows:
-        key = (r.model, r.batch, r.backend, r.channels_last)
-        if r.system != "fastddpm" or r.what != "forward" or (*key, "step") not in old:
+    for key, now in by_config([asdict(r) for r in rows]).items():
+        model, batch, system, backend, cl = key
+        if system != "fastddpm" or key not in old:
             continue
-        step = next(
-            s for s in rows if (s.model, s.batch, s.backend, s.channels_last, s.what) == (*key, "step")
-        )
-        f0, s0 = old[(*key, "forward")], old[(*key, "step")]
+        (f, s), (f0, s0) = (now["forward"], now["step"]), (old[key]["forward"], old[key]["step"])
         lines.append(
-            f"| {r.model} | {r.batch} | {r.backend} | {'NHWC' if r.channels_last else 'NCHW'}"
-            f" | {cell(s0['launches'], step.launches)} | {cell(f0['launches'], r.launches)}"
-            f" | {cell(f0['memory_bound_bytes'], r.memory_bound_bytes, 1e9, 3)} |"
+            f"| {model} | {batch} | {backend} | {'NHWC' if cl else 'NCHW'}"
+            f" | {cell(s0['launches'], s['launches'])} | {cell(f0['launches'], f['launches'])}"
+            f" | {cell(f0['memory_bound_bytes'], f['memory_bound_bytes'], 1e9, 3)} |"
         )
     return "\n".join(lines)
 

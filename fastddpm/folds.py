@@ -38,14 +38,11 @@ def compute_now(site: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Te
     return compute()
 
 
-def weights_layout(module: torch.nn.Module) -> tuple:
-    """Every parameter's address, dtype and shape: what the kept tensors' own layout follows."""
-    return tuple((p.data_ptr(), p.dtype, p.shape) for p in module.parameters())
-
-
-def weights_version(module: torch.nn.Module) -> tuple:
-    """Every parameter's version counter."""
-    return tuple(p._version for p in module.parameters())
+def weights_state(module: torch.nn.Module) -> tuple[tuple, tuple]:
+    """(layout, versions) in one pass over the parameters: each one's address, dtype and shape
+    (what the kept tensors' own layout follows), and each one's version counter."""
+    params = list(module.parameters())
+    return tuple((p.data_ptr(), p.dtype, p.shape) for p in params), tuple(p._version for p in params)
 
 
 class FoldMemo:
@@ -80,8 +77,9 @@ class FoldMemo:
             or torch.compiler.is_exporting()
         ):
             return compute_now
-        if weights_layout(module) != self._layout or weights_version(module) != self._version:
-            self._refresh(module)
+        state = weights_state(module)
+        if state != (self._layout, self._version):
+            self._refresh(module, state)
         kept = self._kept
 
         def fold(site: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -94,11 +92,12 @@ class FoldMemo:
 
         return fold
 
-    def _refresh(self, module: torch.nn.Module) -> None:
+    def _refresh(self, module: torch.nn.Module, state: tuple[tuple, tuple] | None = None) -> None:
         """Recompute every kept tensor in place, in the order they were first computed (a site's
         compute reads earlier sites' tensors); drop them all where a parameter moved, or where
-        one cannot be written in place (an inference tensor outside inference mode)."""
-        layout = weights_layout(module)
+        one cannot be written in place (an inference tensor outside inference mode). state:
+        weights_state(module), where the caller has it."""
+        layout, _ = state or weights_state(module)
         stuck = any(
             old.is_inference() and not torch.is_inference_mode_enabled() for _, old in self._kept.values()
         )
@@ -111,7 +110,7 @@ class FoldMemo:
                     new = compute()
                     if new.data_ptr() != old.data_ptr():  # a site whose tensor is a parameter is live
                         old.copy_(new)
-        self._layout, self._version = layout, weights_version(module)
+        self._layout, self._version = layout, weights_state(module)[1]  # after any in-place write
 
     def __len__(self) -> int:
         return len(self._kept)

@@ -469,24 +469,24 @@ class UNet(nn.Module):
         silu_temb = F.silu(self.temb.dense[1](F.silu(self.temb.dense[0](temb))))
         temb_proj = iter(self.time_projections(silu_temb, fold))
 
-        def level_blocks(level: nn.Module, h: Act | None, skips: list[Act] | None) -> Act:
-            """A level's blocks (and attention) on h, or on the last skip of the down path (skips
-            None: up path, each block on h and the skip it pops); the last one materializes before
-            a resampling."""
+        def level_blocks(level: nn.Module, h: Act | None, down: bool) -> Act:
+            """A level's blocks (and attention): down, each on the last skip and pushing its output
+            as the next; up, each on h and the skip it pops. The last materializes before a
+            resampling."""
             last = len(level.block) - 1 if hasattr(level, "downsample") or hasattr(level, "upsample") else -1
             for j, block in enumerate(level.block):
                 attn = level.attn[j] if len(level.attn) else None
-                x_j, skip = (hs[-1], None) if skips is not None else (h, hs.pop())
+                x_j, skip = (hs[-1], None) if down else (h, hs.pop())
                 h = block.run(x_j, next(temb_proj), backend, fold, j == last and attn is None, skip)
                 if attn is not None:
                     h = attn.run(h, backend, fold, materialize=j == last, in_place=in_place)
-                if skips is not None:
-                    skips.append(h)
+                if down:
+                    hs.append(h)
             return h
 
         hs = [Act(F.conv2d(x, self.conv_in.weight, padding=1), self.conv_in.bias)]
         for level in self.down:
-            level_blocks(level, None, hs)
+            level_blocks(level, None, down=True)
             if hasattr(level, "downsample"):
                 hs.append(level.downsample.run(hs[-1]))
 
@@ -495,7 +495,7 @@ class UNet(nn.Module):
         h = self.mid.block_2.run(h, next(temb_proj), backend, fold, materialize=False)
 
         for level in reversed(self.up):
-            h = level_blocks(level, h, None)
+            h = level_blocks(level, h, down=False)
             if hasattr(level, "upsample"):
                 h = level.upsample.run(h, fold)
 
